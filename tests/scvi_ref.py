@@ -39,7 +39,8 @@ def decoder_input(module, x, batch_index):
 def scvi_reference(model, adata, *, zero_latent: int = 0, batch_size: int = 128) -> dict:
     """Arrays scvi-tools computes deterministically for ``adata`` (float32, obs order).
 
-    Keys: qz_m, qz_v, z (decoder input), library, scale, mu, theta, zi_logits (ZINB only),
+    Keys: qz_m, qz_v, z (decoder input), library, scale, mu, theta (not Poisson), zi_logits
+    (ZINB only),
     nll (per cell), scale_zeroed (scale after setting decoder-input column ``zero_latent`` to 0),
     nll_zeroed, loadings (scvi-tools' own ``get_loadings``).
     """
@@ -61,8 +62,10 @@ def scvi_reference(model, adata, *, zero_latent: int = 0, batch_size: int = 128)
             add("library", lib)
             px = module.generative(z, lib, b, y=y)["px"]
             add("scale", px.scale)
-            add("mu", px.mu)
-            add("theta", px.theta.expand_as(px.mu))
+            mu = px.rate if isinstance(px, torch.distributions.Poisson) else px.mu
+            add("mu", mu)
+            if getattr(px, "theta", None) is not None:
+                add("theta", px.theta.expand_as(mu))
             if getattr(px, "zi_logits", None) is not None:
                 add("zi_logits", px.zi_logits)
             add("nll", -px.log_prob(x).sum(-1))

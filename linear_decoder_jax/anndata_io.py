@@ -1,0 +1,205 @@
+"""AnnData in: pick the counts, match genes to the model, map categories, iterate minibatches.
+
+Stricter than scvi-tools where silence would give wrong numbers: genes the model needs but the data
+lacks are an error naming some of them; the same genes in another order are reordered; extra genes
+are dropped with a warning; an unknown batch or label category is an error naming it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from linear_decoder_jax.config import ModelSpec
+from linear_decoder_jax.errors import IncompatibleDataError
+
+_PREVIEW = 5
+
+
+def _preview(items: Any) -> str:
+    items = list(items)
+    more = f" and {len(items) - _PREVIEW} more" if len(items) > _PREVIEW else ""
+    return ", ".join(repr(str(i)) for i in items[:_PREVIEW]) + more
+
+
+def _is_sparse(x: Any) -> bool:
+    return hasattr(x, "tocsr") and hasattr(x, "nnz")
+
+
+@dataclass
+class CellData:
+    """Counts and covariates of the cells to score, aligned with the model's genes.
+
+    ``counts`` is the (possibly backed or sparse) matrix with columns in model order when
+    ``gene_index`` is None, else to be taken at ``gene_index``.
+    """
+
+    counts: Any  # (n_obs, n_vars_data)
+    gene_index: np.ndarray | None  # (n_vars,) columns of counts in model order, None = as is
+    batch: np.ndarray  # (n_obs,) int32
+    label: np.ndarray  # (n_obs,) int32
+    obs_names: np.ndarray  # (n_obs,)
+    allow_non_integer: bool = False
+
+    @property
+    def n_obs(self) -> int:
+        return int(self.counts.shape[0])
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Dense float counts of rows [start, stop) in model gene order, validated."""
+        block = self.counts[start:stop]
+        if _is_sparse(block):
+            block = block.tocsr()
+            if self.gene_index is not None:
+                block = block[:, self.gene_index]
+            dense = np.asarray(block.toarray())
+        else:
+            dense = np.asarray(block)
+            if self.gene_index is not None:
+                dense = dense[:, self.gene_index]
+        dense = dense.astype(np.float32, copy=False)
+        check_counts(dense, allow_non_integer=self.allow_non_integer, first_row=start)
+        return dense
+
+
+def check_counts(x: np.ndarray, *, allow_non_integer: bool, first_row: int = 0) -> None:
+    """Raise ``IncompatibleDataError`` for NaN, infinite, negative or (by default) fractional counts."""
+    bad = ~np.isfinite(x)
+    if bad.any():
+        row = first_row + int(np.argwhere(bad)[0][0])
+        raise IncompatibleDataError(f"Counts contain NaN or infinite values (first in cell {row}).")
+    if (x < 0).any():
+        row = first_row + int(np.argwhere(x < 0)[0][0])
+        raise IncompatibleDataError(f"Counts contain negative values (first in cell {row}).")
+    if not allow_non_integer and (x != np.round(x)).any():
+        row = first_row + int(np.argwhere(x != np.round(x))[0][0])
+        msg = (
+            f"Counts contain non-integer values (first in cell {row}): the model expects raw "
+            "counts. Point it at the raw counts layer, or pass allow_non_integer=True "
+            "(CLI: --allow-non-integer) to score them anyway."
+        )
+        raise IncompatibleDataError(msg)
+
+
+def _counts_matrix(adata: Any, layer: str | None) -> Any:
+    if layer is None:
+        if adata.X is None:
+            raise IncompatibleDataError("The AnnData has no X matrix and the model reads counts from X.")
+        return adata.X
+    if layer not in adata.layers:
+        msg = (
+            f"The model reads counts from layer {layer!r}, which this AnnData lacks "
+            f"(layers: {_preview(adata.layers.keys()) or 'none'})."
+        )
+        raise IncompatibleDataError(msg)
+    return adata.layers[layer]
+
+
+def match_genes(data_genes: np.ndarray, model_genes: tuple[str, ...]) -> np.ndarray | None:
+    """Column index of each model gene in the data; None when they are already identical."""
+    data_genes = np.asarray(data_genes).astype(str)
+    model = np.asarray(model_genes, dtype=str)
+    if data_genes.shape == model.shape and np.array_equal(data_genes, model):
+        return None
+    uniq, counts = np.unique(data_genes, return_counts=True)
+    dups = uniq[counts > 1]
+    if len(dups):
+        msg = f"The AnnData has duplicated gene names: {_preview(dups)}. Make var_names unique."
+        raise IncompatibleDataError(msg)
+    position = {g: i for i, g in enumerate(data_genes)}
+    missing = [g for g in model if g not in position]
+    if missing:
+        msg = (
+            f"{len(missing)} of the model's {len(model)} genes are missing from the AnnData: "
+            f"{_preview(missing)}. The data must contain every gene the model was trained on."
+        )
+        raise IncompatibleDataError(msg)
+    extra = len(data_genes) - len(model)
+    if extra:
+        warnings.warn(
+            f"Dropping {extra} genes of the AnnData that the model does not use.", stacklevel=3
+        )
+    return np.fromiter((position[g] for g in model), dtype=np.int64, count=len(model))
+
+
+def map_categories(
+    values: Any, categories: tuple[str, ...], *, what: str, key: str
+) -> np.ndarray:
+    """Codes of ``values`` in the model's saved ``categories``; unknown ones are an error."""
+    values = np.asarray(values).astype(str)
+    index = {c: i for i, c in enumerate(categories)}
+    unknown = sorted({v for v in np.unique(values) if v not in index})
+    if unknown:
+        msg = (
+            f"The {what} column {key!r} holds categories the model never saw: {_preview(unknown)} "
+            f"(known: {_preview(categories)})."
+        )
+        raise IncompatibleDataError(msg)
+    return np.fromiter((index[v] for v in values), dtype=np.int32, count=len(values))
+
+
+def _covariate(adata: Any, key: str | None, categories: tuple[str, ...], *, what: str, needed: bool) -> np.ndarray:
+    n = adata.n_obs
+    if key is None or not needed:
+        return np.zeros(n, dtype=np.int32)
+    if key not in adata.obs:
+        msg = f"The model needs the {what} column {key!r} in adata.obs, which is missing."
+        raise IncompatibleDataError(msg)
+    return map_categories(adata.obs[key].to_numpy(), categories, what=what, key=key)
+
+
+def prepare(adata: Any, spec: ModelSpec, *, allow_non_integer: bool = False) -> CellData:
+    """Align ``adata`` with the model of ``spec`` (nothing is copied until minibatches are read)."""
+    if adata.n_obs == 0:
+        raise IncompatibleDataError("The AnnData has no cells.")
+    counts = _counts_matrix(adata, spec.data.layer)
+    gene_index = match_genes(adata.var_names.to_numpy(), spec.data.var_names)
+    cfg = spec.model
+    batch = _covariate(
+        adata, spec.data.batch_key, spec.data.batch_categories, what="batch", needed=cfg.n_batch > 1
+    )
+    label = _covariate(
+        adata,
+        spec.data.labels_key,
+        spec.data.label_categories,
+        what="labels",
+        needed=cfg.dispersion == "gene-label",
+    )
+    return CellData(
+        counts=counts,
+        gene_index=gene_index,
+        batch=batch,
+        label=label,
+        obs_names=adata.obs_names.to_numpy(),
+        allow_non_integer=allow_non_integer,
+    )
+
+
+@dataclass
+class Minibatch:
+    """A padded minibatch: arrays have ``size`` rows, of which the first ``n_valid`` are cells."""
+
+    start: int
+    n_valid: int
+    x: np.ndarray  # (size, n_vars) float32
+    batch: np.ndarray  # (size,) int32
+    label: np.ndarray  # (size,) int32
+
+
+def minibatches(data: CellData, batch_size: int) -> Iterator[Minibatch]:
+    """Fixed-shape minibatches in obs order; the last is zero-padded so nothing recompiles."""
+    n = data.n_obs
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        x = data.rows(start, stop)
+        pad = batch_size - (stop - start)
+        batch, label = data.batch[start:stop], data.label[start:stop]
+        if pad:
+            x = np.pad(x, ((0, pad), (0, 0)))
+            batch = np.pad(batch, (0, pad))
+            label = np.pad(label, (0, pad))
+        yield Minibatch(start, stop - start, x, batch, label)

@@ -1,0 +1,435 @@
+"""scvi-tools-style facade: ``ldj.load(path)`` returns a ``LinearSCVI`` with the familiar methods.
+
+Differences from scvi-tools, on purpose:
+
+* Deterministic by default. scvi-tools samples z ~ q(z|x) and the library ~ q(l|x) inside
+  ``get_normalized_expression`` and ``get_reconstruction_error``; we decode posterior means unless
+  ``n_samples > 0`` (then with an explicit PRNG key made from ``seed``).
+* For ``latent_distribution="ln"`` every latent we take or return lives in decoder-input space,
+  ``softmax(q(z|x) mean)``; scvi-tools' ``get_latent_representation`` returns a Monte-Carlo mean
+  of softmax samples instead.
+* ``get_reconstruction_error`` returns per-cell negative log-likelihoods (an array) rather than
+  ``{"reconstruction_loss": ...}`` from one posterior draw.
+* ``get_loadings`` folds the decoder BatchNorm in whenever the decoder has one; scvi-tools omits
+  the scaling for models built with a truthy string ``use_batch_norm`` ("encoder", "none").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from linear_decoder_jax import anndata_io, checkpoint, model
+from linear_decoder_jax._atomic import check_destination
+from linear_decoder_jax.config import LDVAEConfig, ModelSpec
+from linear_decoder_jax.errors import ConfigError, IncompatibleDataError
+from linear_decoder_jax.params import LDVAEParams, from_flat
+
+DType = Literal["float32", "float64"]
+DEFAULT_BATCH_SIZE = 1024
+
+
+class AffineDecoders(NamedTuple):
+    """Both decoder heads in affine form (numpy, BatchNorm folded in).
+
+    ``scale``: ``softmax(z @ loadings.T + offsets[batch] + intercept)`` is rho exactly.
+    ``zi_logits``: the zero-inflation head in the same form (ZINB models only, else None).
+    """
+
+    scale: model.AffineDecoder
+    zi_logits: model.AffineDecoder | None
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _encode(params: LDVAEParams, x: jax.Array, *, config: LDVAEConfig):
+    post = model.inference(params, x, config=config)
+    z = model.z_transformation(post.qz_m, config=config)
+    return post, z, model.library(post, x, config=config)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _decode(params, z, log_library, batch, label, *, config: LDVAEConfig) -> model.Decoded:
+    return model.generative(params, z, log_library, batch, label, config=config)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _nll(params, x, z, log_library, batch, label, *, config: LDVAEConfig) -> jax.Array:
+    decoded = model.generative(params, z, log_library, batch, label, config=config)
+    return -model.log_likelihood(x, decoded, config=config)
+
+
+def _is_model_dir(path: Path) -> bool:
+    return (path / checkpoint.CONFIG_FILE).is_file()
+
+
+def _read_foreign(src: str | os.PathLike, prefix: str | None) -> tuple[dict, ModelSpec]:
+    from converters import read_scvi_checkpoint
+
+    ckpt = read_scvi_checkpoint(src, prefix=prefix)
+    return ckpt.params, ModelSpec.from_converter(ckpt.config)
+
+
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    prefix: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Convert a scvi-tools LinearSCVI checkpoint (no torch, no pickle code run) to our format.
+
+    Parameters
+    ----------
+    src
+        A scvi-tools model directory (``{prefix}model.pt``, or the legacy < 0.15 layout) or a path
+        to a ``.pt`` file.
+    dst
+        Directory to create: orbax parameters plus ``config.json``. Written atomically.
+    prefix
+        File-name prefix used when the model was saved (scvi-tools ``save(prefix=...)``).
+    overwrite
+        Replace an existing ``dst``.
+
+    Returns
+    -------
+    The absolute path of ``dst``.
+    """
+    check_destination(dst, overwrite=overwrite)
+    flat, spec = _read_foreign(src, prefix)
+    params = from_flat(flat, spec.model)
+    return checkpoint.save(dst, params, spec, overwrite=overwrite)
+
+
+def load(
+    path: str | os.PathLike, *, prefix: str | None = None, dtype: DType = "float32"
+) -> LinearSCVI:
+    """Load a converted model directory, or convert a scvi-tools checkpoint in memory.
+
+    ``dtype="float64"`` runs every computation in double precision (JAX's x64 mode is switched on
+    only inside this model's calls; no global state is changed).
+    """
+    path = Path(path)
+    if path.is_dir() and _is_model_dir(path):
+        params, spec = checkpoint.load(path)
+    else:
+        flat, spec = _read_foreign(path, prefix)
+        params = from_flat(flat, spec.model)
+    return LinearSCVI(params, spec, dtype=dtype)
+
+
+class LinearSCVI:
+    """A LinearSCVI model in JAX: ``(spec, params)`` plus scvi-tools' query methods."""
+
+    def __init__(self, params: LDVAEParams, spec: ModelSpec, *, dtype: DType = "float32"):
+        if dtype not in ("float32", "float64"):
+            raise ConfigError(f"Expected dtype 'float32' or 'float64', got {dtype!r} instead.")
+        self.spec = spec
+        self.dtype: DType = dtype
+        self._host_params = jax.tree.map(lambda a: np.asarray(a, dtype=dtype), params)
+        self._device_params: LDVAEParams | None = None
+
+    # -- basic facts ---------------------------------------------------------------------------
+    @property
+    def config(self) -> LDVAEConfig:
+        return self.spec.model
+
+    @property
+    def n_latent(self) -> int:
+        return self.config.n_latent
+
+    @property
+    def var_names(self) -> list[str]:
+        return list(self.spec.data.var_names)
+
+    @property
+    def latent_names(self) -> list[str]:
+        """``Z_0 ... Z_{K-1}``, the column names scvi-tools' ``get_loadings`` uses."""
+        return [f"Z_{i}" for i in range(self.n_latent)]
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"LinearSCVI(n_input={c.n_input}, n_latent={c.n_latent}, n_batch={c.n_batch}, "
+            f"gene_likelihood={c.gene_likelihood!r}, dispersion={c.dispersion!r}, "
+            f"latent_distribution={c.latent_distribution!r}, dtype={self.dtype!r})"
+        )
+
+    # -- plumbing ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def precision(self) -> Iterator[None]:
+        """Context in which this model's arrays have its dtype (x64 on for float64 only)."""
+        with jax.enable_x64(self.dtype == "float64"):
+            yield
+
+    @property
+    def params(self) -> LDVAEParams:
+        """Parameters as device arrays of the model's dtype (call inside :meth:`precision`)."""
+        if self._device_params is None:
+            with self.precision():
+                self._device_params = jax.tree.map(jnp.asarray, self._host_params)
+        return self._device_params
+
+    def prepare(self, adata: Any, *, allow_non_integer: bool = False) -> anndata_io.CellData:
+        """Align ``adata`` with this model (genes, layer, categories); see ``anndata_io``."""
+        return anndata_io.prepare(adata, self.spec, allow_non_integer=allow_non_integer)
+
+    def _subset(self, adata: Any, indices: Sequence[int] | None) -> Any:
+        return adata if indices is None else adata[np.asarray(indices)]
+
+    def _map(
+        self, data: anndata_io.CellData, batch_size: int | None, fn: Callable[..., dict]
+    ) -> dict[str, np.ndarray]:
+        """Apply ``fn(minibatch) -> dict of (rows, ...) arrays`` and stitch results in obs order."""
+        size = int(batch_size or min(DEFAULT_BATCH_SIZE, data.n_obs))
+        parts: dict[str, list[np.ndarray]] = {}
+        with self.precision():
+            for mb in anndata_io.minibatches(data, size):
+                for key, value in fn(mb).items():
+                    parts.setdefault(key, []).append(np.asarray(value)[: mb.n_valid])
+        return {k: np.concatenate(v, axis=0) for k, v in parts.items()}
+
+    def _encode_all(self, data: anndata_io.CellData, batch_size: int | None) -> dict[str, np.ndarray]:
+        def fn(mb: anndata_io.Minibatch) -> dict:
+            post, z, lib = _encode(self.params, jnp.asarray(mb.x), config=self.config)
+            return {"qz_m": post.qz_m, "qz_v": post.qz_v, "z": z, "library": lib}
+
+        return self._map(data, batch_size, fn)
+
+    def _check_latent(self, latent: Any, n_obs: int) -> np.ndarray:
+        latent = np.asarray(latent, dtype=self.dtype)
+        if latent.ndim != 2 or latent.shape[1] != self.n_latent:
+            msg = f"Expected latent of shape (n_obs, {self.n_latent}), got {latent.shape} instead."
+            raise ConfigError(msg)
+        if latent.shape[0] != n_obs:
+            msg = f"latent has {latent.shape[0]} rows but the data has {n_obs} cells."
+            raise IncompatibleDataError(msg)
+        return latent
+
+    def _batch_codes(self, value: Any) -> list[int]:
+        cats = self.spec.data.batch_categories
+        values = list(value) if isinstance(value, list | tuple) else [value]
+        codes = []
+        for v in values:
+            if str(v) not in cats:
+                msg = f"Unknown batch {v!r}; the model's batches are {list(cats)}."
+                raise IncompatibleDataError(msg)
+            codes.append(cats.index(str(v)))
+        return codes
+
+    # -- scvi-tools methods --------------------------------------------------------------------
+    def get_latent_representation(
+        self,
+        adata: Any,
+        *,
+        indices: Sequence[int] | None = None,
+        give_mean: bool = True,
+        return_dist: bool = False,
+        batch_size: int | None = None,
+        seed: int = 0,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Latent representation of each cell.
+
+        Returns
+        -------
+        ``give_mean=True``: the decoder input at the posterior mean, (n_obs, n_latent)
+        (``softmax(qz_m)`` for "ln"). ``give_mean=False``: one draw z ~ q(z|x) (transformed for
+        "ln") with ``jax.random.key(seed)``. ``return_dist=True``: ``(qz_m, qz_v)`` of q(z|x).
+        """
+        data = self.prepare(self._subset(adata, indices))
+        enc = self._encode_all(data, batch_size)
+        if return_dist:
+            return enc["qz_m"], enc["qz_v"]
+        if give_mean:
+            return enc["z"]
+        with self.precision():
+            eps = jax.random.normal(jax.random.key(seed), enc["qz_m"].shape, dtype=self.dtype)
+            draw = enc["qz_m"] + np.sqrt(enc["qz_v"]) * np.asarray(eps)
+            return np.asarray(model.z_transformation(jnp.asarray(draw), config=self.config))
+
+    def decode(
+        self,
+        latent: Any,
+        *,
+        batch_index: Any = None,
+        label_index: Any = None,
+        library: Any = None,
+    ) -> model.Decoded:
+        """Decode decoder-input ``latent`` (n_obs, n_latent): ``Decoded(scale, mu, theta, zi_logits)``.
+
+        ``batch_index``/``label_index`` are integer codes (scalar or (n_obs,)); ``library`` is the
+        log library (n_obs,) or scalar, default 0 so that ``mu == scale``.
+        """
+        latent = np.atleast_2d(np.asarray(latent, dtype=self.dtype))
+        n = latent.shape[0]
+        latent = self._check_latent(latent, n)
+        if batch_index is None:
+            if self.config.n_batch > 1:
+                msg = (
+                    f"The model has {self.config.n_batch} batches: pass batch_index "
+                    f"(codes of {list(self.spec.data.batch_categories)})."
+                )
+                raise ConfigError(msg)
+            batch_index = 0
+        batch = np.broadcast_to(np.asarray(batch_index, dtype=np.int32), (n,))
+        label = np.broadcast_to(np.asarray(label_index or 0, dtype=np.int32), (n,))
+        for name, codes, limit in (("batch_index", batch, self.config.n_batch), ("label_index", label, self.config.n_labels)):
+            if codes.min() < 0 or codes.max() >= limit:
+                raise ConfigError(f"Expected {name} in [0, {limit}), got {codes.max()} instead.")
+        lib = np.broadcast_to(np.asarray(0.0 if library is None else library, self.dtype), (n,))
+        with self.precision():
+            out = _decode(
+                self.params, jnp.asarray(latent), jnp.asarray(lib)[:, None], jnp.asarray(batch), jnp.asarray(label), config=self.config
+            )
+            return model.Decoded(*(None if a is None else np.asarray(a) for a in out))
+
+    def get_normalized_expression(
+        self,
+        adata: Any = None,
+        *,
+        latent: Any = None,
+        indices: Sequence[int] | None = None,
+        transform_batch: Any = None,
+        gene_list: Sequence[str] | None = None,
+        library_size: float | Literal["latent"] = 1.0,
+        n_samples: int = 0,
+        seed: int = 0,
+        batch_size: int | None = None,
+        return_numpy: bool | None = None,
+    ):
+        """Normalised expression rho (x ``library_size``), or mu with ``library_size="latent"``.
+
+        ``latent=`` replaces the posterior mean by your own decoder input (n_obs, n_latent), for
+        example with one column set to 0. ``transform_batch`` decodes as if every cell came from
+        that batch (a list averages over batches, as scvi-tools does). ``n_samples > 0`` averages
+        over draws z ~ q(z|x) (and l ~ q(l|x)) made with ``jax.random.key(seed)``.
+
+        Returns
+        -------
+        DataFrame (n_obs, n_genes) indexed by obs and gene names, or a numpy array when
+        ``return_numpy`` is True.
+        """
+        if adata is None and latent is None:
+            raise ConfigError("Pass adata, latent, or both.")
+        if n_samples and latent is not None:
+            raise ConfigError("n_samples > 0 draws latents from q(z|x); it cannot be used with latent=.")
+        genes = self._gene_columns(gene_list)
+        codes = None if transform_batch is None else self._batch_codes(transform_batch)
+        if adata is None:
+            return self._normalized_from_latent(latent, codes, genes, library_size, return_numpy)
+        adata = self._subset(adata, indices)
+        data = self.prepare(adata)
+        latent = None if latent is None else self._check_latent(latent, data.n_obs)
+        key = jax.random.key(seed)
+        cfg = self.config
+
+        def fn(mb: anndata_io.Minibatch) -> dict:
+            nonlocal key
+            post, z, lib = _encode(self.params, jnp.asarray(mb.x), config=cfg)
+            if latent is not None:
+                z = jnp.asarray(_pad_rows(latent[mb.start : mb.start + mb.n_valid], len(mb.x)))
+            draws = [(z, lib)]
+            if n_samples:
+                draws = []
+                for _ in range(n_samples):
+                    key, kz, kl = jax.random.split(key, 3)
+                    zs = post.qz_m + jnp.sqrt(post.qz_v) * jax.random.normal(kz, post.qz_m.shape, post.qz_m.dtype)
+                    ls = lib
+                    if not cfg.use_observed_lib_size:
+                        ls = post.ql_m + jnp.sqrt(post.ql_v) * jax.random.normal(kl, lib.shape, lib.dtype)
+                    draws.append((model.z_transformation(zs, config=cfg), ls))
+            batches = [jnp.asarray(mb.batch)] if codes is None else [jnp.full_like(jnp.asarray(mb.batch), c) for c in codes]
+            total = 0.0
+            for zz, ll in draws:
+                for b in batches:
+                    dec = _decode(self.params, zz, ll, b, jnp.asarray(mb.label), config=cfg)
+                    total = total + (dec.mu if library_size == "latent" else dec.scale * library_size)
+            return {"expr": (total / (len(draws) * len(batches)))[:, genes]}
+
+        expr = self._map(data, batch_size, fn)["expr"]
+        return self._frame(expr, data.obs_names, genes, return_numpy)
+
+    def _normalized_from_latent(self, latent, codes, genes, library_size, return_numpy):
+        if library_size == "latent":
+            raise ConfigError('library_size="latent" needs adata to infer the library.')
+        latent = np.atleast_2d(np.asarray(latent, dtype=self.dtype))
+        if codes is None:
+            codes = [None]
+        scale = np.mean([self.decode(latent, batch_index=c).scale for c in codes], axis=0)
+        expr = (scale * library_size)[:, genes]
+        return self._frame(expr, np.arange(len(expr)).astype(str), genes, return_numpy)
+
+    def _gene_columns(self, gene_list: Sequence[str] | None) -> np.ndarray:
+        if gene_list is None:
+            return np.arange(self.config.n_input)
+        index = {g: i for i, g in enumerate(self.spec.data.var_names)}
+        missing = [g for g in gene_list if g not in index]
+        if missing:
+            raise IncompatibleDataError(f"Genes not in the model: {anndata_io._preview(missing)}.")
+        return np.array([index[g] for g in gene_list], dtype=np.int64)
+
+    def _frame(self, values: np.ndarray, obs_names, genes: np.ndarray, return_numpy: bool | None):
+        if return_numpy:
+            return values
+        import pandas as pd
+
+        columns = np.asarray(self.spec.data.var_names)[genes]
+        return pd.DataFrame(values, index=obs_names, columns=columns)
+
+    def get_reconstruction_error(
+        self,
+        adata: Any,
+        *,
+        latent: Any = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+        return_mean: bool = False,
+        allow_non_integer: bool = False,
+    ) -> np.ndarray | float:
+        """Per-cell negative log-likelihood at the posterior mean (or at ``latent``), (n_obs,).
+
+        scvi-tools returns ``{"reconstruction_loss": ...}`` from one posterior draw; this is the
+        deterministic counterpart. ``return_mean=True`` gives the mean over cells.
+        """
+        data = self.prepare(self._subset(adata, indices), allow_non_integer=allow_non_integer)
+        latent = None if latent is None else self._check_latent(latent, data.n_obs)
+
+        def fn(mb: anndata_io.Minibatch) -> dict:
+            x = jnp.asarray(mb.x)
+            _, z, lib = _encode(self.params, x, config=self.config)
+            if latent is not None:
+                z = jnp.asarray(_pad_rows(latent[mb.start : mb.start + mb.n_valid], len(mb.x)))
+            nll = _nll(self.params, x, z, lib, jnp.asarray(mb.batch), jnp.asarray(mb.label), config=self.config)
+            return {"nll": nll}
+
+        nll = self._map(data, batch_size, fn)["nll"]
+        return float(nll.mean()) if return_mean else nll
+
+    def get_affine_decoder(self) -> AffineDecoders:
+        """The decoder as an affine map inside a softmax (BatchNorm, bias and batch folded in)."""
+        with self.precision():
+            p = self.params.decoder
+            to_np = lambda a: model.AffineDecoder(*(np.asarray(v) for v in a))  # noqa: E731
+            scale = to_np(model.affine_head(p.factor, config=self.config))
+            zi = None
+            if self.config.gene_likelihood == "zinb":
+                zi = to_np(model.affine_head(p.dropout, config=self.config))
+        return AffineDecoders(scale=scale, zi_logits=zi)
+
+    def get_loadings(self):
+        """Effective loadings, genes x latents (DataFrame, columns ``Z_0 ...``), BatchNorm folded."""
+        import pandas as pd
+
+        loadings = self.get_affine_decoder().scale.loadings
+        return pd.DataFrame(loadings, index=self.var_names, columns=self.latent_names)
+
+
+def _pad_rows(a: np.ndarray, n: int) -> np.ndarray:
+    return a if len(a) == n else np.pad(a, ((0, n - len(a)), (0, 0)))

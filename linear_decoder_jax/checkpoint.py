@@ -1,0 +1,96 @@
+"""Our on-disk format: an orbax-checkpoint of the parameters plus a versioned ``config.json``.
+
+Layout of a converted model directory::
+
+    MODEL/
+      config.json   {"format_version": 1, "model": {...}, "data": {...}, "source": {...}}
+      params/       orbax checkpoint of the parameter tree (flat keys nested by "/")
+
+This is the only module that writes or reads that format. Restores go against
+``abstract_params(config)``, and every leaf's shape is checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from linear_decoder_jax.config import ModelSpec
+from linear_decoder_jax.errors import CheckpointFormatError, ConfigError
+from linear_decoder_jax.params import LDVAEParams, abstract_params, from_flat, to_flat
+from linear_decoder_jax._atomic import atomic_path
+
+CONFIG_FILE = "config.json"
+PARAMS_DIR = "params"
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = tree
+        *parents, last = key.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return tree
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{path}/"))
+        else:
+            flat[path] = value
+    return flat
+
+
+def save(
+    path: str | os.PathLike, params: LDVAEParams, spec: ModelSpec, *, overwrite: bool = False
+) -> Path:
+    """Write ``params`` and ``spec`` to the directory ``path`` atomically; return its path."""
+    import orbax.checkpoint as ocp
+
+    flat = {k: np.asarray(v) for k, v in to_flat(params).items()}
+    with atomic_path(path, overwrite=overwrite, directory=True) as tmp:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / PARAMS_DIR, _nest(flat))
+            ckptr.wait_until_finished()
+        (tmp / CONFIG_FILE).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
+    return Path(path).absolute()
+
+
+def read_spec(path: str | os.PathLike) -> ModelSpec:
+    """Read ``config.json`` of a converted model directory."""
+    config_file = Path(path) / CONFIG_FILE
+    if not config_file.is_file():
+        msg = f"{path} is not a linear-decoder-jax model directory: {CONFIG_FILE} is missing."
+        raise CheckpointFormatError(msg)
+    try:
+        return ModelSpec.from_dict(json.loads(config_file.read_text()))
+    except (json.JSONDecodeError, KeyError, TypeError, ConfigError) as err:
+        msg = f"{config_file} is not a valid model configuration: {err}"
+        raise CheckpointFormatError(msg) from err
+
+
+def load(path: str | os.PathLike) -> tuple[LDVAEParams, ModelSpec]:
+    """Read a directory written by :func:`save`; shapes are checked against the config."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    path = Path(path).absolute()
+    spec = read_spec(path)
+    template = to_flat(abstract_params(spec.model))
+    target = _nest({k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in template.items()})
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            restored = ckptr.restore(path / PARAMS_DIR, target)
+    except Exception as err:  # orbax raises many types for a damaged checkpoint
+        msg = f"Could not restore the parameters in {path / PARAMS_DIR}: {err}"
+        raise CheckpointFormatError(msg) from err
+    return from_flat(_flatten(restored), spec.model), spec
