@@ -7,7 +7,7 @@
 """
 
 from linear_decoder_jax._version import __version__
-from linear_decoder_jax.api import AffineDecoders, LinearSCVI, convert, load
+from linear_decoder_jax.api import AffineDecoders, LinearSCVI, ablate, convert, load
 from linear_decoder_jax.config import DataRegistry, LDVAEConfig, ModelSpec
 from linear_decoder_jax.errors import (
     CheckpointFormatError,
@@ -17,8 +17,10 @@ from linear_decoder_jax.errors import (
     OutputExistsError,
 )
 from linear_decoder_jax.model import AffineDecoder, Decoded, Posterior
+from linear_decoder_jax.results import AblationResult
 
 __all__ = [
+    "AblationResult",
     "AffineDecoder",
     "AffineDecoders",
     "CheckpointFormatError",
@@ -33,6 +35,7 @@ __all__ = [
     "OutputExistsError",
     "Posterior",
     "__version__",
+    "ablate",
     "convert",
     "load",
 ]

@@ -27,11 +27,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from linear_decoder_jax import anndata_io, checkpoint, model
+from linear_decoder_jax import ablation, anndata_io, checkpoint, model, results
 from linear_decoder_jax._atomic import check_destination
 from linear_decoder_jax.config import LDVAEConfig, ModelSpec
 from linear_decoder_jax.errors import ConfigError, IncompatibleDataError
 from linear_decoder_jax.params import LDVAEParams, from_flat
+from linear_decoder_jax.results import AblationResult
 
 DType = Literal["float32", "float64"]
 DEFAULT_BATCH_SIZE = 1024
@@ -122,16 +123,24 @@ def load(
     else:
         flat, spec = _read_foreign(path, prefix)
         params = from_flat(flat, spec.model)
-    return LinearSCVI(params, spec, dtype=dtype)
+    return LinearSCVI(params, spec, dtype=dtype, path=str(path.absolute()))
 
 
 class LinearSCVI:
     """A LinearSCVI model in JAX: ``(spec, params)`` plus scvi-tools' query methods."""
 
-    def __init__(self, params: LDVAEParams, spec: ModelSpec, *, dtype: DType = "float32"):
+    def __init__(
+        self,
+        params: LDVAEParams,
+        spec: ModelSpec,
+        *,
+        dtype: DType = "float32",
+        path: str | None = None,
+    ):
         if dtype not in ("float32", "float64"):
             raise ConfigError(f"Expected dtype 'float32' or 'float64', got {dtype!r} instead.")
         self.spec = spec
+        self.path = path
         self.dtype: DType = dtype
         self._host_params = jax.tree.map(lambda a: np.asarray(a, dtype=dtype), params)
         self._device_params: LDVAEParams | None = None
@@ -433,3 +442,155 @@ class LinearSCVI:
 
 def _pad_rows(a: np.ndarray, n: int) -> np.ndarray:
     return a if len(a) == n else np.pad(a, ((0, n - len(a)), (0, 0)))
+
+
+def _versions() -> dict[str, str]:
+    import anndata
+
+    from linear_decoder_jax._version import __version__
+
+    return {
+        "linear_decoder_jax": __version__,
+        "jax": jax.__version__,
+        "numpy": np.__version__,
+        "anndata": anndata.__version__,
+    }
+
+
+def _embeddings(adata: Any) -> dict[str, np.ndarray]:
+    """The input's 2-D embeddings (obsm entries with two columns, e.g. ``X_umap``)."""
+    out = {}
+    for key in adata.obsm.keys():
+        value = adata.obsm[key]
+        if isinstance(value, np.ndarray) and value.ndim == 2 and value.shape[1] == 2:
+            out[key] = np.asarray(value)
+    return out
+
+
+def ablate(
+    model_: LinearSCVI,
+    adata: Any,
+    *,
+    latents: Sequence[int] | None = None,
+    baseline: ablation.BaselineSpec = "zero",
+    mode: ablation.Mode = "drop",
+    groupby: str | None = None,
+    batch_size: int | None = None,
+    library: ablation.LibraryChoice = "model",
+    n_samples: int = 0,
+    seed: int = 0,
+    allow_non_integer: bool = False,
+    progress: bool = False,
+) -> AblationResult:
+    """Score every latent for every cell: how much worse the reconstruction gets without it.
+
+    Parameters
+    ----------
+    model_
+        A model from :func:`load`.
+    adata
+        Cells to score (counts as the model was set up: same layer, batch and label columns).
+    latents
+        Indices of the latents to ablate (default all), in the order of the result columns.
+    baseline
+        Value a removed latent is set to: "zero", "mean" or "median" over the input cells (of the
+        decoder input), a number, or one value per latent.
+    mode
+        "drop": latent k at its baseline. "keep": every latent except k at its baseline.
+    groupby
+        obs column for group summaries (mean, median, fraction of cells with delta > 0).
+    batch_size
+        Cells per minibatch; by default chosen from the problem size.
+    library
+        "model": the model's own library (observed or q(l|x) mean); "observed": log total counts.
+    n_samples
+        0 scores at the posterior mean; > 0 averages over draws z ~ q(z|x) (explicit key from
+        ``seed``) and adds the Monte-Carlo standard error ``delta_nll_se``.
+
+    Returns
+    -------
+    AblationResult with ``delta_nll`` (n_obs, n_ablated) in nats; positive means the latent was
+    needed to explain the cell.
+    """
+    if mode not in ("drop", "keep"):
+        raise ConfigError(f"Expected mode 'drop' or 'keep', got {mode!r} instead.")
+    if library not in ("model", "observed"):
+        raise ConfigError(f"Expected library 'model' or 'observed', got {library!r} instead.")
+    if not isinstance(n_samples, int) or n_samples < 0:
+        raise ConfigError(f"Expected n_samples >= 0, got {n_samples!r} instead.")
+    if groupby is not None and groupby not in adata.obs:
+        raise IncompatibleDataError(f"groupby column {groupby!r} is not in adata.obs.")
+    cfg = model_.config
+    data = model_.prepare(adata, allow_non_integer=allow_non_integer)
+    idx = ablation.resolve_latents(latents, cfg.n_latent)
+    stats = None
+    if isinstance(baseline, str) and baseline in ("mean", "median"):
+        stats = model_._encode_all(data, batch_size)["z"]
+    base_name, base_values = ablation.resolve_baseline(baseline, stats, cfg.n_latent)
+    dtype = np.dtype(model_.dtype)
+    size = batch_size or ablation.choose_batch_size(
+        data.n_obs, cfg.n_input, len(idx), dtype.itemsize
+    )
+    n, a = data.n_obs, len(idx)
+    out = {
+        "delta_nll": np.empty((n, a), dtype),
+        "delta_nll_se": np.empty((n, a), dtype),
+        "delta_l1": np.empty((n, a), dtype),
+        "nll": np.empty(n, dtype),
+        "latent": np.empty((n, cfg.n_latent), dtype),
+    }
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, unit="cells", desc="ablate")
+    with model_.precision():
+        sweep = ablation.Sweep(
+            model_.params, data, config=cfg, baseline=base_values, latents=idx, mode=mode,
+            library=library, n_samples=n_samples, seed=seed, batch_size=int(size), dtype=dtype,
+        )
+        try:
+            for start, n_valid, arrays in sweep:
+                for key, value in arrays.items():
+                    out[key][start : start + n_valid] = value
+                if bar is not None:
+                    bar.update(n_valid)
+        finally:
+            if bar is not None:
+                bar.close()
+    assert sweep.lfc_sum is not None
+    names = [model_.latent_names[i] for i in idx]
+    settings = {
+        "baseline": base_name,
+        "baseline_values": np.asarray(base_values, dtype=np.float64),
+        "mode": mode,
+        "latents": idx.astype(np.int64),
+        "latent_names": names,
+        "library": library,
+        "n_samples": n_samples,
+        "seed": seed,
+        "dtype": str(dtype),
+        "batch_size": int(size),
+        "n_devices": 1,
+        "groupby": groupby or "",
+        "versions": _versions(),
+        "source_model": model_.path or "",
+        "source_scvi_version": str(model_.spec.source.get("scvi_version") or ""),
+    }
+    groups = None
+    if groupby is not None:
+        groups = results.group_tables(out["delta_nll"], adata.obs[groupby].to_numpy(), names)
+    return AblationResult(
+        delta_nll=out["delta_nll"],
+        delta_l1=out["delta_l1"],
+        latent=out["latent"],
+        nll=out["nll"],
+        mean_lfc=sweep.lfc_sum / n,
+        loadings=model_.get_affine_decoder().scale.loadings,
+        obs=adata.obs.copy(),
+        var_names=model_.var_names,
+        settings=settings,
+        embeddings=_embeddings(adata),
+        delta_nll_se=out["delta_nll_se"] if n_samples else None,
+        groups=groups,
+    )
