@@ -3,39 +3,63 @@
 >>> import linear_decoder_jax as ldj                       # doctest: +SKIP
 >>> ldj.convert("scvi_model/", "model_ldj/")                # doctest: +SKIP
 >>> model = ldj.load("model_ldj/")                          # doctest: +SKIP
->>> result = ldj.ablate(model, adata)                       # doctest: +SKIP
+>>> result = ldj.ablate(model, adata, groupby="cell_type")  # doctest: +SKIP
+
+Names are imported on first use (PEP 562), so ``ldj --help`` starts without importing jax.
 """
 
-from linear_decoder_jax._version import __version__
-from linear_decoder_jax.api import AffineDecoders, LinearSCVI, ablate, convert, load
-from linear_decoder_jax.config import DataRegistry, LDVAEConfig, ModelSpec
-from linear_decoder_jax.errors import (
-    CheckpointFormatError,
-    ConfigError,
-    IncompatibleDataError,
-    LDJError,
-    OutputExistsError,
-)
-from linear_decoder_jax.model import AffineDecoder, Decoded, Posterior
-from linear_decoder_jax.results import AblationResult
+from __future__ import annotations
 
-__all__ = [
-    "AblationResult",
-    "AffineDecoder",
-    "AffineDecoders",
-    "CheckpointFormatError",
-    "ConfigError",
-    "DataRegistry",
-    "Decoded",
-    "IncompatibleDataError",
-    "LDJError",
-    "LDVAEConfig",
-    "LinearSCVI",
-    "ModelSpec",
-    "OutputExistsError",
-    "Posterior",
-    "__version__",
-    "ablate",
-    "convert",
-    "load",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from linear_decoder_jax._version import __version__
+
+_EXPORTS = {
+    "AblationResult": "results",
+    "AffineDecoder": "model",
+    "AffineDecoders": "api",
+    "CheckpointFormatError": "errors",
+    "ConfigError": "errors",
+    "DataRegistry": "config",
+    "Decoded": "model",
+    "IncompatibleDataError": "errors",
+    "LDJError": "errors",
+    "LDVAEConfig": "config",
+    "LinearSCVI": "api",
+    "ModelSpec": "config",
+    "OutputExistsError": "errors",
+    "Posterior": "model",
+    "ablate": "api",
+    "convert": "api",
+    "load": "api",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'linear_decoder_jax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"linear_decoder_jax.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:
+    from linear_decoder_jax.api import AffineDecoders, LinearSCVI, ablate, convert, load
+    from linear_decoder_jax.config import DataRegistry, LDVAEConfig, ModelSpec
+    from linear_decoder_jax.errors import (
+        CheckpointFormatError,
+        ConfigError,
+        IncompatibleDataError,
+        LDJError,
+        OutputExistsError,
+    )
+    from linear_decoder_jax.model import AffineDecoder, Decoded, Posterior
+    from linear_decoder_jax.results import AblationResult

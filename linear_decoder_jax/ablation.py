@@ -76,7 +76,7 @@ def _score(
         heads.append(model.affine_head(params.decoder.dropout, config=config))
 
     def logits_of(head: model.AffineDecoder, zz: jax.Array) -> jax.Array:
-        return zz @ head.loadings.T + head.offsets[batch] + head.intercept
+        return zz @ head.loadings.T + head.offsets[batch] + head.intercept[None, :]
 
     full = [logits_of(h, z) for h in heads]
     # "keep" ablates from the all-baseline point: every latent but k at its baseline.
@@ -96,7 +96,7 @@ def _score(
     def one(k: jax.Array):
         zk = z[:, k]
         d = (baseline[k] - zk) if mode == "drop" else (zk - baseline[k])  # (batch,)
-        moved = [s + d[:, None] * h.loadings[:, k] for s, h in zip(start, heads, strict=True)]
+        moved = [s + d[:, None] * h.loadings[None, :, k] for s, h in zip(start, heads, strict=True)]
         lse_k = jax.scipy.special.logsumexp(moved[0], axis=-1, keepdims=True)
         rho_k = jnp.exp(moved[0] - lse_k)
         zi_k = moved[1] if lik == "zinb" else None

@@ -288,7 +288,7 @@ class LinearSCVI:
                 raise ConfigError(msg)
             batch_index = 0
         batch = np.broadcast_to(np.asarray(batch_index, dtype=np.int32), (n,))
-        label = np.broadcast_to(np.asarray(label_index or 0, dtype=np.int32), (n,))
+        label = np.broadcast_to(np.asarray(0 if label_index is None else label_index, np.int32), (n,))
         for name, codes, limit in (("batch_index", batch, self.config.n_batch), ("label_index", label, self.config.n_labels)):
             if codes.min() < 0 or codes.max() >= limit:
                 raise ConfigError(f"Expected {name} in [0, {limit}), got {codes.max()} instead.")

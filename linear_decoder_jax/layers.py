@@ -16,15 +16,21 @@ BN_EPS = 1e-3  # FCLayers: nn.BatchNorm1d(n_out, momentum=0.01, eps=0.001)
 VAR_EPS = 1e-4  # Encoder(var_eps=1e-4): q_v = exp(var_encoder(q)) + var_eps
 
 
+def rows(v: Array, like: Array) -> Array:
+    """Broadcast a per-feature vector (n,) against ``like`` (..., n) explicitly."""
+    return jnp.reshape(v, (1,) * (like.ndim - 1) + v.shape)
+
+
 def dense(p: Dense, x: Array) -> Array:
     """``x @ kernel + bias`` for ``x`` (..., n_in)."""
     y = x @ p.kernel
-    return y if p.bias is None else y + p.bias
+    return y if p.bias is None else y + rows(p.bias, y)
 
 
 def batch_norm_eval(p: BatchNorm, x: Array) -> Array:
     """torch ``BatchNorm1d`` in eval mode, same operation order."""
-    return (x - p.mean) / jnp.sqrt(p.var + BN_EPS) * p.scale + p.bias
+    mean, var, scale, bias = (rows(v, x) for v in (p.mean, p.var, p.scale, p.bias))
+    return (x - mean) / jnp.sqrt(var + BN_EPS) * scale + bias
 
 
 def layer(p: Layer, x: Array, *, relu: bool) -> Array:

@@ -81,9 +81,9 @@ def affine_head(head: Layer, *, config: LDVAEConfig) -> AffineDecoder:
     intercept = jnp.zeros(kernel.shape[1], kernel.dtype) if head.dense.bias is None else head.dense.bias
     if head.bn is not None:
         s = head.bn.scale / jnp.sqrt(head.bn.var + layers.BN_EPS)
-        w_z, w_b = w_z * s, w_b * s
+        w_z, w_b = w_z * s[None, :], w_b * s[None, :]
         intercept = (intercept - head.bn.mean) * s + head.bn.bias
-    if w_b.shape[0] == 0:
+    if w_b.shape[0] == 0:  # one batch: no one-hot columns, offset 0
         w_b = jnp.zeros((1, kernel.shape[1]), kernel.dtype)
     return AffineDecoder(loadings=w_z.T, offsets=w_b, intercept=intercept)
 

@@ -1,0 +1,213 @@
+"""The ``ldj`` command line: ``convert``, ``info``, ``ablate`` and ``demo``.
+
+``main(argv) -> int`` is testable; ``console_main`` is the console-script entry point. jax and the
+converter are imported inside each command, so ``ldj --help`` answers at once. A user error prints
+one line on stderr and exits 1 (argparse usage errors exit 2); ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from linear_decoder_jax._version import __version__
+
+EXIT_ERROR = 1
+
+
+def _model_source(path: str, prefix: str | None):
+    import linear_decoder_jax as ldj
+
+    return ldj.load(path, prefix=prefix)
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    import linear_decoder_jax as ldj
+
+    dst = ldj.convert(args.src, args.dst, prefix=args.prefix, overwrite=args.overwrite)
+    print(f"wrote {dst}")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    model = _model_source(args.path, args.prefix)
+    c, d = model.config, model.spec.data
+    genes = ", ".join(d.var_names[:5]) + (" ..." if len(d.var_names) > 5 else "")
+    lines = [
+        f"model:        {model.path}",
+        f"source:       scvi-tools {model.spec.source.get('scvi_version') or 'unknown'} "
+        f"({model.spec.source.get('layout', 'converted')} layout)",
+        f"likelihood:   {c.gene_likelihood}, dispersion {c.dispersion}",
+        f"latents:      {c.n_latent} ({c.latent_distribution}), encoder {c.n_layers} x "
+        f"{c.n_hidden}",
+        f"library:      {'observed' if c.use_observed_lib_size else 'encoded q(l|x)'}",
+        f"decoder:      batch norm {'yes' if c.decoder_batch_norm else 'no'}, "
+        f"bias {'yes' if c.decoder_bias else 'no'}",
+        f"genes:        {c.n_input} ({genes})",
+        f"batches:      {c.n_batch}"
+        + (f" from obs[{d.batch_key!r}]: {', '.join(d.batch_categories)}" if d.batch_key else ""),
+        f"labels:       {c.n_labels}"
+        + (f" from obs[{d.labels_key!r}]: {', '.join(d.label_categories)}" if d.labels_key else ""),
+        f"counts:       {'layer ' + repr(d.layer) if d.layer else 'X'}",
+    ]
+    print("\n".join(lines))
+    return 0
+
+
+def _parse_baseline(value: str):
+    import numpy as np
+
+    if value in ("zero", "mean", "median"):
+        return value
+    if value.endswith(".npy"):
+        from linear_decoder_jax.errors import ConfigError
+
+        try:
+            return np.load(value, allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"Cannot read baseline values from {value}: {err}") from err
+    try:
+        return float(value)
+    except ValueError:
+        msg = f"--baseline must be zero, mean, median, a number or a .npy file, got {value!r}."
+        raise argparse.ArgumentTypeError(msg) from None
+
+
+def _parse_latents(value: str) -> list[int]:
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        msg = f"--latents must be comma-separated integers such as 0,3, got {value!r}."
+        raise argparse.ArgumentTypeError(msg) from None
+
+
+def read_h5ad(path: str):
+    """Read an h5ad file, turning "not an h5ad" into one clear error."""
+    import anndata
+
+    from linear_decoder_jax.errors import IncompatibleDataError
+
+    p = Path(path)
+    if not p.is_file():
+        raise IncompatibleDataError(f"{path}: no such file.")
+    try:
+        return anndata.read_h5ad(p)
+    except Exception as err:  # h5py/anndata raise many types for a foreign file
+        msg = f"{path} is not a readable h5ad file ({type(err).__name__}: {err})."
+        raise IncompatibleDataError(msg) from err
+
+
+def _cmd_ablate(args: argparse.Namespace) -> int:
+    import linear_decoder_jax as ldj
+    from linear_decoder_jax._atomic import check_destination
+
+    check_destination(args.output, overwrite=args.overwrite)
+    model = ldj.load(args.model, prefix=args.prefix, dtype="float64" if args.float64 else "float32")
+    adata = read_h5ad(args.data)
+    result = ldj.ablate(
+        model,
+        adata,
+        latents=args.latents,
+        baseline=args.baseline,
+        mode=args.mode,
+        groupby=args.groupby,
+        batch_size=args.batch_size,
+        library=args.library,
+        n_samples=args.n_samples,
+        seed=args.seed,
+        allow_non_integer=args.allow_non_integer,
+        progress=sys.stderr.isatty(),
+    )
+    path = result.write(args.output, overwrite=args.overwrite)
+    print(result.summary())
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from linear_decoder_jax import demo
+
+    return demo.run(out=args.out, overwrite=args.overwrite)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ldj",
+        description="Exact JAX LinearSCVI: convert scvi-tools checkpoints, score latents per cell.",
+    )
+    parser.add_argument("--version", action="version", version=f"ldj {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("convert", help="convert a scvi-tools LinearSCVI checkpoint (no torch)")
+    p.add_argument("src", help="scvi-tools model directory or .pt file")
+    p.add_argument("dst", help="directory to create (orbax params + config.json)")
+    p.add_argument("--prefix", help="file-name prefix used when the model was saved")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("info", help="describe a converted model or a scvi-tools checkpoint")
+    p.add_argument("path")
+    p.add_argument("--prefix")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("ablate", help="score every latent for every cell; write an h5ad")
+    p.add_argument("model", help="converted model directory or scvi-tools model directory")
+    p.add_argument("data", help="h5ad with the cells to score")
+    p.add_argument("-o", "--output", required=True, help="result .h5ad to write")
+    p.add_argument("--prefix", help="file-name prefix of a scvi-tools model")
+    p.add_argument("--baseline", type=_parse_baseline, default="zero",
+                   help="zero | mean | median | VALUE | FILE.npy (one value per latent)")
+    p.add_argument("--mode", choices=("drop", "keep"), default="drop")
+    p.add_argument("--latents", type=_parse_latents, help="comma-separated indices, e.g. 0,3")
+    p.add_argument("--groupby", help="obs column for group summaries")
+    p.add_argument("--batch-size", type=int, help="cells per minibatch (default: automatic)")
+    p.add_argument("--library", choices=("model", "observed"), default="model")
+    p.add_argument("--n-samples", type=int, default=0,
+                   help="average over this many draws z ~ q(z|x) (default 0: posterior mean)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--allow-non-integer", action="store_true",
+                   help="accept non-integer counts (they are scored as given)")
+    p.add_argument("--float64", action="store_true", help="compute in double precision")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.set_defaults(func=_cmd_ablate)
+
+    p = sub.add_parser("demo", help="run the bundled real-data demo and show what it finds")
+    p.add_argument("--out", help="folder for the demo outputs (default: a new temporary folder)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from converters import ConverterError
+
+    from linear_decoder_jax.errors import LDJError
+
+    return (LDJError, ConverterError, FileNotFoundError, PermissionError, IsADirectoryError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("ldj: interrupted; no output was written.", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if args.debug or not isinstance(err, _expected_errors()):
+            if args.debug:
+                raise
+            print(f"ldj: internal error ({type(err).__name__}): {err}", file=sys.stderr)
+            print("ldj: re-run with --debug for the traceback.", file=sys.stderr)
+            return EXIT_ERROR
+        message = " ".join(str(err).split())
+        print(f"ldj: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def console_main() -> None:
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Random LDVAE models and data for tests that need no scvi-tools."""
+
+from __future__ import annotations
+
+import anndata
+import jax
+import numpy as np
+import pandas as pd
+
+import linear_decoder_jax as ldj
+from linear_decoder_jax.config import DataRegistry, LDVAEConfig, ModelSpec
+from linear_decoder_jax.params import abstract_params
+
+
+def random_model(seed: int = 0, dtype: str = "float32", **overrides) -> ldj.LinearSCVI:
+    """A LinearSCVI with random weights (plausible scales) for any configuration."""
+    cfg = {"n_input": 30, "n_latent": 5, "n_hidden": 12, "n_batch": 2, "n_labels": 2, **overrides}
+    config = LDVAEConfig(**cfg)
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, spec):
+        name = jax.tree_util.keystr(path)
+        if name.endswith(".var"):
+            return rng.uniform(0.5, 2.0, spec.shape).astype(np.float32)
+        scale = 0.3 if "kernel" in name else 0.1
+        return (rng.normal(size=spec.shape) * scale).astype(np.float32)
+
+    params = jax.tree_util.tree_map_with_path(leaf, abstract_params(config))
+    data = DataRegistry(
+        var_names=tuple(f"g{i}" for i in range(config.n_input)),
+        batch_key="batch" if config.n_batch > 1 else None,
+        batch_categories=tuple(f"b{i}" for i in range(config.n_batch)),
+        labels_key="label" if config.n_labels > 1 else None,
+        label_categories=tuple(f"l{i}" for i in range(config.n_labels)),
+    )
+    return ldj.LinearSCVI(params, ModelSpec(config, data, {}), dtype=dtype)
+
+
+def random_adata(model: ldj.LinearSCVI, n_obs: int = 37, seed: int = 1, zero_cells: int = 0):
+    rng = np.random.default_rng(seed)
+    g = model.config.n_input
+    x = rng.negative_binomial(2, 0.2, size=(n_obs, g)).astype(np.float32)
+    x[:zero_cells] = 0
+    d = model.spec.data
+    obs = pd.DataFrame(index=[f"c{i}" for i in range(n_obs)])
+    obs["batch"] = pd.Categorical(rng.choice(list(d.batch_categories), n_obs))
+    obs["label"] = pd.Categorical(rng.choice(list(d.label_categories), n_obs))
+    obs["group"] = pd.Categorical(rng.choice(["A", "B", "C"], n_obs))
+    return anndata.AnnData(X=x, obs=obs, var=pd.DataFrame(index=list(d.var_names)))
