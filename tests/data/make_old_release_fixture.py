@@ -1,0 +1,131 @@
+"""Write an older scvi-tools release's LinearSCVI checkpoint and its reference outputs.
+
+Output: ``tests/data/old_release/<scvi version>/`` with
+
+- ``model.pt``: ``model.save(dir, save_anndata=False)`` as that release writes it;
+- ``counts.npz``: the exact input (``X`` float32 cells x genes, ``batch``, ``obs_names``,
+  ``var_names``; read it back with ``tests/data/pbmc.py:load_counts_npz``);
+- ``expected.npz``: ``tests/scvi_ref.py:scvi_reference(model, adata)`` computed in that release
+  (qz_m, qz_v, z, library, scale, mu, theta, nll, scale_zeroed, nll_zeroed, loadings, plus
+  ``delta_nll_zero_drop`` = ``scvi_ablation_loop(baseline=zeros, mode="drop")``);
+- ``versions.json``: the package versions and the model / training settings used.
+
+The model: LinearSCVI on Seurat's 80-cell PBMC counts (``pbmc.py``), 2 batches ("b0"/"b1", by cell
+parity), n_latent 4, n_hidden 16, NB likelihood, gene dispersion, 20 epochs, batch size 32,
+``scvi.settings.seed = 0``, on CPU.
+
+It runs inside a virtualenv OUTSIDE the repository that holds the older release. Exactly how the
+fixtures committed here were made (Python 3.11; the torch CPU wheel is installed first, so that pip
+does not pull a CUDA build; on a machine without a local wheel use
+``pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu``):
+
+scvi-tools 1.1.6.post2 (its own pins are loose, so the jax/flax/lightning of mid-2024 are pinned by
+hand; newer jax lacks ``jaxlib.xla_extension``, lightning 2.3 needs ``pkg_resources``)::
+
+    python3.11 -m venv /tmp/venv-old
+    /tmp/venv-old/bin/pip install torch==2.13.0
+    /tmp/venv-old/bin/pip install scvi-tools==1.1.6.post2 pooch torch==2.13.0
+    /tmp/venv-old/bin/pip install jax==0.4.30 jaxlib==0.4.30 flax==0.8.5 optax==0.2.3 \\
+        numpyro==0.15.2 orbax-checkpoint==0.5.23 chex==0.1.86 pandas==2.2.2 lightning==2.3.3 \\
+        torchmetrics==1.4.0 scipy==1.13.1 scikit-learn==1.5.1 pyro-ppl==1.9.1 ml_dtypes==0.4.0 \\
+        torch==2.13.0
+    /tmp/venv-old/bin/pip install "setuptools<70"
+    /tmp/venv-old/bin/python tests/data/make_old_release_fixture.py
+
+Other releases: see ``tests/data/README.md`` for the exact commands of each venv used (the script
+itself is the same; it only branches where the training API differs).
+
+Run from anywhere; it finds ``tests/`` from its own path. Re-running overwrites the folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+TESTS = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(TESTS))
+
+warnings.filterwarnings("ignore")
+
+SEED = 0
+MODEL_KWARGS = dict(n_latent=4, n_hidden=16, gene_likelihood="nb", dispersion="gene")
+MAX_EPOCHS = 20
+BATCH_SIZE = 32
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("scvi-tools", "torch", "numpy", "pandas", "anndata", "lightning",
+                "pytorch-lightning", "jax", "flax"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _train(model) -> None:
+    """Train on CPU: >= 0.20 takes ``accelerator``; older releases took ``use_gpu``."""
+    try:
+        model.train(max_epochs=MAX_EPOCHS, batch_size=BATCH_SIZE, accelerator="cpu")
+    except TypeError:
+        model.train(max_epochs=MAX_EPOCHS, batch_size=BATCH_SIZE, use_gpu=False)
+
+
+def main(out_root: Path | None = None) -> Path:
+    import scvi
+    import torch
+    from pbmc import load_pbmc, save_counts_npz
+    from scvi_ref import scvi_ablation_loop, scvi_reference
+
+    torch.set_num_threads(1)
+    scvi.settings.seed = SEED
+
+    adata = load_pbmc()
+    adata.obs = adata.obs[["batch"]].copy()
+    scvi.model.LinearSCVI.setup_anndata(adata, batch_key="batch")
+    model = scvi.model.LinearSCVI(adata, **MODEL_KWARGS)
+    _train(model)
+
+    out = (out_root or HERE / "old_release") / scvi.__version__
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("*"):
+        if stale.is_file():
+            stale.unlink()
+    model.save(str(out), save_anndata=False, overwrite=True)
+
+    save_counts_npz(out / "counts.npz", adata)
+    ref = scvi_reference(model, adata)
+    n_latent = ref["z"].shape[1]
+    ref["delta_nll_zero_drop"] = scvi_ablation_loop(
+        model, adata, baseline=np.zeros(n_latent, np.float32), mode="drop"
+    )
+    np.savez_compressed(out / "expected.npz", **{k: np.asarray(v, np.float32) for k, v in ref.items()})
+    meta = {
+        "versions": _versions(),
+        "seed": SEED,
+        "model_kwargs": MODEL_KWARGS,
+        "max_epochs": MAX_EPOCHS,
+        "batch_size": BATCH_SIZE,
+        "batch_key": "batch",
+        "batch_rule": "cell i -> 'b{i % 2}' in pbmc_raw order",
+        "expected_keys": sorted(ref),
+        "zero_latent": 0,
+    }
+    (out / "versions.json").write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"wrote {out}: " + ", ".join(f"{p.name} {p.stat().st_size}" for p in sorted(out.iterdir())))
+    return out
+
+
+if __name__ == "__main__":
+    main(Path(os.environ["OUT_ROOT"]) if os.environ.get("OUT_ROOT") else None)
