@@ -30,8 +30,11 @@ Mode = Literal["drop", "keep"]
 LibraryChoice = Literal["model", "observed"]
 BaselineSpec = Literal["zero", "mean", "median"] | float | Sequence[float] | np.ndarray
 
-# Budget for the (n_latents, batch, n_vars) intermediates of one minibatch.
-_SWEEP_BYTES = 512 * 2**20
+# Budget for the (n_latents, batch, n_vars) intermediates of one minibatch. On CPU the sweep is
+# fastest when they stay in cache (measured: 20k x 2000 x 10 NB took 2.5 s at 128 cells per
+# minibatch, 4.4 s at 1024); accelerators want large minibatches.
+_SWEEP_BYTES = {"cpu": 64 * 2**20}
+_SWEEP_BYTES_ACCELERATOR = 1024 * 2**20
 _TEMPORARIES = 6
 
 
@@ -48,8 +51,9 @@ class MinibatchScores(NamedTuple):
 
 def choose_batch_size(n_obs: int, n_vars: int, n_ablated: int, itemsize: int = 4) -> int:
     """Largest power-of-two minibatch whose sweep temporaries fit the memory budget."""
+    budget = _SWEEP_BYTES.get(jax.default_backend(), _SWEEP_BYTES_ACCELERATOR)
     per_cell = max(1, n_ablated) * n_vars * itemsize * _TEMPORARIES
-    size = 2 ** int(np.floor(np.log2(max(1, _SWEEP_BYTES // per_cell))))
+    size = 2 ** int(np.floor(np.log2(max(1, budget // per_cell))))
     size = int(np.clip(size, 8, 4096))
     return int(min(size, max(8, -(-n_obs // 8) * 8)))
 
@@ -85,9 +89,14 @@ def _score(
     else:
         start = [logits_of(h, jnp.broadcast_to(baseline, z.shape)) for h in heads]
 
-    lse = jax.scipy.special.logsumexp(full[0], axis=-1, keepdims=True)
-    log_rho = full[0] - lse
-    rho = jnp.exp(log_rho)
+    def softmax(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(rho, log normaliser) with one exp per entry."""
+        top = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
+        e = jnp.exp(logits - top)
+        total = e.sum(axis=-1, keepdims=True)
+        return e / total, top + jnp.log(total)
+
+    rho, lse = softmax(full[0])
     lib = jnp.exp(log_library)
     zi_full = full[1] if lik == "zinb" else None
     v_full = log_prob_varying(x, lib * rho, theta, zi_full, likelihood=lik)
@@ -97,18 +106,17 @@ def _score(
         zk = z[:, k]
         d = (baseline[k] - zk) if mode == "drop" else (zk - baseline[k])  # (batch,)
         moved = [s + d[:, None] * h.loadings[None, :, k] for s, h in zip(start, heads, strict=True)]
-        lse_k = jax.scipy.special.logsumexp(moved[0], axis=-1, keepdims=True)
-        rho_k = jnp.exp(moved[0] - lse_k)
+        rho_k, lse_k = softmax(moved[0])
         zi_k = moved[1] if lik == "zinb" else None
         v_k = log_prob_varying(x, lib * rho_k, theta, zi_k, likelihood=lik)
         delta = -(v_k - v_full).sum(-1)
         l1 = jnp.abs(rho_k - rho).sum(-1)
         # ln rho_k - ln rho = (moved - full) - (lse_k - lse), summed over valid cells
-        shift = moved[0] - full[0] if mode == "keep" else None
-        if shift is None:
+        if mode == "drop":
             lfc = heads[0].loadings[:, k] * jnp.sum(d * valid) - jnp.sum((lse_k - lse)[:, 0] * valid)
         else:
-            lfc = jnp.sum((shift - (lse_k - lse)) * valid[:, None], axis=0)
+            shift = moved[0] - full[0] - (lse_k - lse)
+            lfc = jnp.sum(shift * valid[:, None], axis=0)
         return delta, l1, lfc
 
     delta, l1, lfc = jax.vmap(one, out_axes=(1, 1, 1))(latents)
@@ -139,12 +147,22 @@ def sweep_minibatch(
     else:
         log_library = model.library(post, x, config=config)
     score = functools.partial(
-        _score, params, x, log_library=log_library, batch=batch, label=label, valid=valid,
-        baseline=baseline, latents=latents, config=config, mode=mode,
+        _score,
+        params,
+        x,
+        log_library=log_library,
+        batch=batch,
+        label=label,
+        valid=valid,
+        baseline=baseline,
+        latents=latents,
+        config=config,
+        mode=mode,
     )
     delta, l1, nll, lfc = score(z=z)
     se = jnp.zeros_like(delta)
     if n_samples:
+
         def draw(carry, k):
             eps = jax.random.normal(k, post.qz_m.shape, post.qz_m.dtype)
             zs = model.z_transformation(post.qz_m + jnp.sqrt(post.qz_v) * eps, config=config)
@@ -189,10 +207,14 @@ def resolve_latents(latents: Sequence[int] | None, n_latent: int) -> np.ndarray:
         return np.arange(n_latent, dtype=np.int32)
     idx = np.asarray(list(latents))
     if idx.ndim != 1 or idx.size == 0 or not np.issubdtype(idx.dtype, np.integer):
-        raise ConfigError(f"Expected latents as a non-empty list of integers, got {latents!r} instead.")
+        raise ConfigError(
+            f"Expected latents as a non-empty list of integers, got {latents!r} instead."
+        )
     bad = idx[(idx < 0) | (idx >= n_latent)]
     if bad.size:
-        raise ConfigError(f"Latent index {int(bad[0])} out of range: the model has {n_latent} latents.")
+        raise ConfigError(
+            f"Latent index {int(bad[0])} out of range: the model has {n_latent} latents."
+        )
     if len(set(idx.tolist())) != idx.size:
         raise ConfigError(f"Duplicated latent indices in {idx.tolist()}.")
     return idx.astype(np.int32)
@@ -279,9 +301,17 @@ class Sweep:
             valid = (np.arange(len(mb.x)) < mb.n_valid).astype(self.dtype)
             key, sub = jax.random.split(key)
             out = sweep_minibatch(
-                self.params, jnp.asarray(mb.x, self.dtype), jnp.asarray(mb.batch),
-                jnp.asarray(mb.label), jnp.asarray(valid), base, lat, sub,
-                config=self.config, mode=self.mode, library=self.library,
+                self.params,
+                jnp.asarray(mb.x, self.dtype),
+                jnp.asarray(mb.batch),
+                jnp.asarray(mb.label),
+                jnp.asarray(valid),
+                base,
+                lat,
+                sub,
+                config=self.config,
+                mode=self.mode,
+                library=self.library,
                 n_samples=self.n_samples,
             )
             lfc = lfc + out.lfc_sum

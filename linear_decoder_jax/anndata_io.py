@@ -88,7 +88,9 @@ def check_counts(x: np.ndarray, *, allow_non_integer: bool, first_row: int = 0) 
 def _counts_matrix(adata: Any, layer: str | None) -> Any:
     if layer is None:
         if adata.X is None:
-            raise IncompatibleDataError("The AnnData has no X matrix and the model reads counts from X.")
+            raise IncompatibleDataError(
+                "The AnnData has no X matrix and the model reads counts from X."
+            )
         return adata.X
     if layer not in adata.layers:
         msg = (
@@ -126,9 +128,7 @@ def match_genes(data_genes: np.ndarray, model_genes: tuple[str, ...]) -> np.ndar
     return np.fromiter((position[g] for g in model), dtype=np.int64, count=len(model))
 
 
-def map_categories(
-    values: Any, categories: tuple[str, ...], *, what: str, key: str
-) -> np.ndarray:
+def map_categories(values: Any, categories: tuple[str, ...], *, what: str, key: str) -> np.ndarray:
     """Codes of ``values`` in the model's saved ``categories``; unknown ones are an error."""
     values = np.asarray(values).astype(str)
     index = {c: i for i, c in enumerate(categories)}
@@ -142,7 +142,9 @@ def map_categories(
     return np.fromiter((index[v] for v in values), dtype=np.int32, count=len(values))
 
 
-def _covariate(adata: Any, key: str | None, categories: tuple[str, ...], *, what: str, needed: bool) -> np.ndarray:
+def _covariate(
+    adata: Any, key: str | None, categories: tuple[str, ...], *, what: str, needed: bool
+) -> np.ndarray:
     n = adata.n_obs
     if key is None or not needed:
         return np.zeros(n, dtype=np.int32)

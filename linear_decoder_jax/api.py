@@ -205,7 +205,9 @@ class LinearSCVI:
                     parts.setdefault(key, []).append(np.asarray(value)[: mb.n_valid])
         return {k: np.concatenate(v, axis=0) for k, v in parts.items()}
 
-    def _encode_all(self, data: anndata_io.CellData, batch_size: int | None) -> dict[str, np.ndarray]:
+    def _encode_all(
+        self, data: anndata_io.CellData, batch_size: int | None
+    ) -> dict[str, np.ndarray]:
         def fn(mb: anndata_io.Minibatch) -> dict:
             post, z, lib = _encode(self.params, jnp.asarray(mb.x), config=self.config)
             return {"qz_m": post.qz_m, "qz_v": post.qz_v, "z": z, "library": lib}
@@ -288,14 +290,24 @@ class LinearSCVI:
                 raise ConfigError(msg)
             batch_index = 0
         batch = np.broadcast_to(np.asarray(batch_index, dtype=np.int32), (n,))
-        label = np.broadcast_to(np.asarray(0 if label_index is None else label_index, np.int32), (n,))
-        for name, codes, limit in (("batch_index", batch, self.config.n_batch), ("label_index", label, self.config.n_labels)):
+        label = np.broadcast_to(
+            np.asarray(0 if label_index is None else label_index, np.int32), (n,)
+        )
+        for name, codes, limit in (
+            ("batch_index", batch, self.config.n_batch),
+            ("label_index", label, self.config.n_labels),
+        ):
             if codes.min() < 0 or codes.max() >= limit:
                 raise ConfigError(f"Expected {name} in [0, {limit}), got {codes.max()} instead.")
         lib = np.broadcast_to(np.asarray(0.0 if library is None else library, self.dtype), (n,))
         with self.precision():
             out = _decode(
-                self.params, jnp.asarray(latent), jnp.asarray(lib)[:, None], jnp.asarray(batch), jnp.asarray(label), config=self.config
+                self.params,
+                jnp.asarray(latent),
+                jnp.asarray(lib)[:, None],
+                jnp.asarray(batch),
+                jnp.asarray(label),
+                config=self.config,
             )
             return model.Decoded(*(None if a is None else np.asarray(a) for a in out))
 
@@ -328,7 +340,9 @@ class LinearSCVI:
         if adata is None and latent is None:
             raise ConfigError("Pass adata, latent, or both.")
         if n_samples and latent is not None:
-            raise ConfigError("n_samples > 0 draws latents from q(z|x); it cannot be used with latent=.")
+            raise ConfigError(
+                "n_samples > 0 draws latents from q(z|x); it cannot be used with latent=."
+            )
         genes = self._gene_columns(gene_list)
         codes = None if transform_batch is None else self._batch_codes(transform_batch)
         if adata is None:
@@ -349,17 +363,27 @@ class LinearSCVI:
                 draws = []
                 for _ in range(n_samples):
                     key, kz, kl = jax.random.split(key, 3)
-                    zs = post.qz_m + jnp.sqrt(post.qz_v) * jax.random.normal(kz, post.qz_m.shape, post.qz_m.dtype)
+                    zs = post.qz_m + jnp.sqrt(post.qz_v) * jax.random.normal(
+                        kz, post.qz_m.shape, post.qz_m.dtype
+                    )
                     ls = lib
                     if not cfg.use_observed_lib_size:
-                        ls = post.ql_m + jnp.sqrt(post.ql_v) * jax.random.normal(kl, lib.shape, lib.dtype)
+                        ls = post.ql_m + jnp.sqrt(post.ql_v) * jax.random.normal(
+                            kl, lib.shape, lib.dtype
+                        )
                     draws.append((model.z_transformation(zs, config=cfg), ls))
-            batches = [jnp.asarray(mb.batch)] if codes is None else [jnp.full_like(jnp.asarray(mb.batch), c) for c in codes]
+            batches = (
+                [jnp.asarray(mb.batch)]
+                if codes is None
+                else [jnp.full_like(jnp.asarray(mb.batch), c) for c in codes]
+            )
             total = 0.0
             for zz, ll in draws:
                 for b in batches:
                     dec = _decode(self.params, zz, ll, b, jnp.asarray(mb.label), config=cfg)
-                    total = total + (dec.mu if library_size == "latent" else dec.scale * library_size)
+                    total = total + (
+                        dec.mu if library_size == "latent" else dec.scale * library_size
+                    )
             return {"expr": (total / (len(draws) * len(batches)))[:, genes]}
 
         expr = self._map(data, batch_size, fn)["expr"]
@@ -415,7 +439,15 @@ class LinearSCVI:
             _, z, lib = _encode(self.params, x, config=self.config)
             if latent is not None:
                 z = jnp.asarray(_pad_rows(latent[mb.start : mb.start + mb.n_valid], len(mb.x)))
-            nll = _nll(self.params, x, z, lib, jnp.asarray(mb.batch), jnp.asarray(mb.label), config=self.config)
+            nll = _nll(
+                self.params,
+                x,
+                z,
+                lib,
+                jnp.asarray(mb.batch),
+                jnp.asarray(mb.label),
+                config=self.config,
+            )
             return {"nll": nll}
 
         nll = self._map(data, batch_size, fn)["nll"]
@@ -546,8 +578,17 @@ def ablate(
         bar = tqdm(total=n, unit="cells", desc="ablate")
     with model_.precision():
         sweep = ablation.Sweep(
-            model_.params, data, config=cfg, baseline=base_values, latents=idx, mode=mode,
-            library=library, n_samples=n_samples, seed=seed, batch_size=int(size), dtype=dtype,
+            model_.params,
+            data,
+            config=cfg,
+            baseline=base_values,
+            latents=idx,
+            mode=mode,
+            library=library,
+            n_samples=n_samples,
+            seed=seed,
+            batch_size=int(size),
+            dtype=dtype,
         )
         try:
             for start, n_valid, arrays in sweep:

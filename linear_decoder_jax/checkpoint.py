@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
+from linear_decoder_jax._atomic import atomic_path
 from linear_decoder_jax.config import ModelSpec
 from linear_decoder_jax.errors import CheckpointFormatError, ConfigError
 from linear_decoder_jax.params import LDVAEParams, abstract_params, from_flat, to_flat
-from linear_decoder_jax._atomic import atomic_path
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"

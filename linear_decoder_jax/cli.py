@@ -158,18 +158,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="h5ad with the cells to score")
     p.add_argument("-o", "--output", required=True, help="result .h5ad to write")
     p.add_argument("--prefix", help="file-name prefix of a scvi-tools model")
-    p.add_argument("--baseline", type=_parse_baseline, default="zero",
-                   help="zero | mean | median | VALUE | FILE.npy (one value per latent)")
+    p.add_argument(
+        "--baseline",
+        type=_parse_baseline,
+        default="zero",
+        help="zero | mean | median | VALUE | FILE.npy (one value per latent)",
+    )
     p.add_argument("--mode", choices=("drop", "keep"), default="drop")
     p.add_argument("--latents", type=_parse_latents, help="comma-separated indices, e.g. 0,3")
     p.add_argument("--groupby", help="obs column for group summaries")
     p.add_argument("--batch-size", type=int, help="cells per minibatch (default: automatic)")
     p.add_argument("--library", choices=("model", "observed"), default="model")
-    p.add_argument("--n-samples", type=int, default=0,
-                   help="average over this many draws z ~ q(z|x) (default 0: posterior mean)")
+    p.add_argument(
+        "--n-samples",
+        type=int,
+        default=0,
+        help="average over this many draws z ~ q(z|x) (default 0: posterior mean)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--allow-non-integer", action="store_true",
-                   help="accept non-integer counts (they are scored as given)")
+    p.add_argument(
+        "--allow-non-integer",
+        action="store_true",
+        help="accept non-integer counts (they are scored as given)",
+    )
     p.add_argument("--float64", action="store_true", help="compute in double precision")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.set_defaults(func=_cmd_ablate)
@@ -183,7 +194,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from converters import ConverterError
-
     from linear_decoder_jax.errors import LDJError
 
     return (LDJError, ConverterError, FileNotFoundError, PermissionError, IsADirectoryError)

@@ -71,7 +71,9 @@ class LDVAEConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            msg = f"Unknown model configuration keys {unknown}; expected a subset of {sorted(names)}."
+            msg = (
+                f"Unknown model configuration keys {unknown}; expected a subset of {sorted(names)}."
+            )
             raise ConfigError(msg)
         return cls(**d)
 
@@ -88,7 +90,9 @@ class DataRegistry:
     layer: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DataRegistry:

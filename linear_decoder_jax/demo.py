@@ -51,14 +51,20 @@ def run(out: str | None = None, *, overwrite: bool = False) -> int:
     overlap = len(set(moved) & set(planted["genes"]))
 
     print(f"ldj demo: {model}")
-    print(f"  {adata.n_obs} real PBMC cells x {adata.n_vars} genes; planted factor in "
-          f"{int(in_planted.sum())} cells on {n_genes} genes")
+    print(
+        f"  {adata.n_obs} real PBMC cells x {adata.n_vars} genes; planted factor in "
+        f"{int(in_planted.sum())} cells on {n_genes} genes"
+    )
     print(result.summary())
-    print(f"  latent most specific to the planted cells: {name} "
-          f"(mean delta_nll {delta[in_planted, k].mean():.1f} nats in planted cells vs "
-          f"{delta[~in_planted, k].mean():.1f} in the others)")
-    print(f"  {name} is the top latent for {top_first:.0%} of planted cells; "
-          f"{overlap} of its {n_genes} most-moved genes are planted genes")
+    print(
+        f"  latent most specific to the planted cells: {name} "
+        f"(mean delta_nll {delta[in_planted, k].mean():.1f} nats in planted cells vs "
+        f"{delta[~in_planted, k].mean():.1f} in the others)"
+    )
+    print(
+        f"  {name} is the top latent for {top_first:.0%} of planted cells; "
+        f"{overlap} of its {n_genes} most-moved genes are planted genes"
+    )
     found = k == planted.get("latent", k) and overlap > n_genes // 2
     print(f"  planted factor {'FOUND' if found else 'NOT FOUND'}: {name}")
     print(f"wrote {model_dir} and {result_path}")

@@ -31,12 +31,12 @@ def log_prob_varying(
     if likelihood == "poisson":
         return xlogy(x, mu) - mu
     log_theta_mu_eps = jnp.log(theta + mu + EPS)
-    theta_log = theta * (jnp.log(theta + EPS) - log_theta_mu_eps)
     x_log = x * (jnp.log(mu + EPS) - log_theta_mu_eps)
-    if likelihood == "nb":
-        return theta_log + x_log
+    if likelihood == "nb":  # theta * log(theta + eps) is in log_prob_constant
+        return x_log - theta * log_theta_mu_eps
     if zi_logits is None:
         raise ValueError("ZINB needs zi_logits.")
+    theta_log = theta * (jnp.log(theta + EPS) - log_theta_mu_eps)
     softplus_pi = jax.nn.softplus(-zi_logits)
     pi_theta_log = -zi_logits + theta_log
     case_zero = jax.nn.softplus(pi_theta_log) - softplus_pi
@@ -51,7 +51,7 @@ def log_prob_constant(x: Array, theta: Array, *, likelihood: Likelihood) -> Arra
     const = gammaln(x + theta) - gammaln(theta) - gammaln(x + 1.0)
     if likelihood == "zinb":  # scvi-tools adds the lgamma terms in the non-zero case only
         return jnp.where(x > EPS, const, 0.0)
-    return const
+    return const + theta * jnp.log(theta + EPS)
 
 
 def log_prob(

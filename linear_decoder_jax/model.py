@@ -78,7 +78,9 @@ def affine_head(head: Layer, *, config: LDVAEConfig) -> AffineDecoder:
     kernel = head.dense.kernel  # (n_latent + n_batch_onehot, n_vars)
     k = config.n_latent
     w_z, w_b = kernel[:k], kernel[k:]
-    intercept = jnp.zeros(kernel.shape[1], kernel.dtype) if head.dense.bias is None else head.dense.bias
+    intercept = (
+        jnp.zeros(kernel.shape[1], kernel.dtype) if head.dense.bias is None else head.dense.bias
+    )
     if head.bn is not None:
         s = head.bn.scale / jnp.sqrt(head.bn.var + layers.BN_EPS)
         w_z, w_b = w_z * s[None, :], w_b * s[None, :]

@@ -27,9 +27,7 @@ from linear_decoder_jax._atomic import atomic_path
 TOP_CELLS = 10
 
 
-def group_tables(
-    delta: np.ndarray, groups: np.ndarray, latent_names: list[str]
-) -> dict[str, Any]:
+def group_tables(delta: np.ndarray, groups: np.ndarray, latent_names: list[str]) -> dict[str, Any]:
     """Per-group mean, median, fraction of cells with delta > 0, and cell counts."""
     import pandas as pd
 
@@ -101,8 +99,7 @@ class AblationResult:
         lines = [
             f"{len(self.delta_nll)} cells x {len(names)} latents, mode={self.settings['mode']}, "
             f"baseline={self.settings['baseline']}",
-            "mean delta_nll (nats/cell): "
-            + ", ".join(f"{names[j]} {mean[j]:.2f}" for j in order),
+            "mean delta_nll (nats/cell): " + ", ".join(f"{names[j]} {mean[j]:.2f}" for j in order),
         ]
         if self.groups is not None:
             lines.append(f"top latents per {self.settings['groupby']}:")

@@ -28,9 +28,13 @@ def brute_force(model, adata, *, baseline, mode="drop", latents=None, library="m
 
         from linear_decoder_jax.distributions import log_prob
 
-        lp = log_prob(jnp.asarray(x, np.float32), jnp.asarray(dec.mu), jnp.asarray(dec.theta),
-                      None if dec.zi_logits is None else jnp.asarray(dec.zi_logits),
-                      likelihood=model.config.gene_likelihood)
+        lp = log_prob(
+            jnp.asarray(x, np.float32),
+            jnp.asarray(dec.mu),
+            jnp.asarray(dec.theta),
+            None if dec.zi_logits is None else jnp.asarray(dec.zi_logits),
+            likelihood=model.config.gene_likelihood,
+        )
         return -np.asarray(lp).sum(1)
 
     full = nll(z)
@@ -61,7 +65,9 @@ CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
+@pytest.mark.parametrize(
+    "cfg", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default"
+)
 @pytest.mark.parametrize("mode", ["drop", "keep"])
 @pytest.mark.parametrize("baseline", ["zero", "mean", "median", 0.5, "array"])
 def test_matches_brute_force(cfg, mode, baseline):
@@ -95,13 +101,17 @@ def test_baseline_statistics_are_over_all_cells():
     library=st.sampled_from(["model", "observed"]),
     seed=st.integers(0, 3),
 )
-def test_property_subsets_minibatches_sparse(n_obs, batch_size, subset, mode, sparse, library, seed):
+def test_property_subsets_minibatches_sparse(
+    n_obs, batch_size, subset, mode, sparse, library, seed
+):
     model = random_model(seed=seed, gene_likelihood=["nb", "zinb", "poisson", "nb"][seed])
     adata = random_adata(model, n_obs=n_obs, seed=seed + 10)
     if sparse:
         adata.X = sp.csr_matrix(adata.X)
     base = np.zeros(model.n_latent)
-    res = ldj.ablate(model, adata, latents=subset, mode=mode, batch_size=batch_size, library=library)
+    res = ldj.ablate(
+        model, adata, latents=subset, mode=mode, batch_size=batch_size, library=library
+    )
     ref, full = brute_force(model, adata, baseline=base, mode=mode, latents=subset, library=library)
     assert_close(res.delta_nll, ref, full)
     assert res.settings["latent_names"] == [f"Z_{k}" for k in subset]
@@ -175,9 +185,15 @@ def test_group_tables_and_top_cells():
     g = adata.obs["group"].to_numpy()
     for name in ("A", "B", "C"):
         block = res.delta_nll[g == name]
-        np.testing.assert_allclose(res.groups["mean"].loc[name].to_numpy(), block.mean(0), rtol=1e-6)
-        np.testing.assert_allclose(res.groups["median"].loc[name].to_numpy(), np.median(block, 0), rtol=1e-6)
-        np.testing.assert_allclose(res.groups["frac_positive"].loc[name].to_numpy(), (block > 0).mean(0))
+        np.testing.assert_allclose(
+            res.groups["mean"].loc[name].to_numpy(), block.mean(0), rtol=1e-6
+        )
+        np.testing.assert_allclose(
+            res.groups["median"].loc[name].to_numpy(), np.median(block, 0), rtol=1e-6
+        )
+        np.testing.assert_allclose(
+            res.groups["frac_positive"].loc[name].to_numpy(), (block > 0).mean(0)
+        )
         assert res.groups["n_cells"].loc[name, "n_cells"] == (g == name).sum()
     top = res.top_cells()
     best = top[(top.latent == "Z_0") & (top["rank"] == 1)].cell.item()

@@ -35,8 +35,21 @@ def test_convert_info_ablate(converted, capsys):
     assert "likelihood:   nb, dispersion gene-batch" in info
     assert "b0, b1, b2" in info and "gene0" in info
     out = root / "res.h5ad"
-    argv = ["ablate", str(model_dir), str(data), "-o", str(out), "--groupby", "cell_type",
-            "--baseline", "mean", "--mode", "keep", "--latents", "2,0"]
+    argv = [
+        "ablate",
+        str(model_dir),
+        str(data),
+        "-o",
+        str(out),
+        "--groupby",
+        "cell_type",
+        "--baseline",
+        "mean",
+        "--mode",
+        "keep",
+        "--latents",
+        "2,0",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "top latents per cell_type" in printed
@@ -95,7 +108,8 @@ def test_errors_are_one_line(converted, argv, message, tmp_path):
     fmt = {"model": str(t.saved), "root": str(tmp_path), "data": str(data), "bad": str(bad)}
     proc = subprocess.run(
         [sys.executable, "-m", "linear_decoder_jax", *[a.format(**fmt) for a in argv]],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()

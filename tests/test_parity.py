@@ -24,7 +24,9 @@ def _ours(model: ldj.LinearSCVI, adata, ref: dict) -> dict[str, np.ndarray]:
     z = model.get_latent_representation(adata)
     qz_m, qz_v = model.get_latent_representation(adata, return_dist=True)
     enc = model._encode_all(data, None)
-    decoded = model.decode(z, batch_index=data.batch, label_index=data.label, library=enc["library"][:, 0])
+    decoded = model.decode(
+        z, batch_index=data.batch, label_index=data.label, library=enc["library"][:, 0]
+    )
     z0 = z.copy()
     z0[:, 0] = 0.0
     out = {

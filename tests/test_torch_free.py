@@ -28,8 +28,11 @@ def _run(code: str) -> str:
 
 
 def test_every_module_imports_without_torch():
-    names = [m.name for pkg in (linear_decoder_jax, converters)
-             for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")]
+    names = [
+        m.name
+        for pkg in (linear_decoder_jax, converters)
+        for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")
+    ]
     assert "linear_decoder_jax.ablation" in names and "converters.scvi_ldvae" in names
     out = _run(
         "import importlib\n"
@@ -48,14 +51,14 @@ def test_convert_load_decode_ablate_without_torch(trained_models, tmp_path):
     out = _run(f"""
         import anndata, numpy as np
         import linear_decoder_jax as ldj
-        dst = ldj.convert({str(t.saved)!r}, {str(tmp_path / 'm')!r})
+        dst = ldj.convert({str(t.saved)!r}, {str(tmp_path / "m")!r})
         model = ldj.load(dst)
         adata = anndata.read_h5ad({str(data)!r})
         z = model.get_latent_representation(adata)
         rho = model.get_normalized_expression(adata, return_numpy=True)
         res = ldj.ablate(model, adata)
-        np.save({str(tmp_path / 'rho.npy')!r}, rho)
-        np.save({str(tmp_path / 'delta.npy')!r}, res.delta_nll)
+        np.save({str(tmp_path / "rho.npy")!r}, rho)
+        np.save({str(tmp_path / "delta.npy")!r}, res.delta_nll)
         print('torch' in sys.modules and sys.modules['torch'] is not None)
     """)
     assert out.strip().endswith("False")
@@ -67,4 +70,6 @@ def test_convert_load_decode_ablate_without_torch(trained_models, tmp_path):
     np.testing.assert_array_equal(
         np.load(tmp_path / "rho.npy"), model.get_normalized_expression(t.adata, return_numpy=True)
     )
-    np.testing.assert_array_equal(np.load(tmp_path / "delta.npy"), ldj.ablate(model, t.adata).delta_nll)
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "delta.npy"), ldj.ablate(model, t.adata).delta_nll
+    )
