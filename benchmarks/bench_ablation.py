@@ -60,7 +60,9 @@ def make_data(n_obs: int, n_vars: int, seed: int = 0):
         {"batch": pd.Categorical(rng.choice(["a", "b", "c"], n_obs))},
         index=[f"c{i}" for i in range(n_obs)],
     )
-    adata = anndata.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=[f"g{j}" for j in range(n_vars)]))
+    adata = anndata.AnnData(
+        X=counts, obs=obs, var=pd.DataFrame(index=[f"g{j}" for j in range(n_vars)])
+    )
     return adata
 
 
@@ -106,6 +108,7 @@ def run_point(n: int, g: int, k: int, likelihood: str, skip_scvi: bool) -> dict:
     import jax
 
     import linear_decoder_jax as ldj
+
     scvi_ablation_loop = _scvi_ref().scvi_ablation_loop
 
     adata = make_data(n, g)
@@ -122,8 +125,13 @@ def run_point(n: int, g: int, k: int, likelihood: str, skip_scvi: bool) -> dict:
         res = ldj.ablate(model, adata)
         steady = time.perf_counter() - t0
         row = {
-            "n_obs": n, "n_vars": g, "n_latent": k, "likelihood": likelihood,
-            "ours_e2e_s": e2e, "ours_steady_s": steady, "ours_compile_s": max(e2e - steady, 0.0),
+            "n_obs": n,
+            "n_vars": g,
+            "n_latent": k,
+            "likelihood": likelihood,
+            "ours_e2e_s": e2e,
+            "ours_steady_s": steady,
+            "ours_compile_s": max(e2e - steady, 0.0),
             "floor_s": floor_seconds(n, k, g),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "nnz_fraction": float((adata.X > 0).mean()),
@@ -176,9 +184,13 @@ def main() -> None:
             flush=True,
         )
     meta = {
-        "machine": platform.platform(), "processor": platform.processor(),
-        "cpus": os.cpu_count(), "jax": jax.__version__, "torch": torch.__version__,
-        "device": str(jax.devices()[0].device_kind), "date": time.strftime("%Y-%m-%d"),
+        "machine": platform.platform(),
+        "processor": platform.processor(),
+        "cpus": os.cpu_count(),
+        "jax": jax.__version__,
+        "torch": torch.__version__,
+        "device": str(jax.devices()[0].device_kind),
+        "date": time.strftime("%Y-%m-%d"),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

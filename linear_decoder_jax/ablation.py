@@ -113,7 +113,9 @@ def _score(
         l1 = jnp.abs(rho_k - rho).sum(-1)
         # ln rho_k - ln rho = (moved - full) - (lse_k - lse), summed over valid cells
         if mode == "drop":
-            lfc = heads[0].loadings[:, k] * jnp.sum(d * valid) - jnp.sum((lse_k - lse)[:, 0] * valid)
+            lfc = heads[0].loadings[:, k] * jnp.sum(d * valid) - jnp.sum(
+                (lse_k - lse)[:, 0] * valid
+            )
         else:
             shift = moved[0] - full[0] - (lse_k - lse)
             lfc = jnp.sum(shift * valid[:, None], axis=0)

@@ -477,7 +477,7 @@ def _pad_rows(a: np.ndarray, n: int) -> np.ndarray:
 
 
 def _versions() -> dict[str, str]:
-    import anndata
+    from importlib.metadata import version
 
     from linear_decoder_jax._version import __version__
 
@@ -485,7 +485,7 @@ def _versions() -> dict[str, str]:
         "linear_decoder_jax": __version__,
         "jax": jax.__version__,
         "numpy": np.__version__,
-        "anndata": anndata.__version__,
+        "anndata": version("anndata"),
     }
 
 
