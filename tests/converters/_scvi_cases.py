@@ -107,7 +107,13 @@ def train(model_cls: Any, setup: dict, kwargs: dict) -> Any:
     adata = make_adata()
     model_cls.setup_anndata(adata, **setup)
     model = model_cls(adata, n_hidden=N_HIDDEN, n_latent=N_LATENT, **kwargs)
-    model.train(max_epochs=2, accelerator="cpu", batch_size=N_CELLS, enable_progress_bar=False)
+    model.train(
+        max_epochs=2,
+        accelerator="cpu",
+        batch_size=N_CELLS,
+        enable_progress_bar=False,
+        log_every_n_steps=1,
+    )
     return model
 
 

@@ -179,6 +179,20 @@ def test_plain_pickle_values(tmp_path: Path, protocol: int) -> None:
             assert got == value and type(got) is type(value), key
 
 
+def test_numpy_1_and_old_pandas_names(tmp_path: Path) -> None:
+    # files written under numpy < 2 name numpy.core; under pandas < 2, classes that are gone
+    data = pickle.dumps({"a": np.arange(3), "s": np.float32(1.5)}, protocol=2)
+    data = data.replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+    assert b"numpy.core.multiarray" in data
+    loaded = load_pickle(pickle_file(tmp_path, data))
+    np.testing.assert_array_equal(loaded["a"], np.arange(3))
+    assert loaded["s"] == np.float32(1.5) and type(loaded["s"]) is np.float32
+    data = b"\x80\x02cpandas.core.indexes.numeric\nInt64Index\n)\x81}b."
+    assert repr(load_pickle(pickle_file(tmp_path, data))) == (
+        "<inert placeholder for pandas.core.indexes.numeric.Int64Index>"
+    )
+
+
 def test_defaultdict_becomes_dict_and_pandas_becomes_inert(tmp_path: Path) -> None:
     pd = pytest.importorskip("pandas")
     frame = pd.DataFrame({"loss": [1.0, 2.0]}, index=pd.Index([0, 1], name="epoch"))

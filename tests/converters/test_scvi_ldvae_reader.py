@@ -1,4 +1,4 @@
-"""read_scvi_checkpoint against real scvi-tools LinearSCVI checkpoints (trained in conftest)."""
+"""read_scvi_checkpoint against real scvi-tools LinearSCVI checkpoints, trained once per module."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _scvi_cases import BASE_CONFIG, BATCHES, CASES, GENES, Trained, expected_params
+from _scvi_cases import BASE_CONFIG, BATCHES, CASES, GENES, Trained, expected_params, train
 
 from converters import (
     MalformedCheckpointError,
@@ -26,6 +26,22 @@ from converters import (
 torch = pytest.importorskip("torch")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Trained]:
+    """Every case of ``CASES``, plus a plain ``"scvi"`` model, trained and saved."""
+    scvi = pytest.importorskip("scvi")
+    scvi.settings.seed = 0
+    scvi.settings.verbosity = 40
+    root = tmp_path_factory.mktemp("scvi_models")
+    out = {}
+    for name, (setup, kwargs, _) in CASES.items():
+        out[name] = Trained(train(scvi.model.LinearSCVI, setup, kwargs), root / name)
+    out["scvi"] = Trained(train(scvi.model.SCVI, {"batch_key": "batch"}, {}), root / "scvi")
+    for model, path in out.values():
+        model.save(str(path))
+    return out
 
 
 def assert_params_equal(got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:

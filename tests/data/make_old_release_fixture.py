@@ -77,9 +77,104 @@ def _versions() -> dict:
 def _train(model) -> None:
     """Train on CPU: >= 0.20 takes ``accelerator``; older releases took ``use_gpu``."""
     try:
-        model.train(max_epochs=MAX_EPOCHS, batch_size=BATCH_SIZE, accelerator="cpu")
+        model.train(max_epochs=MAX_EPOCHS, batch_size=BATCH_SIZE, accelerator="cpu",
+                    enable_progress_bar=False)
     except TypeError:
-        model.train(max_epochs=MAX_EPOCHS, batch_size=BATCH_SIZE, use_gpu=False)
+        model.train(max_epochs=MAX_EPOCHS, batch_size=BATCH_SIZE, use_gpu=False,
+                    progress_bar_refresh_rate=0)
+
+
+def _setup(adata) -> None:
+    import scvi
+
+    if hasattr(scvi.model.LinearSCVI, "setup_anndata"):
+        scvi.model.LinearSCVI.setup_anndata(adata, batch_key="batch")
+    else:  # < 0.15: one module-level setup shared by all models
+        scvi.data.setup_anndata(adata, batch_key="batch")
+
+
+def _is_legacy_module(model, adata) -> bool:
+    """< 0.15 modules return plain tensors (qz_m, px_rate, ...) instead of distributions."""
+    return not hasattr(model, "adata_manager") and not hasattr(model, "registry_")
+
+
+# --- < 0.15 (legacy) module API: the same arrays as scvi_ref.py, from dict outputs --------------
+
+
+def _legacy_batches(model, adata, batch_size):
+    from scvi import _CONSTANTS as C
+
+    dl = model._make_data_loader(adata=adata, batch_size=batch_size, shuffle=False)
+    for t in dl:
+        yield t[C.X_KEY].float(), t[C.BATCH_KEY].long(), t[C.LABELS_KEY].long()
+
+
+def _legacy_decode(module, z, lib, b, y, x):
+    gen = module.generative(z, lib, b, y=y)
+    px_r = gen["px_r"]
+    nll = module.get_reconstruction_loss(x, gen["px_rate"], px_r, gen["px_dropout"])
+    return gen, px_r, nll
+
+
+def _legacy_input(module, x, b):
+    inf = module.inference(x, b)
+    z = module.z_encoder.z_transformation(inf["qz_m"])
+    lib = inf["library"] if module.use_observed_lib_size else inf["ql_m"]
+    return inf, z, lib
+
+
+def legacy_reference(model, adata, *, zero_latent: int = 0, batch_size: int = 128) -> dict:
+    import torch
+
+    module = model.module
+    module.eval()
+    out: dict[str, list] = {}
+
+    def add(key, value):
+        out.setdefault(key, []).append(value.detach().cpu().numpy())
+
+    with torch.no_grad():
+        for x, b, y in _legacy_batches(model, adata, batch_size):
+            inf, z, lib = _legacy_input(module, x, b)
+            add("qz_m", inf["qz_m"])
+            add("qz_v", inf["qz_v"])
+            add("z", z)
+            add("library", lib)
+            gen, px_r, nll = _legacy_decode(module, z, lib, b, y, x)
+            add("scale", gen["px_scale"])
+            add("mu", gen["px_rate"])
+            add("theta", px_r.expand_as(gen["px_rate"]))
+            if module.gene_likelihood == "zinb":
+                add("zi_logits", gen["px_dropout"])
+            add("nll", nll)
+            z0 = z.clone()
+            z0[:, zero_latent] = 0.0
+            gen0, _, nll0 = _legacy_decode(module, z0, lib, b, y, x)
+            add("scale_zeroed", gen0["px_scale"])
+            add("nll_zeroed", nll0)
+    ref = {k: np.concatenate(v, axis=0) for k, v in out.items()}
+    ref["loadings"] = np.asarray(model.get_loadings())
+    return ref
+
+
+def legacy_ablation_loop(model, adata, *, baseline, batch_size: int = 1024) -> np.ndarray:
+    import torch
+
+    module = model.module
+    module.eval()
+    base = torch.as_tensor(np.asarray(baseline, dtype=np.float32))
+    rows = []
+    with torch.no_grad():
+        for x, b, y in _legacy_batches(model, adata, batch_size):
+            _, z, lib = _legacy_input(module, x, b)
+            full = _legacy_decode(module, z, lib, b, y, x)[2]
+            cols = []
+            for k in range(z.shape[1]):
+                za = z.clone()
+                za[:, k] = base[k]
+                cols.append(_legacy_decode(module, za, lib, b, y, x)[2] - full)
+            rows.append(torch.stack(cols, dim=1).numpy())
+    return np.concatenate(rows, axis=0)
 
 
 def main(out_root: Path | None = None) -> Path:
@@ -93,7 +188,7 @@ def main(out_root: Path | None = None) -> Path:
 
     adata = load_pbmc()
     adata.obs = adata.obs[["batch"]].copy()
-    scvi.model.LinearSCVI.setup_anndata(adata, batch_key="batch")
+    _setup(adata)
     model = scvi.model.LinearSCVI(adata, **MODEL_KWARGS)
     _train(model)
 
@@ -105,11 +200,15 @@ def main(out_root: Path | None = None) -> Path:
     model.save(str(out), save_anndata=False, overwrite=True)
 
     save_counts_npz(out / "counts.npz", adata)
-    ref = scvi_reference(model, adata)
-    n_latent = ref["z"].shape[1]
-    ref["delta_nll_zero_drop"] = scvi_ablation_loop(
-        model, adata, baseline=np.zeros(n_latent, np.float32), mode="drop"
-    )
+    legacy = _is_legacy_module(model, adata)
+    if legacy:
+        ref = legacy_reference(model, adata)
+        zeros = np.zeros(ref["z"].shape[1], np.float32)
+        ref["delta_nll_zero_drop"] = legacy_ablation_loop(model, adata, baseline=zeros)
+    else:
+        ref = scvi_reference(model, adata)
+        zeros = np.zeros(ref["z"].shape[1], np.float32)
+        ref["delta_nll_zero_drop"] = scvi_ablation_loop(model, adata, baseline=zeros, mode="drop")
     np.savez_compressed(out / "expected.npz", **{k: np.asarray(v, np.float32) for k, v in ref.items()})
     meta = {
         "versions": _versions(),
@@ -121,6 +220,8 @@ def main(out_root: Path | None = None) -> Path:
         "batch_rule": "cell i -> 'b{i % 2}' in pbmc_raw order",
         "expected_keys": sorted(ref),
         "zero_latent": 0,
+        "reference": "legacy_reference (dict module API)" if legacy else "tests/scvi_ref.py",
+        "files": sorted(p.name for p in out.iterdir() if p.suffix in (".pt", ".pkl", ".csv")),
     }
     (out / "versions.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(f"wrote {out}: " + ", ".join(f"{p.name} {p.stat().st_size}" for p in sorted(out.iterdir())))
