@@ -22,7 +22,12 @@ import numpy as np
 
 from linear_decoder_jax import anndata_io, model
 from linear_decoder_jax.config import LDVAEConfig
-from linear_decoder_jax.distributions import log_prob_constant, log_prob_varying
+from linear_decoder_jax.distributions import (
+    count_term,
+    log_prob_constant,
+    log_prob_varying,
+    rate_term,
+)
 from linear_decoder_jax.errors import ConfigError
 from linear_decoder_jax.params import LDVAEParams
 
@@ -32,8 +37,9 @@ BaselineSpec = Literal["zero", "mean", "median"] | float | Sequence[float] | np.
 
 # Budget for the (n_latents, batch, n_vars) intermediates of one minibatch. On CPU the sweep is
 # fastest when they stay in cache (measured: 20k x 2000 x 10 NB took 2.5 s at 128 cells per
-# minibatch, 4.4 s at 1024); accelerators want large minibatches.
-_SWEEP_BYTES = {"cpu": 64 * 2**20}
+# minibatch, 4.4 s at 1024, with 64 best once the sparse path landed); accelerators want
+# large minibatches.
+_SWEEP_BYTES = {"cpu": 32 * 2**20}
 _SWEEP_BYTES_ACCELERATOR = 1024 * 2**20
 _TEMPORARIES = 6
 
@@ -61,6 +67,8 @@ def choose_batch_size(n_obs: int, n_vars: int, n_ablated: int, itemsize: int = 4
 def _score(
     params: LDVAEParams,
     x: jax.Array,
+    nz_index: jax.Array,
+    nz_count: jax.Array,
     z: jax.Array,
     log_library: jax.Array,
     batch: jax.Array,
@@ -72,7 +80,12 @@ def _score(
     config: LDVAEConfig,
     mode: Mode,
 ):
-    """delta_nll, delta_l1, full NLL and the lfc sums for decoder input ``z`` (batch, n_latent)."""
+    """delta_nll, delta_l1, full NLL and the lfc sums for decoder input ``z`` (batch, n_latent).
+
+    NB and Poisson split the likelihood into a dense term without ``x`` and a term proportional
+    to ``x`` evaluated at the non-zero counts only (``nz_index``/``nz_count``); ZINB, whose zero
+    case differs, is evaluated densely.
+    """
     lik = config.gene_likelihood
     theta = model.dispersion(params, batch, label, config=config)
     heads = [model.affine_head(params.decoder.factor, config=config)]
@@ -98,9 +111,21 @@ def _score(
 
     rho, lse = softmax(full[0])
     lib = jnp.exp(log_library)
+    sparse = lik in ("nb", "poisson")
+    at_nz = functools.partial(jnp.take_along_axis, indices=nz_index, axis=1)
+    theta_nz = at_nz(theta)
+
+    def varying(logits: jax.Array, rho_: jax.Array, lse_: jax.Array, zi: jax.Array | None):
+        """Per-cell sum of the z-dependent log-likelihood terms."""
+        if not sparse:
+            return log_prob_varying(x, lib * rho_, theta, zi, likelihood=lik).sum(-1)
+        mu_nz = lib * jnp.exp(at_nz(logits) - lse_)
+        dense = rate_term(lib * rho_, theta, likelihood=lik).sum(-1)
+        return dense + count_term(nz_count, mu_nz, theta_nz, likelihood=lik).sum(-1)
+
     zi_full = full[1] if lik == "zinb" else None
-    v_full = log_prob_varying(x, lib * rho, theta, zi_full, likelihood=lik)
-    nll = -(v_full + log_prob_constant(x, theta, likelihood=lik)).sum(-1)
+    v_full = varying(full[0], rho, lse, zi_full)
+    nll = -(v_full + log_prob_constant(x, theta, likelihood=lik).sum(-1))
 
     def one(k: jax.Array):
         zk = z[:, k]
@@ -108,8 +133,7 @@ def _score(
         moved = [s + d[:, None] * h.loadings[None, :, k] for s, h in zip(start, heads, strict=True)]
         rho_k, lse_k = softmax(moved[0])
         zi_k = moved[1] if lik == "zinb" else None
-        v_k = log_prob_varying(x, lib * rho_k, theta, zi_k, likelihood=lik)
-        delta = -(v_k - v_full).sum(-1)
+        delta = -(varying(moved[0], rho_k, lse_k, zi_k) - v_full)
         l1 = jnp.abs(rho_k - rho).sum(-1)
         # ln rho_k - ln rho = (moved - full) - (lse_k - lse), summed over valid cells
         if mode == "drop":
@@ -129,6 +153,8 @@ def _score(
 def sweep_minibatch(
     params: LDVAEParams,
     x: jax.Array,
+    nz_index: jax.Array,
+    nz_count: jax.Array,
     batch: jax.Array,
     label: jax.Array,
     valid: jax.Array,
@@ -152,6 +178,8 @@ def sweep_minibatch(
         _score,
         params,
         x,
+        nz_index,
+        nz_count,
         log_library=log_library,
         batch=batch,
         label=label,
@@ -305,6 +333,8 @@ class Sweep:
             out = sweep_minibatch(
                 self.params,
                 jnp.asarray(mb.x, self.dtype),
+                jnp.asarray(mb.nz_index),
+                jnp.asarray(mb.nz_count, self.dtype),
                 jnp.asarray(mb.batch),
                 jnp.asarray(mb.label),
                 jnp.asarray(valid),

@@ -190,6 +190,22 @@ class Minibatch:
     x: np.ndarray  # (size, n_vars) float32
     batch: np.ndarray  # (size,) int32
     label: np.ndarray  # (size,) int32
+    nz_index: np.ndarray  # (size, n_nonzero) int32: gene of each non-zero count, row by row
+    nz_count: np.ndarray  # (size, n_nonzero) float32: the count there; padding has count 0
+
+
+def nonzeros(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row-wise non-zero entries of ``x`` padded to a power-of-two width (few distinct shapes)."""
+    rows, cols = np.nonzero(x)
+    per_row = np.bincount(rows, minlength=len(x))
+    width = int(2 ** np.ceil(np.log2(max(8, per_row.max(initial=0)))))
+    width = min(width, max(x.shape[1], 1))
+    index = np.zeros((len(x), width), dtype=np.int32)
+    count = np.zeros((len(x), width), dtype=np.float32)
+    pos = np.arange(len(rows)) - np.repeat(np.cumsum(per_row) - per_row, per_row)
+    index[rows, pos] = cols
+    count[rows, pos] = x[rows, cols]
+    return index, count
 
 
 def minibatches(data: CellData, batch_size: int) -> Iterator[Minibatch]:
@@ -204,4 +220,4 @@ def minibatches(data: CellData, batch_size: int) -> Iterator[Minibatch]:
             x = np.pad(x, ((0, pad), (0, 0)))
             batch = np.pad(batch, (0, pad))
             label = np.pad(label, (0, pad))
-        yield Minibatch(start, stop - start, x, batch, label)
+        yield Minibatch(start, stop - start, x, batch, label, *nonzeros(x))

@@ -24,18 +24,35 @@ EPS = 1e-8  # scvi-tools log_nb_positive / log_zinb_positive default eps
 Likelihood = Literal["nb", "zinb", "poisson"]
 
 
+def rate_term(mu: Array, theta: Array, *, likelihood: Likelihood) -> Array:
+    """NB/Poisson z-dependent terms that do not involve ``x``: ``-theta log(theta + mu + eps)``
+    for NB, ``-mu`` for Poisson. Dense over genes."""
+    if likelihood == "poisson":
+        return -mu
+    return -theta * jnp.log(theta + mu + EPS)
+
+
+def count_term(x: Array, mu: Array, theta: Array, *, likelihood: Likelihood) -> Array:
+    """NB/Poisson z-dependent terms proportional to ``x``: zero where ``x == 0``, so they can be
+    evaluated on the non-zero counts alone."""
+    if likelihood == "poisson":
+        return xlogy(x, mu)
+    return x * (jnp.log(mu + EPS) - jnp.log(theta + mu + EPS))
+
+
 def log_prob_varying(
     x: Array, mu: Array, theta: Array, zi_logits: Array | None, *, likelihood: Likelihood
 ) -> Array:
     """Per-gene log-likelihood terms that depend on ``mu``/``zi_logits`` (shape of ``x``)."""
-    if likelihood == "poisson":
-        return xlogy(x, mu) - mu
-    log_theta_mu_eps = jnp.log(theta + mu + EPS)
-    x_log = x * (jnp.log(mu + EPS) - log_theta_mu_eps)
-    if likelihood == "nb":  # theta * log(theta + eps) is in log_prob_constant
-        return x_log - theta * log_theta_mu_eps
+    if likelihood in ("nb", "poisson"):
+        # theta * log(theta + eps) of NB is in log_prob_constant
+        return rate_term(mu, theta, likelihood=likelihood) + count_term(
+            x, mu, theta, likelihood=likelihood
+        )
     if zi_logits is None:
         raise ValueError("ZINB needs zi_logits.")
+    log_theta_mu_eps = jnp.log(theta + mu + EPS)
+    x_log = x * (jnp.log(mu + EPS) - log_theta_mu_eps)
     theta_log = theta * (jnp.log(theta + EPS) - log_theta_mu_eps)
     softplus_pi = jax.nn.softplus(-zi_logits)
     pi_theta_log = -zi_logits + theta_log

@@ -1,6 +1,6 @@
 """Build the demo checkpoint: real PBMC counts with one planted factor, and a LinearSCVI on them.
 
-Writes ``tests/data/demo_build/`` (the package ships a copy as data):
+Writes ``linear_decoder_jax/data/demo/`` (package data read by ``ldj demo``):
 
 - ``model.pt``: LinearSCVI saved with ``save_anndata=False`` (scvi-tools 1.4.2);
 - ``counts.h5ad``: the modified counts the model was trained on (cells x genes, float32 ``X``),
@@ -110,11 +110,13 @@ def identify(delta: np.ndarray, planted: np.ndarray) -> tuple[int | None, list[d
     for k in range(delta.shape[1]):
         p = float(delta[planted, k].mean())
         o = float(delta[~planted, k].mean())
-        rows.append({"latent": k, "mean_planted": p, "mean_other": o,
-                     "ratio": p / max(o, 1e-3)})
-    passing = [r["latent"] for r in rows
-               if r["mean_planted"] > RATIO_MIN * max(r["mean_other"], 0.0)
-               and r["mean_planted"] - r["mean_other"] > 20.0]
+        rows.append({"latent": k, "mean_planted": p, "mean_other": o, "ratio": p / max(o, 1e-3)})
+    passing = [
+        r["latent"]
+        for r in rows
+        if r["mean_planted"] > RATIO_MIN * max(r["mean_other"], 0.0)
+        and r["mean_planted"] - r["mean_other"] > 20.0
+    ]
     return (passing[0] if len(passing) == 1 else None), rows
 
 
@@ -130,16 +132,19 @@ def main(out: Path | None = None) -> Path:
     train = adata.copy()
     scvi.model.LinearSCVI.setup_anndata(train, batch_key="batch")
     model = scvi.model.LinearSCVI(train, **MODEL_KWARGS)
-    model.train(max_epochs=MAX_EPOCHS, batch_size=BATCH_SIZE, accelerator="cpu",
-                enable_progress_bar=False)
+    model.train(
+        max_epochs=MAX_EPOCHS, batch_size=BATCH_SIZE, accelerator="cpu", enable_progress_bar=False
+    )
 
     n_latent = MODEL_KWARGS["n_latent"]
     delta = scvi_ablation_loop(model, train, baseline=np.zeros(n_latent, np.float32), mode="drop")
     planted = adata.obs["planted"].to_numpy() == "yes"
     k_star, rows = identify(delta, planted)
     for r in rows:
-        print(f"latent {r['latent']}: mean delta_nll planted {r['mean_planted']:9.3f}  "
-              f"other {r['mean_other']:9.3f}  ratio {r['ratio']:8.2f}")
+        print(
+            f"latent {r['latent']}: mean delta_nll planted {r['mean_planted']:9.3f}  "
+            f"other {r['mean_other']:9.3f}  ratio {r['ratio']:8.2f}"
+        )
     if k_star is None:
         raise SystemExit("no single latent carries the planted factor; not writing the demo")
     z = np.asarray(model.get_latent_representation(train))[:, k_star]
@@ -147,11 +152,13 @@ def main(out: Path | None = None) -> Path:
     loadings = np.asarray(model.get_loadings())[:, k_star]
     top = np.argsort(-sign * loadings)[:N_PLANTED_GENES]
     overlap = len(set(top.tolist()) & set(genes.tolist()))
-    print(f"planted latent: {k_star} (planted cells mean z {z[planted].mean():.2f}, others "
-          f"{z[~planted].mean():.2f}); {overlap}/{N_PLANTED_GENES} of its top genes by "
-          f"sign * loading are planted")
+    print(
+        f"planted latent: {k_star} (planted cells mean z {z[planted].mean():.2f}, others "
+        f"{z[~planted].mean():.2f}); {overlap}/{N_PLANTED_GENES} of its top genes by "
+        f"sign * loading are planted"
+    )
 
-    out = out or HERE / "demo_build"
+    out = out or HERE.parent.parent / "linear_decoder_jax" / "data" / "demo"
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("*"):
         if stale.is_file():
@@ -164,8 +171,8 @@ def main(out: Path | None = None) -> Path:
         "source": "Seurat extdata pbmc_raw.txt (80 PBMC cells x 230 genes), see tests/data/README.md",
         "plant_seed": PLANT_SEED,
         "rule": "rng = numpy.random.default_rng(plant_seed); cells = sorted(rng.choice(80, 20, "
-                "replace=False)); genes = sorted(rng.choice(230, 15, replace=False)); "
-                "x[cells][:, genes] <- rng.poisson(fold * (x + 1)) (row-major)",
+        "replace=False)); genes = sorted(rng.choice(230, 15, replace=False)); "
+        "x[cells][:, genes] <- rng.poisson(fold * (x + 1)) (row-major)",
         "fold": FOLD,
         "cells": adata.obs_names[cells].tolist(),
         "cell_indices": cells.tolist(),
@@ -173,8 +180,10 @@ def main(out: Path | None = None) -> Path:
         "gene_indices": genes.tolist(),
         "planted_latent": int(k_star),
         "planted_latent_sign": int(sign),
-        "planted_latent_mean_z": {"planted": float(z[planted].mean()),
-                                  "other": float(z[~planted].mean())},
+        "planted_latent_mean_z": {
+            "planted": float(z[planted].mean()),
+            "other": float(z[~planted].mean()),
+        },
         "top_loading_genes_overlap": overlap,
         "top_loading_genes_rule": "top 15 genes by sign * get_loadings()[:, planted_latent]",
         "ablation": {"baseline": "zeros", "mode": "drop", "per_latent": rows},
@@ -187,7 +196,9 @@ def main(out: Path | None = None) -> Path:
         "torch": version("torch"),
     }
     (out / "planted.json").write_text(json.dumps(info, indent=2) + "\n")
-    print(f"wrote {out}: " + ", ".join(f"{p.name} {p.stat().st_size}" for p in sorted(out.iterdir())))
+    print(
+        f"wrote {out}: " + ", ".join(f"{p.name} {p.stat().st_size}" for p in sorted(out.iterdir()))
+    )
     return out
 
 

@@ -109,7 +109,9 @@ def main(out: Path | None = None) -> Path:
         "expected_keys": sorted(ref),
     }
     (out / "versions.json").write_text(json.dumps(meta, indent=2) + "\n")
-    print(f"wrote {out}: " + ", ".join(f"{p.name} {p.stat().st_size}" for p in sorted(out.iterdir())))
+    print(
+        f"wrote {out}: " + ", ".join(f"{p.name} {p.stat().st_size}" for p in sorted(out.iterdir()))
+    )
     return out
 
 

@@ -2,7 +2,8 @@
 
 Output: ``tests/data/old_release/<scvi version>/`` with
 
-- ``model.pt``: ``model.save(dir, save_anndata=False)`` as that release writes it;
+- ``model.pt``: ``model.save(dir, save_anndata=False)`` as that release writes it (before 0.15:
+  ``model_params.pt``, ``attr.pkl`` and ``var_names.csv`` instead);
 - ``counts.npz``: the exact input (``X`` float32 cells x genes, ``batch``, ``obs_names``,
   ``var_names``; read it back with ``tests/data/pbmc.py:load_counts_npz``);
 - ``expected.npz``: ``tests/scvi_ref.py:scvi_reference(model, adata)`` computed in that release
@@ -14,26 +15,55 @@ The model: LinearSCVI on Seurat's 80-cell PBMC counts (``pbmc.py``), 2 batches (
 parity), n_latent 4, n_hidden 16, NB likelihood, gene dispersion, 20 epochs, batch size 32,
 ``scvi.settings.seed = 0``, on CPU.
 
-It runs inside a virtualenv OUTSIDE the repository that holds the older release. Exactly how the
-fixtures committed here were made (Python 3.11; the torch CPU wheel is installed first, so that pip
-does not pull a CUDA build; on a machine without a local wheel use
-``pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu``):
+It runs inside a virtualenv OUTSIDE the repository that holds the older release; the same script
+serves every release (it branches only where the API differs: ``setup_anndata`` before 0.15 is
+``scvi.data.setup_anndata``, training before 0.20 takes ``use_gpu``, and before 0.15 the module
+returns plain tensors, so ``legacy_reference`` below computes the same arrays as
+``tests/scvi_ref.py`` from them). The venvs used for the committed fixtures (Python 3.11 unless
+said; the CPU torch wheel is installed first so pip does not pull a CUDA build: this machine has it
+locally, elsewhere add ``--index-url https://download.pytorch.org/whl/cpu`` to that line):
 
-scvi-tools 1.1.6.post2 (its own pins are loose, so the jax/flax/lightning of mid-2024 are pinned by
-hand; newer jax lacks ``jaxlib.xla_extension``, lightning 2.3 needs ``pkg_resources``)::
+scvi-tools 1.1.6.post2 (its pins are loose: the jax/flax/lightning of mid-2024 must be pinned by
+hand, newer jax lacks ``jaxlib.xla_extension``; lightning 2.3 imports ``pkg_resources``, hence
+setuptools < 81, and torch 2.13 wants setuptools >= 77.0.3)::
 
     python3.11 -m venv /tmp/venv-old
     /tmp/venv-old/bin/pip install torch==2.13.0
-    /tmp/venv-old/bin/pip install scvi-tools==1.1.6.post2 pooch torch==2.13.0
-    /tmp/venv-old/bin/pip install jax==0.4.30 jaxlib==0.4.30 flax==0.8.5 optax==0.2.3 \\
-        numpyro==0.15.2 orbax-checkpoint==0.5.23 chex==0.1.86 pandas==2.2.2 lightning==2.3.3 \\
-        torchmetrics==1.4.0 scipy==1.13.1 scikit-learn==1.5.1 pyro-ppl==1.9.1 ml_dtypes==0.4.0 \\
-        torch==2.13.0
-    /tmp/venv-old/bin/pip install "setuptools<70"
+    /tmp/venv-old/bin/pip install scvi-tools==1.1.6.post2 pooch torch==2.13.0 jax==0.4.30 \
+        jaxlib==0.4.30 flax==0.8.5 optax==0.2.3 numpyro==0.15.2 orbax-checkpoint==0.5.23 \
+        chex==0.1.86 pandas==2.2.2 lightning==2.3.3 torchmetrics==1.4.0 scipy==1.13.1 \
+        scikit-learn==1.5.1 pyro-ppl==1.9.1 ml_dtypes==0.4.0 "setuptools>=77.0.3,<81"
     /tmp/venv-old/bin/python tests/data/make_old_release_fixture.py
 
-Other releases: see ``tests/data/README.md`` for the exact commands of each venv used (the script
-itself is the same; it only branches where the training API differs).
+scvi-tools 0.20.3 (pandas 1.5 / numpy 1.24 era)::
+
+    python3.11 -m venv /tmp/venv-020
+    /tmp/venv-020/bin/pip install torch==2.13.0
+    /tmp/venv-020/bin/pip install scvi-tools==0.20.3 torch==2.13.0 numpy==1.24.4 \
+        "setuptools>=77.0.3,<81" jax==0.4.13 jaxlib==0.4.13 flax==0.6.11 optax==0.1.7 chex==0.1.7 \
+        numpyro==0.12.1 "orbax-checkpoint<0.3" ml_dtypes==0.2.0 pandas==1.5.3 anndata==0.8.0 \
+        mudata==0.2.3 torchmetrics==0.11.4 scipy==1.10.1 scikit-learn==1.2.2 pyro-ppl==1.8.4 \
+        h5py==3.8.0 requests
+    /tmp/venv-020/bin/python tests/data/make_old_release_fixture.py
+
+scvi-tools 0.14.6 (pre-0.15 legacy layout: model_params.pt + attr.pkl + var_names.csv). Python
+3.10: pytorch-lightning 1.3 breaks on 3.11's enum formatting; torch 1.13.1 (the PyPI CUDA build,
+run on CPU); PyYAML 5.4.1 (pinned by pytorch-lightning 1.3) has no wheel and builds only with
+Cython < 3 and no build isolation::
+
+    python3.10 -m venv /tmp/venv-014    # here: /root/.pyenv/versions/3.10.13/bin/python
+    /tmp/venv-014/bin/pip install "cython<3" wheel setuptools==59.5.0
+    /tmp/venv-014/bin/pip install --no-build-isolation PyYAML==5.4.1
+    /tmp/venv-014/bin/pip install scvi-tools==0.14.6 torch==1.13.1 pytorch-lightning==1.3.8 \
+        torchmetrics==0.6.2 numpy==1.23.5 pandas==1.5.3 anndata==0.8.0 scipy==1.10.1 \
+        scikit-learn==1.2.2 h5py==3.8.0 numba==0.57.1 pyro-ppl==1.8.4 setuptools==59.5.0 \
+        PyYAML==5.4.1
+    /tmp/venv-014/bin/python tests/data/make_old_release_fixture.py
+
+Training is seeded and, in the same venv, bit-for-bit repeatable (``expected.npz`` identical on
+re-runs; for 1.1.6.post2 also in a venv built afresh from the commands above); the
+checkpoint files differ between runs in their random ``_scvi_uuid``.
+``OUT_ROOT=/some/dir`` writes ``/some/dir/<version>/`` instead of ``tests/data/old_release/``.
 
 Run from anywhere; it finds ``tests/`` from its own path. Re-running overwrites the folder.
 """
@@ -65,8 +95,17 @@ def _versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": sys.version.split()[0]}
-    for pkg in ("scvi-tools", "torch", "numpy", "pandas", "anndata", "lightning",
-                "pytorch-lightning", "jax", "flax"):
+    for pkg in (
+        "scvi-tools",
+        "torch",
+        "numpy",
+        "pandas",
+        "anndata",
+        "lightning",
+        "pytorch-lightning",
+        "jax",
+        "flax",
+    ):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -77,11 +116,16 @@ def _versions() -> dict:
 def _train(model) -> None:
     """Train on CPU: >= 0.20 takes ``accelerator``; older releases took ``use_gpu``."""
     try:
-        model.train(max_epochs=MAX_EPOCHS, batch_size=BATCH_SIZE, accelerator="cpu",
-                    enable_progress_bar=False)
+        model.train(
+            max_epochs=MAX_EPOCHS,
+            batch_size=BATCH_SIZE,
+            accelerator="cpu",
+            enable_progress_bar=False,
+        )
     except TypeError:
-        model.train(max_epochs=MAX_EPOCHS, batch_size=BATCH_SIZE, use_gpu=False,
-                    progress_bar_refresh_rate=0)
+        model.train(
+            max_epochs=MAX_EPOCHS, batch_size=BATCH_SIZE, use_gpu=False, progress_bar_refresh_rate=0
+        )
 
 
 def _setup(adata) -> None:
@@ -209,7 +253,9 @@ def main(out_root: Path | None = None) -> Path:
         ref = scvi_reference(model, adata)
         zeros = np.zeros(ref["z"].shape[1], np.float32)
         ref["delta_nll_zero_drop"] = scvi_ablation_loop(model, adata, baseline=zeros, mode="drop")
-    np.savez_compressed(out / "expected.npz", **{k: np.asarray(v, np.float32) for k, v in ref.items()})
+    np.savez_compressed(
+        out / "expected.npz", **{k: np.asarray(v, np.float32) for k, v in ref.items()}
+    )
     meta = {
         "versions": _versions(),
         "seed": SEED,
@@ -224,7 +270,9 @@ def main(out_root: Path | None = None) -> Path:
         "files": sorted(p.name for p in out.iterdir() if p.suffix in (".pt", ".pkl", ".csv")),
     }
     (out / "versions.json").write_text(json.dumps(meta, indent=2) + "\n")
-    print(f"wrote {out}: " + ", ".join(f"{p.name} {p.stat().st_size}" for p in sorted(out.iterdir())))
+    print(
+        f"wrote {out}: " + ", ".join(f"{p.name} {p.stat().st_size}" for p in sorted(out.iterdir()))
+    )
     return out
 
 
