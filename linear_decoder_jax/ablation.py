@@ -308,16 +308,32 @@ class Sweep:
         seed: int,
         batch_size: int,
         dtype: Any,
+        devices: Sequence[Any] = (),
     ):
         self.params, self.data, self.config = params, data, config
+        self.devices = list(devices)
         self.baseline, self.latents = baseline, latents
         self.mode, self.library, self.n_samples = mode, library, n_samples
         self.seed, self.batch_size, self.dtype = seed, batch_size, dtype
         self.lfc_sum: np.ndarray | None = None
 
+    def _placement(self):
+        """(cells, replicated) placement functions: a 1-D mesh over the cell axis when several
+        devices are used (parameters replicated), else plain device arrays."""
+        if len(self.devices) <= 1:
+            return jnp.asarray, jnp.asarray
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        mesh = Mesh(np.asarray(self.devices), ("cells",))
+        cells = NamedSharding(mesh, PartitionSpec("cells"))
+        replicated = NamedSharding(mesh, PartitionSpec())
+        return (lambda a: jax.device_put(a, cells)), (lambda a: jax.device_put(a, replicated))
+
     def __iter__(self) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
-        base = jnp.asarray(self.baseline, dtype=self.dtype)
-        lat = jnp.asarray(self.latents)
+        shard, replicate = self._placement()
+        params = jax.tree.map(replicate, self.params)
+        base = replicate(np.asarray(self.baseline, dtype=self.dtype))
+        lat = replicate(np.asarray(self.latents))
         key = jax.random.key(self.seed)
         lfc = jnp.zeros((self.config.n_input, len(self.latents)), self.dtype)
         pending: list[tuple[int, int, MinibatchScores]] = []
@@ -331,13 +347,13 @@ class Sweep:
             valid = (np.arange(len(mb.x)) < mb.n_valid).astype(self.dtype)
             key, sub = jax.random.split(key)
             out = sweep_minibatch(
-                self.params,
-                jnp.asarray(mb.x, self.dtype),
-                jnp.asarray(mb.nz_index),
-                jnp.asarray(mb.nz_count, self.dtype),
-                jnp.asarray(mb.batch),
-                jnp.asarray(mb.label),
-                jnp.asarray(valid),
+                params,
+                shard(mb.x.astype(self.dtype, copy=False)),
+                shard(mb.nz_index),
+                shard(mb.nz_count.astype(self.dtype, copy=False)),
+                shard(mb.batch),
+                shard(mb.label),
+                shard(valid),
                 base,
                 lat,
                 sub,

@@ -7,9 +7,12 @@ are dropped with a warning; an unknown batch or label category is an error namin
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,20 +41,31 @@ class CellData:
     ``gene_index`` is None, else to be taken at ``gene_index``.
     """
 
-    counts: Any  # (n_obs, n_vars_data)
+    counts: Any  # (n_obs_data, n_vars_data)
     gene_index: np.ndarray | None  # (n_vars,) columns of counts in model order, None = as is
     batch: np.ndarray  # (n_obs,) int32
     label: np.ndarray  # (n_obs,) int32
     obs_names: np.ndarray  # (n_obs,)
     allow_non_integer: bool = False
+    offset: int = 0  # first row of ``counts`` that belongs to these cells
 
     @property
     def n_obs(self) -> int:
-        return int(self.counts.shape[0])
+        return len(self.batch)
+
+    def restrict(self, start: int, stop: int) -> CellData:
+        """The cells [start, stop) of this set (a shard), reading the same matrix."""
+        return dataclasses.replace(
+            self,
+            batch=self.batch[start:stop],
+            label=self.label[start:stop],
+            obs_names=self.obs_names[start:stop],
+            offset=self.offset + start,
+        )
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         """Dense float counts of rows [start, stop) in model gene order, validated."""
-        block = self.counts[start:stop]
+        block = self.counts[self.offset + start : self.offset + stop]
         if _is_sparse(block):
             block = block.tocsr()
             if self.gene_index is not None:
@@ -62,7 +76,7 @@ class CellData:
             if self.gene_index is not None:
                 dense = dense[:, self.gene_index]
         dense = dense.astype(np.float32, copy=False)
-        check_counts(dense, allow_non_integer=self.allow_non_integer, first_row=start)
+        check_counts(dense, allow_non_integer=self.allow_non_integer, first_row=self.offset + start)
         return dense
 
 
@@ -221,3 +235,63 @@ def minibatches(data: CellData, batch_size: int) -> Iterator[Minibatch]:
             batch = np.pad(batch, (0, pad))
             label = np.pad(label, (0, pad))
         yield Minibatch(start, stop - start, x, batch, label, *nonzeros(x))
+
+
+class BackedAnnData:
+    """An ``.h5ad`` opened for streaming: obs, var and 2-D embeddings are read; counts (X or a
+    layer; CSR, CSC or dense) are read by row range only when a minibatch needs them.
+
+    CSR and dense matrices read a row range cheaply; CSC must be read column-wise, so
+    streaming a CSC matrix is slow (convert it to CSR once for large data).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        import h5py
+        from anndata.io import read_elem
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise IncompatibleDataError(f"{path}: no such file.")
+        try:
+            self._file = h5py.File(self.path, "r")
+            self.obs = read_elem(self._file["obs"])
+            self.var_names = read_elem(self._file["var"]).index
+        except Exception as err:  # h5py/anndata raise many types for a foreign file
+            msg = f"{path} is not a readable h5ad file ({type(err).__name__}: {err})."
+            raise IncompatibleDataError(msg) from err
+        self.obs_names = self.obs.index
+        self.n_obs = len(self.obs)
+        self.n_vars = len(self.var_names)
+        self.obsm: dict[str, np.ndarray] = {}
+        for key, node in self._file.get("obsm", {}).items():
+            if hasattr(node, "shape") and len(node.shape) == 2 and node.shape[1] == 2:
+                self.obsm[key] = np.asarray(node[...])
+
+    @staticmethod
+    def _element(node: Any) -> Any:
+        from anndata.io import sparse_dataset
+
+        kind = node.attrs.get("encoding-type", "")
+        if kind in ("csr_matrix", "csc_matrix"):
+            return sparse_dataset(node)
+        if hasattr(node, "shape"):
+            return node
+        raise IncompatibleDataError(f"Unsupported count matrix encoding {kind!r} in {node.name}.")
+
+    @property
+    def X(self) -> Any:  # noqa: N802 - AnnData's name
+        return self._element(self._file["X"]) if "X" in self._file else None
+
+    @property
+    def layers(self) -> dict[str, Any]:
+        group = self._file.get("layers", {})
+        return {key: self._element(group[key]) for key in group}
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> BackedAnnData:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -28,10 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from linear_decoder_jax import ablation, anndata_io, checkpoint, model, results
-from linear_decoder_jax._atomic import check_destination
+from linear_decoder_jax._atomic import atomic_path, check_destination
 from linear_decoder_jax.config import LDVAEConfig, ModelSpec
 from linear_decoder_jax.errors import ConfigError, IncompatibleDataError
-from linear_decoder_jax.params import LDVAEParams, from_flat
+from linear_decoder_jax.params import LDVAEParams, from_flat, to_flat
 from linear_decoder_jax.results import AblationResult
 
 DType = Literal["float32", "float64"]
@@ -499,6 +499,39 @@ def _embeddings(adata: Any) -> dict[str, np.ndarray]:
     return out
 
 
+def _devices(devices: int | None) -> list[Any]:
+    available = jax.local_devices()
+    if devices is None:
+        return available
+    if not isinstance(devices, int) or devices < 1:
+        raise ConfigError(f"Expected devices >= 1, got {devices!r} instead.")
+    if devices > len(available):
+        msg = f"Asked for {devices} devices but only {len(available)} are visible ({available})."
+        raise ConfigError(msg)
+    return available[:devices]
+
+
+def _shard_range(shard: tuple[int, int] | None, n_obs: int) -> tuple[int, int]:
+    if shard is None:
+        return 0, n_obs
+    i, n = shard
+    if not (isinstance(i, int) and isinstance(n, int) and 0 <= i < n):
+        raise ConfigError(f"Expected shard (i, n) with 0 <= i < n, got {shard!r} instead.")
+    return i * n_obs // n, (i + 1) * n_obs // n
+
+
+def model_fingerprint(model_: LinearSCVI) -> str:
+    """sha256 over the configuration and every parameter: identifies a model across shards."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps(model_.spec.to_dict(), sort_keys=True).encode())
+    for key, value in sorted(to_flat(model_._host_params).items()):
+        digest.update(key.encode())
+        digest.update(np.ascontiguousarray(value, dtype=np.float32).tobytes())
+    return digest.hexdigest()
+
+
 def ablate(
     model_: LinearSCVI,
     adata: Any,
@@ -513,6 +546,10 @@ def ablate(
     seed: int = 0,
     allow_non_integer: bool = False,
     progress: bool = False,
+    output: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    devices: int | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> AblationResult:
     """Score every latent for every cell: how much worse the reconstruction gets without it.
 
@@ -521,7 +558,8 @@ def ablate(
     model_
         A model from :func:`load`.
     adata
-        Cells to score (counts as the model was set up: same layer, batch and label columns).
+        Cells to score: an AnnData, or the path of an ``.h5ad`` that is then streamed from disk
+        in row chunks (counts as the model was set up: same layer, batch and label columns).
     latents
         Indices of the latents to ablate (default all), in the order of the result columns.
     baseline
@@ -532,12 +570,20 @@ def ablate(
     groupby
         obs column for group summaries (mean, median, fraction of cells with delta > 0).
     batch_size
-        Cells per minibatch; by default chosen from the problem size.
+        Cells per minibatch; by default chosen from the problem size and device.
     library
         "model": the model's own library (observed or q(l|x) mean); "observed": log total counts.
     n_samples
         0 scores at the posterior mean; > 0 averages over draws z ~ q(z|x) (explicit key from
         ``seed``) and adds the Monte-Carlo standard error ``delta_nll_se``.
+    output
+        Write the result h5ad here while sweeping (atomically; the large arrays go straight to
+        disk and the returned result memory-maps them). Needs ``overwrite`` to replace a file.
+    devices
+        Number of local devices to split each minibatch over (default: all visible).
+    shard
+        ``(i, n)``: score only the i-th of n equal row ranges (join parts with ``ldj merge``).
+        Baseline statistics are still taken over all input cells.
 
     Returns
     -------
@@ -550,88 +596,146 @@ def ablate(
         raise ConfigError(f"Expected library 'model' or 'observed', got {library!r} instead.")
     if not isinstance(n_samples, int) or n_samples < 0:
         raise ConfigError(f"Expected n_samples >= 0, got {n_samples!r} instead.")
-    if groupby is not None and groupby not in adata.obs:
-        raise IncompatibleDataError(f"groupby column {groupby!r} is not in adata.obs.")
-    cfg = model_.config
-    data = model_.prepare(adata, allow_non_integer=allow_non_integer)
-    idx = ablation.resolve_latents(latents, cfg.n_latent)
-    stats = None
-    if isinstance(baseline, str) and baseline in ("mean", "median"):
-        stats = model_._encode_all(data, batch_size)["z"]
-    base_name, base_values = ablation.resolve_baseline(baseline, stats, cfg.n_latent)
-    dtype = np.dtype(model_.dtype)
-    size = batch_size or ablation.choose_batch_size(
-        data.n_obs, cfg.n_input, len(idx), dtype.itemsize
-    )
-    n, a = data.n_obs, len(idx)
-    out = {
-        "delta_nll": np.empty((n, a), dtype),
-        "delta_nll_se": np.empty((n, a), dtype),
-        "delta_l1": np.empty((n, a), dtype),
-        "nll": np.empty(n, dtype),
-        "latent": np.empty((n, cfg.n_latent), dtype),
-    }
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n, unit="cells", desc="ablate")
-    with model_.precision():
-        sweep = ablation.Sweep(
-            model_.params,
-            data,
-            config=cfg,
-            baseline=base_values,
-            latents=idx,
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ConfigError(f"Expected batch_size >= 1, got {batch_size!r} instead.")
+    if output is not None:
+        check_destination(output, overwrite=overwrite)
+    with contextlib.ExitStack() as stack:
+        if isinstance(adata, str | os.PathLike):
+            adata = stack.enter_context(anndata_io.BackedAnnData(adata))
+        return _ablate(
+            model_,
+            adata,
+            latents=latents,
+            baseline=baseline,
             mode=mode,
+            groupby=groupby,
+            batch_size=batch_size,
             library=library,
             n_samples=n_samples,
             seed=seed,
-            batch_size=int(size),
-            dtype=dtype,
+            allow_non_integer=allow_non_integer,
+            progress=progress,
+            output=output,
+            overwrite=overwrite,
+            devices=_devices(devices),
+            shard=shard,
         )
-        try:
+
+
+def _ablate(model_: LinearSCVI, adata: Any, *, output, overwrite, devices, shard, **opts):
+    cfg = model_.config
+    groupby = opts["groupby"]
+    if groupby is not None and groupby not in adata.obs:
+        raise IncompatibleDataError(f"groupby column {groupby!r} is not in adata.obs.")
+    full = model_.prepare(adata, allow_non_integer=opts["allow_non_integer"])
+    lo, hi = _shard_range(shard, full.n_obs)
+    data = full.restrict(lo, hi)
+    if data.n_obs == 0:
+        raise ConfigError(f"Shard {shard} of {full.n_obs} cells is empty; use fewer shards.")
+    idx = ablation.resolve_latents(opts["latents"], cfg.n_latent)
+    baseline = opts["baseline"]
+    stats = None
+    if isinstance(baseline, str) and baseline in ("mean", "median"):
+        stats = model_._encode_all(full, opts["batch_size"])["z"]  # over all input cells
+    base_name, base_values = ablation.resolve_baseline(baseline, stats, cfg.n_latent)
+    dtype = np.dtype(model_.dtype)
+    n_dev = len(devices)
+    size = opts["batch_size"] or ablation.choose_batch_size(
+        data.n_obs, cfg.n_input, len(idx), dtype.itemsize
+    )
+    size = int(-(-size // n_dev) * n_dev)  # a multiple of the device count
+    n, a = data.n_obs, len(idx)
+    shapes = {
+        "delta_nll": ((n, a), dtype),
+        "delta_l1": ((n, a), dtype),
+        "latent": ((n, cfg.n_latent), dtype),
+    }
+    if opts["n_samples"]:
+        shapes["delta_nll_se"] = ((n, a), dtype)
+    with contextlib.ExitStack() as stack:
+        if output is None:
+            sink = {k: np.empty(shape, dt) for k, (shape, dt) in shapes.items()}
+        else:
+            tmp = stack.enter_context(atomic_path(output, overwrite=overwrite, directory=False))
+            stream = results.H5adStream(tmp, shapes)
+            stack.callback(lambda: stream.file.close() if stream.file.id.valid else None)
+            sink = stream.arrays
+        nll = np.empty(n, dtype)
+        bar = None
+        if opts["progress"]:
+            from tqdm.auto import tqdm
+
+            bar = stack.enter_context(tqdm(total=n, unit="cells", desc="ablate"))
+        with model_.precision():
+            sweep = ablation.Sweep(
+                model_.params,
+                data,
+                config=cfg,
+                baseline=base_values,
+                latents=idx,
+                mode=opts["mode"],
+                library=opts["library"],
+                n_samples=opts["n_samples"],
+                seed=opts["seed"],
+                batch_size=size,
+                dtype=dtype,
+                devices=devices,
+            )
             for start, n_valid, arrays in sweep:
+                nll[start : start + n_valid] = arrays.pop("nll")
+                if not opts["n_samples"]:
+                    arrays.pop("delta_nll_se")
                 for key, value in arrays.items():
-                    out[key][start : start + n_valid] = value
+                    sink[key][start : start + n_valid] = value
                 if bar is not None:
                     bar.update(n_valid)
-        finally:
-            if bar is not None:
-                bar.close()
-    assert sweep.lfc_sum is not None
-    names = [model_.latent_names[i] for i in idx]
-    settings = {
-        "baseline": base_name,
-        "baseline_values": np.asarray(base_values, dtype=np.float64),
-        "mode": mode,
-        "latents": idx.astype(np.int64),
-        "latent_names": names,
-        "library": library,
-        "n_samples": n_samples,
-        "seed": seed,
-        "dtype": str(dtype),
-        "batch_size": int(size),
-        "n_devices": 1,
-        "groupby": groupby or "",
-        "versions": _versions(),
-        "source_model": model_.path or "",
-        "source_scvi_version": str(model_.spec.source.get("scvi_version") or ""),
-    }
-    groups = None
-    if groupby is not None:
-        groups = results.group_tables(out["delta_nll"], adata.obs[groupby].to_numpy(), names)
-    return AblationResult(
-        delta_nll=out["delta_nll"],
-        delta_l1=out["delta_l1"],
-        latent=out["latent"],
-        nll=out["nll"],
-        mean_lfc=sweep.lfc_sum / n,
-        loadings=model_.get_affine_decoder().scale.loadings,
-        obs=adata.obs.copy(),
-        var_names=model_.var_names,
-        settings=settings,
-        embeddings=_embeddings(adata),
-        delta_nll_se=out["delta_nll_se"] if n_samples else None,
-        groups=groups,
-    )
+        if output is not None:
+            stream.file.flush()
+            sink = {k: results._mapped(tmp, ds) for k, ds in sink.items()}
+        assert sweep.lfc_sum is not None
+        names = [model_.latent_names[i] for i in idx]
+        settings = {
+            "baseline": base_name,
+            "baseline_values": np.asarray(base_values, dtype=np.float64),
+            "mode": opts["mode"],
+            "latents": idx.astype(np.int64),
+            "latent_names": names,
+            "library": opts["library"],
+            "n_samples": opts["n_samples"],
+            "seed": opts["seed"],
+            "dtype": str(dtype),
+            "batch_size": size,
+            "n_devices": n_dev,
+            "groupby": groupby or "",
+            "shard": np.asarray(shard or (0, 1), dtype=np.int64),
+            "rows": np.asarray([lo, hi], dtype=np.int64),
+            "n_obs_total": full.n_obs,
+            "versions": _versions(),
+            "source_model": model_.path or "",
+            "source_scvi_version": str(model_.spec.source.get("scvi_version") or ""),
+            "model_fingerprint": model_fingerprint(model_),
+        }
+        obs = adata.obs.iloc[lo:hi].copy()
+        groups = None
+        if groupby is not None:
+            groups = results.group_tables(sink["delta_nll"], obs[groupby].to_numpy(), names)
+        result = AblationResult(
+            delta_nll=sink["delta_nll"],
+            delta_l1=sink["delta_l1"],
+            latent=sink["latent"],
+            nll=nll,
+            mean_lfc=sweep.lfc_sum / n,
+            loadings=model_.get_affine_decoder().scale.loadings,
+            obs=obs,
+            var_names=model_.var_names,
+            settings=settings,
+            embeddings={k: v[lo:hi] for k, v in _embeddings(adata).items()},
+            delta_nll_se=sink.get("delta_nll_se"),
+            groups=groups,
+        )
+        if output is not None:
+            stream.finish(result)
+    if output is not None:
+        return AblationResult.read(output)
+    return result

@@ -146,3 +146,96 @@ class AblationResult:
         with atomic_path(path, overwrite=overwrite, directory=False) as tmp:
             adata.write_h5ad(tmp)
         return Path(path).absolute()
+
+    @classmethod
+    def read(cls, path: str | os.PathLike, *, memmap: bool = True) -> AblationResult:
+        """Read a result h5ad; the large obsm arrays are memory-mapped, not loaded, when possible."""
+        import h5py
+        from anndata.io import read_elem
+
+        with h5py.File(path, "r") as f:
+            obs = read_elem(f["obs"])
+            nll = obs.pop("nll").to_numpy()
+            uns = read_elem(f["uns"])
+            arrays = {}
+            for key in ("delta_nll", "delta_l1", "latent", "delta_nll_se"):
+                if key in f["obsm"]:
+                    arrays[key] = _mapped(path, f["obsm"][key]) if memmap else f["obsm"][key][...]
+            embeddings = {k: np.asarray(v[...]) for k, v in f["obsm"].items() if k not in arrays}
+            varm = {k: np.asarray(v[...]) for k, v in f["varm"].items()}
+            var_names = list(read_elem(f["var"]).index)
+        settings = dict(uns["ablation"])
+        return cls(
+            delta_nll=arrays["delta_nll"],
+            delta_l1=arrays["delta_l1"],
+            latent=arrays["latent"],
+            nll=nll,
+            mean_lfc=varm["mean_lfc"],
+            loadings=varm["loadings"],
+            obs=obs,
+            var_names=var_names,
+            settings=settings,
+            embeddings=embeddings,
+            delta_nll_se=arrays.get("delta_nll_se"),
+            groups=uns.get("ablation_groups"),
+        )
+
+
+def _mapped(path: str | os.PathLike, dataset: Any) -> np.ndarray:
+    """A read-only memmap of a contiguous, uncompressed HDF5 dataset (else it is read)."""
+    offset = dataset.id.get_offset()
+    if offset is None or dataset.chunks is not None or dataset.compression is not None:
+        return dataset[...]
+    return np.memmap(path, mode="r", dtype=dataset.dtype, shape=dataset.shape, offset=offset)
+
+
+class H5adStream:
+    """Write a result h5ad while the sweep runs: the (n_obs, ...) obsm arrays are contiguous
+    on-disk datasets filled minibatch by minibatch, so no full copy is held in memory; the rest of
+    the schema is written by :meth:`finish`. Used inside :func:`_atomic.atomic_path`.
+    """
+
+    def __init__(self, path: Path, shapes: dict[str, tuple[tuple[int, ...], Any]]):
+        import h5py
+
+        self.path = path
+        self.file = h5py.File(path, "w")
+        self.file.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+        obsm = self.file.create_group("obsm")
+        obsm.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
+        self.arrays: dict[str, Any] = {}
+        for key, (shape, dtype) in shapes.items():
+            dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+            dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+            space = h5py.h5s.create_simple(shape)
+            dsid = h5py.h5d.create(
+                obsm.id, key.encode(), h5py.h5t.py_create(np.dtype(dtype)), space, dcpl=dcpl
+            )
+            ds = h5py.Dataset(dsid)
+            ds.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+            self.arrays[key] = ds
+
+    def finish(self, result: AblationResult) -> None:
+        """Write obs, var, varm, uns and an empty X; ``result`` arrays may be these datasets."""
+        import pandas as pd
+        import scipy.sparse as sp
+        from anndata.io import write_elem
+
+        f = self.file
+        n, g = len(result.obs), len(result.var_names)
+        obs = result.obs.copy()
+        obs["nll"] = np.asarray(result.nll)
+        write_elem(f, "obs", obs)
+        write_elem(f, "var", pd.DataFrame(index=pd.Index(result.var_names)))
+        write_elem(f, "X", sp.csr_matrix((n, g), dtype=np.float32))
+        for key, value in result.embeddings.items():
+            write_elem(f["obsm"], key, value)
+        write_elem(f, "varm", {"mean_lfc": result.mean_lfc, "loadings": result.loadings})
+        uns: dict[str, Any] = {"ablation": dict(result.settings)}
+        if result.groups is not None:
+            uns["ablation_groups"] = dict(result.groups)
+        uns["ablation_top_cells"] = result.top_cells()
+        write_elem(f, "uns", uns)
+        for key in ("layers", "obsp", "varp"):
+            write_elem(f, key, {})
+        f.close()

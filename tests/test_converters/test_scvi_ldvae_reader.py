@@ -185,7 +185,7 @@ def test_legacy_layout_with_modern_attributes(trained: dict[str, Trained], tmp_p
 
 def test_legacy_layout_with_setup_dict(trained: dict[str, Trained], tmp_path: Path) -> None:
     model, _ = trained["batch_gene_batch"]
-    # before 0.15 the library prior came from the data: no library buffers in the module
+    # old releases took the library prior from the data: no library buffers in the module
     state = {k: v for k, v in model.module.state_dict().items() if not k.startswith("library")}
     attr = {
         "scvi_setup_dict_": setup_dict(),
