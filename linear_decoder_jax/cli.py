@@ -1,4 +1,4 @@
-"""The ``ldj`` command line: ``convert``, ``info``, ``ablate`` and ``demo``.
+"""The ``ldj`` command line: ``convert``, ``info``, ``ablate``, ``report`` and ``demo``.
 
 ``main(argv) -> int`` is testable; ``console_main`` is the console-script entry point. jax and the
 converter are imported inside each command, so ``ldj --help`` answers at once. A user error prints
@@ -105,10 +105,13 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
 
     check_destination(args.output, overwrite=args.overwrite)
     model = ldj.load(args.model, prefix=args.prefix, dtype="float64" if args.float64 else "float32")
-    adata = read_h5ad(args.data)
-    result = ldj.ablate(
+    result = ldj.ablate(  # streams DATA from disk and writes OUT as it goes
         model,
-        adata,
+        args.data,
+        output=args.output,
+        overwrite=args.overwrite,
+        devices=args.devices,
+        shard=args.shard,
         latents=args.latents,
         baseline=args.baseline,
         mode=args.mode,
@@ -120,8 +123,43 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
         allow_non_integer=args.allow_non_integer,
         progress=sys.stderr.isatty(),
     )
-    path = result.write(args.output, overwrite=args.overwrite)
     print(result.summary())
+    print(f"wrote {Path(args.output).absolute()}")
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from linear_decoder_jax import merge
+
+    result = merge.merge_parts(args.parts, args.output, overwrite=args.overwrite)
+    print(result.summary())
+    print(f"wrote {Path(args.output).absolute()}")
+    return 0
+
+
+def _parse_shard(value: str) -> tuple[int, int]:
+    try:
+        i, n = (int(v) for v in value.split("/"))
+    except ValueError:
+        msg = f"--shard must look like I/N (e.g. 0/4), got {value!r}."
+        raise argparse.ArgumentTypeError(msg) from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"--shard {value}: need 0 <= I < N.")
+    return i, n
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from linear_decoder_jax import report
+
+    path = report.write_report(
+        args.result,
+        args.output,
+        groupby=args.groupby,
+        top=args.top,
+        data=args.data,
+        png_dir=args.png_dir,
+        overwrite=args.overwrite,
+    )
     print(f"wrote {path}")
     return 0
 
@@ -183,7 +221,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--float64", action="store_true", help="compute in double precision")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--devices", type=int, help="use this many local devices (default: all)")
+    p.add_argument("--shard", type=_parse_shard,
+                   help="I/N: score only the I-th of N row ranges; join parts with `ldj merge`")
     p.set_defaults(func=_cmd_ablate)
+
+    p = sub.add_parser("merge", help="join `ldj ablate --shard` parts into one result")
+    p.add_argument("parts", nargs="+", help="part .h5ad files, in any order")
+    p.add_argument("-o", "--output", required=True, help="merged .h5ad to write")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_merge)
+
+    p = sub.add_parser("report", help="self-contained HTML report (and PNG figures) of a result")
+    p.add_argument("result", help="result .h5ad written by ldj ablate")
+    p.add_argument("-o", "--output", required=True, help="HTML file to write")
+    p.add_argument("--groupby", help="obs column for per-group sections (default: the result's)")
+    p.add_argument("--top", type=int, default=3, help="latents listed per group (default 3)")
+    p.add_argument("--data", help="the ablated input .h5ad, for obs columns and embeddings")
+    p.add_argument("--png-dir", help="folder that also receives the figures as PNG files")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("demo", help="run the bundled real-data demo and show what it finds")
     p.add_argument("--out", help="folder for the demo outputs (default: a new temporary folder)")

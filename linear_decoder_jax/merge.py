@@ -1,0 +1,126 @@
+"""``ldj merge``: join the parts written by ``ldj ablate --shard i/n`` into one result.
+
+Each part records its shard, its row range, the total number of input cells, the settings and a
+fingerprint of the model (``uns["ablation"]``). A merge refuses parts from different models or
+settings, duplicated or missing shards, and row ranges that do not tile the input; it writes the
+whole result in obs order, streaming the large arrays.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from linear_decoder_jax._atomic import atomic_path, check_destination
+from linear_decoder_jax.errors import IncompatibleDataError
+from linear_decoder_jax.results import AblationResult, H5adStream, _mapped, group_tables
+
+# Settings that may differ between parts (how each part was run, not what it computed).
+_PER_PART = {"shard", "rows", "batch_size", "n_devices", "versions", "source_model"}
+
+
+def _comparable(settings: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in settings.items():
+        if key not in _PER_PART:
+            out[key] = np.asarray(value).tolist() if isinstance(value, np.ndarray) else value
+    return out
+
+
+def _check(parts: list[tuple[str, AblationResult]]) -> None:
+    first_path, first = parts[0]
+    reference = _comparable(first.settings)
+    for path, part in parts[1:]:
+        other = _comparable(part.settings)
+        diff = sorted(k for k in set(reference) | set(other) if reference.get(k) != other.get(k))
+        if diff:
+            msg = f"{path} was not made with the same model and settings as {first_path} (differs in {diff})."
+            raise IncompatibleDataError(msg)
+    n_shards = {int(p.settings["shard"][1]) for _, p in parts}
+    if len(n_shards) != 1:
+        raise IncompatibleDataError(f"Parts come from different shard counts: {sorted(n_shards)}.")
+    (n,) = n_shards
+    seen = sorted(int(p.settings["shard"][0]) for _, p in parts)
+    if seen != list(range(n)):
+        missing = sorted(set(range(n)) - set(seen))
+        dups = sorted({i for i in seen if seen.count(i) > 1})
+        msg = f"Expected shards 0..{n - 1} once each; missing {missing}, duplicated {dups}."
+        raise IncompatibleDataError(msg)
+    stop = 0
+    for path, part in parts:
+        lo, hi = (int(v) for v in part.settings["rows"])
+        if lo != stop or hi - lo != len(part.delta_nll):
+            raise IncompatibleDataError(f"{path}: rows {lo}..{hi} do not continue at row {stop}.")
+        stop = hi
+    if stop != int(first.settings["n_obs_total"]):
+        msg = f"Parts cover {stop} of {int(first.settings['n_obs_total'])} input cells."
+        raise IncompatibleDataError(msg)
+
+
+def merge_parts(
+    paths: Sequence[str | os.PathLike], output: str | os.PathLike, *, overwrite: bool = False
+) -> AblationResult:
+    """Merge shard results into ``output`` (atomic; refuses to overwrite unless asked)."""
+    import pandas as pd
+
+    check_destination(output, overwrite=overwrite)
+    parts = [(str(p), AblationResult.read(p)) for p in paths]
+    parts.sort(key=lambda item: int(item[1].settings["shard"][0]))
+    _check(parts)
+    results = [p for _, p in parts]
+    first = results[0]
+    n = sum(len(r.delta_nll) for r in results)
+    shapes = {
+        key: ((n, *getattr(first, key).shape[1:]), getattr(first, key).dtype)
+        for key in ("delta_nll", "delta_l1", "latent", "delta_nll_se")
+        if getattr(first, key) is not None
+    }
+    with atomic_path(output, overwrite=overwrite, directory=False) as tmp:
+        stream = H5adStream(tmp, shapes)
+        try:
+            start = 0
+            for part in results:
+                rows = slice(start, start + len(part.delta_nll))
+                for key in shapes:
+                    stream.arrays[key][rows] = getattr(part, key)
+                start = rows.stop
+            stream.file.flush()
+            arrays = {k: _mapped(tmp, ds) for k, ds in stream.arrays.items()}
+            settings = dict(first.settings)
+            settings.update(
+                shard=np.asarray([0, 1]),
+                rows=np.asarray([0, n]),
+                merged_parts=len(results),
+                n_devices=max(int(r.settings["n_devices"]) for r in results),
+            )
+            obs = pd.concat([r.obs for r in results])
+            groupby = settings.get("groupby") or None
+            merged = AblationResult(
+                delta_nll=arrays["delta_nll"],
+                delta_l1=arrays["delta_l1"],
+                latent=arrays["latent"],
+                nll=np.concatenate([r.nll for r in results]),
+                mean_lfc=sum(r.mean_lfc * len(r.delta_nll) for r in results) / n,
+                loadings=first.loadings,
+                obs=obs,
+                var_names=first.var_names,
+                settings=settings,
+                embeddings={
+                    k: np.concatenate([r.embeddings[k] for r in results]) for k in first.embeddings
+                },
+                delta_nll_se=arrays.get("delta_nll_se"),
+                groups=None
+                if groupby is None
+                else group_tables(
+                    arrays["delta_nll"], obs[groupby].to_numpy(), list(settings["latent_names"])
+                ),
+            )
+            stream.finish(merged)
+        finally:
+            if stream.file.id.valid:
+                stream.file.close()
+    return AblationResult.read(Path(output))
