@@ -5,7 +5,8 @@
 >>> model = ldj.load("model_ldj/")                          # doctest: +SKIP
 >>> result = ldj.ablate(model, adata, groupby="cell_type")  # doctest: +SKIP
 
-Names are imported on first use (PEP 562), so ``ldj --help`` starts without importing jax.
+Names are imported on first use (PEP 562), so ``ldj --help`` starts without importing jax, and
+``ldj.pl`` (plotting) imports matplotlib only when first used.
 """
 
 from __future__ import annotations
@@ -35,10 +36,14 @@ _EXPORTS = {
     "load": "api",
 }
 
-__all__ = ["__version__", *sorted(_EXPORTS)]
+_SUBMODULES = ("pl",)
+
+__all__ = ["__version__", *sorted(_EXPORTS), *_SUBMODULES]
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"linear_decoder_jax.{name}")
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'linear_decoder_jax' has no attribute {name!r}")
@@ -52,6 +57,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from linear_decoder_jax import pl
     from linear_decoder_jax.api import AffineDecoders, LinearSCVI, ablate, convert, load
     from linear_decoder_jax.config import DataRegistry, LDVAEConfig, ModelSpec
     from linear_decoder_jax.errors import (

@@ -222,8 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--float64", action="store_true", help="compute in double precision")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--devices", type=int, help="use this many local devices (default: all)")
-    p.add_argument("--shard", type=_parse_shard,
-                   help="I/N: score only the I-th of N row ranges; join parts with `ldj merge`")
+    p.add_argument(
+        "--shard",
+        type=_parse_shard,
+        help="I/N: score only the I-th of N row ranges; join parts with `ldj merge`",
+    )
     p.set_defaults(func=_cmd_ablate)
 
     p = sub.add_parser("merge", help="join `ldj ablate --shard` parts into one result")

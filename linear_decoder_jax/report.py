@@ -1,0 +1,391 @@
+"""``ldj report``: one self-contained HTML page of an ablation result, figures embedded as PNG.
+
+The page holds the settings of the sweep, the group heatmap (:func:`~linear_decoder_jax.pl.group_heatmap`),
+the top latents per group with their top genes, one panel row per shown latent (embedding, per-group
+distribution, top genes) and the cells each shown latent affects most. Figures are base64 PNG
+``<img>`` sources, so the file opens offline; ``png_dir`` receives the same PNGs. Figures are drawn
+on bare matplotlib ``Figure`` objects (no pyplot, no display needed).
+
+>>> from linear_decoder_jax import report                                   # doctest: +SKIP
+>>> report.write_report("ablation.h5ad", "report.html", groupby="cell_type")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from linear_decoder_jax import pl, results
+from linear_decoder_jax._atomic import atomic_path, check_destination
+from linear_decoder_jax.errors import ConfigError, IncompatibleDataError
+
+GENES_IN_TABLE = 5  # per side (positive / negative loading) in the top-latents table
+GENES_IN_FIGURE = 12  # per side in each latent's gene panel
+STRIP_MAX_CELLS = 5000  # draw every cell over the violins up to this many cells
+PNG_DPI = 110
+HEATMAP_PNG = "group_heatmap.png"
+
+_STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto;
+       max-width: 1250px; padding: 0 1em; color: #222; }
+h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ccc; margin-top: 1.8em; }
+table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ddd; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
+th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+figure { margin: 0.8em 0; } img { max-width: 100%; height: auto; }
+figcaption, .note { color: #555; font-size: 0.9em; }
+nav a { margin-right: 0.8em; }
+"""
+
+
+def _read(path: str | os.PathLike, *, backed: bool) -> Any:
+    import anndata
+
+    p = Path(path)
+    if not p.is_file():
+        raise IncompatibleDataError(f"{path}: no such file.")
+    try:
+        return anndata.read_h5ad(p, backed="r" if backed else None)
+    except Exception as err:  # h5py/anndata raise many types for a foreign file
+        msg = f"{path} is not a readable h5ad file ({type(err).__name__}: {err})."
+        raise IncompatibleDataError(msg) from err
+
+
+def _load(result: Any, data: Any) -> pl.ResultView:
+    """The result as a ResultView, completed from the ablated input when ``data`` is given."""
+    if isinstance(result, str | os.PathLike):
+        result = _read(result, backed=False)
+    if not isinstance(data, str | os.PathLike):
+        return pl.view(result, data=data)
+    adata = _read(data, backed=True)
+    try:
+        return pl.view(result, data=adata)
+    finally:
+        adata.file.close()
+
+
+def _png(fig: Figure, *, tight: bool = False) -> bytes:
+    """PNG bytes; ``tight`` crops to the drawn content (one more draw, for legends outside axes)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=PNG_DPI, bbox_inches="tight" if tight else None)
+    return buf.getvalue()
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+def _fmt(value: Any) -> str:
+    """Settings value as text: arrays and lists comma-joined, dicts as ``key value`` pairs."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_fmt(v)}" for k, v in value.items())
+    if isinstance(value, np.ndarray | list | tuple):
+        return ", ".join(_fmt(v) for v in np.asarray(value).ravel().tolist())
+    if isinstance(value, float | np.floating):
+        return f"{float(value):.6g}"
+    return str(value)
+
+
+class _Num:
+    """A number shown right-aligned with a fixed format."""
+
+    def __init__(self, value: float, spec: str = ".3f"):
+        self.text = format(int(value) if spec == "d" else float(value), spec)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], cls: str) -> str:
+    """HTML table; numbers (int, float) get ``class="num"``, everything else is escaped text."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = []
+    for row in rows:
+        cells = []
+        for cell in row:
+            if isinstance(cell, _Num):
+                cells.append(f'<td class="num">{cell.text}</td>')
+            else:
+                cells.append(f"<td>{html.escape(str(cell))}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return (
+        f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>'
+        + "\n".join(body)
+        + "</tbody></table>"
+    )
+
+
+def _img(png: bytes, alt: str, caption: str) -> str:
+    src = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+    return (
+        f'<figure><img alt="{html.escape(alt)}" src="{src}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
+
+
+def _basis(v: pl.ResultView) -> str:
+    """``X_umap`` if present, else the first 2-D embedding, else ``X_umap`` (PCA fallback)."""
+    if "X_umap" in v.embeddings:
+        return "X_umap"
+    return next(iter(v.embeddings), "X_umap")
+
+
+def write_report(
+    result: Any,
+    output: str | os.PathLike,
+    *,
+    groupby: str | None = None,
+    top: int = 3,
+    data: Any = None,
+    png_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the HTML report of an ablation result (and its figures as PNG files).
+
+    Parameters
+    ----------
+    result
+        A result h5ad path, the AnnData read from one, or an ``AblationResult``.
+    output
+        HTML file to create; written atomically.
+    groupby
+        obs column for the per-group sections; default the ``groupby`` the result was computed
+        with (none: all cells form one group).
+    top
+        Latents listed per group; the union of these latents gets a panel row and a top-cells table.
+    data
+        The ablated input (AnnData or h5ad path), for the obs columns and 2-D embeddings a result
+        lacks.
+    png_dir
+        Folder (created if needed) that receives the figures as PNG files.
+    overwrite
+        Replace an existing ``output`` and existing PNGs of the same names.
+
+    Returns
+    -------
+    The absolute path of the HTML file.
+    """
+    if not isinstance(top, int) or isinstance(top, bool) or top < 1:
+        raise ConfigError(f"Expected top >= 1, got {top!r} instead.")
+    check_destination(output, overwrite=overwrite)
+    v = _load(result, data)
+    if groupby is None:
+        groupby = str(v.settings.get("groupby") or "") or None
+    tables = pl.group_tables(v, groupby)
+    mean = tables["mean"]
+    shown = _shown_latents(v, mean, top)
+    figures = _render(v, groupby, len(mean), shown)
+    if png_dir is not None:
+        folder = Path(png_dir)
+        if folder.is_dir():
+            for name in figures:
+                check_destination(folder / name, overwrite=overwrite)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, png in figures.items():
+            with atomic_path(folder / name, overwrite=overwrite, directory=False) as tmp:
+                tmp.write_bytes(png)
+    page = _page(v, groupby, tables, shown, figures, top)
+    with atomic_path(output, overwrite=overwrite, directory=False) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    return Path(output).absolute()
+
+
+def _shown_latents(v: pl.ResultView, mean: pd.DataFrame, top: int) -> list[str]:
+    """Union of each group's ``top`` latents, by mean delta_nll over all cells, largest first."""
+    picked = {name for _, row in mean.iterrows() for name in _top_of(row, top)}
+    overall = v.delta_nll.mean(axis=0)
+    order = np.argsort(-overall, kind="stable")
+    return [v.latent_names[j] for j in order if v.latent_names[j] in picked]
+
+
+def _top_of(row: pd.Series, top: int) -> list[str]:
+    return list(row.sort_values(ascending=False, kind="stable").index[:top])
+
+
+def _render(
+    v: pl.ResultView, groupby: str | None, n_groups: int, shown: list[str]
+) -> dict[str, bytes]:
+    """PNG bytes by file name: the group heatmap, then one panel row per shown latent."""
+    fig = Figure(
+        figsize=(3.2 + 0.45 * len(v.latent_names), max(3.2, 1.6 + 0.42 * n_groups)),
+        layout="constrained",
+    )
+    pl.group_heatmap(v, groupby, ax=fig.add_subplot())
+    out = {HEATMAP_PNG: _png(fig, tight=True)}
+    basis = _basis(v)
+    strip = len(v.delta_nll) <= STRIP_MAX_CELLS
+    for name in shown:
+        height = max(4.6, 1.2 + 0.22 * 2 * GENES_IN_FIGURE)
+        fig = Figure(figsize=(16.5, height), layout="constrained")
+        axes = fig.subplots(1, 3, width_ratios=[1.25, 1.0, 1.0])
+        pl.embedding(v, name, basis, ax=axes[0])
+        pl.delta_distribution(v, name, groupby, stripplot=strip, ax=axes[1])
+        pl.latent_genes(v, name, GENES_IN_FIGURE, ax=axes[2])
+        out[f"latent_{_safe(name)}.png"] = _png(fig)
+    return out
+
+
+def _settings_rows(v: pl.ResultView, groupby: str | None) -> list[tuple[str, str]]:
+    s = v.settings
+    basis = _basis(v)
+    if basis in v.embeddings:
+        where = basis
+    else:
+        where = "PCA of the latent space (no 2-D embedding; pass --data INPUT.h5ad for one)"
+    rows = [
+        ("cells", str(len(v.delta_nll))),
+        ("genes", str(len(v.var_names))),
+        ("latents ablated", f"{len(v.latent_names)} of {v.n_latent}: {', '.join(v.latent_names)}"),
+        ("mode", _fmt(s.get("mode", ""))),
+        ("baseline", _fmt(s.get("baseline", ""))),
+        ("baseline values", _fmt(s.get("baseline_values", ""))),
+        ("library", _fmt(s.get("library", ""))),
+        ("n_samples", _fmt(s.get("n_samples", ""))),
+        ("seed", _fmt(s.get("seed", ""))),
+        ("dtype", _fmt(s.get("dtype", ""))),
+        ("groups from", f"obs[{groupby!r}]" if groupby else "all cells (no groupby)"),
+        ("embedding", where),
+        ("model", _fmt(s.get("source_model", ""))),
+        ("scvi-tools version of the model", _fmt(s.get("source_scvi_version", ""))),
+        ("versions", _fmt(s.get("versions", ""))),
+    ]
+    return rows
+
+
+def _page(
+    v: pl.ResultView,
+    groupby: str | None,
+    tables: dict[str, pd.DataFrame],
+    shown: list[str],
+    figures: dict[str, bytes],
+    top: int,
+) -> str:
+    mean, median, frac = tables["mean"], tables["median"], tables["frac_positive"]
+    n_cells = tables["n_cells"]["n_cells"]
+    genes = {name: pl.top_genes(v, name, GENES_IN_TABLE) for name in shown}
+    by = groupby or "cell"
+
+    headline = []
+    rows = []
+    for group, row in mean.iterrows():
+        best = _top_of(row, top)
+        first = best[0]
+        headline.append(
+            f"<li><b>{html.escape(str(group))}</b>: {html.escape(first)} "
+            f"({row[first]:.2f} nats/cell, {frac.loc[group, first]:.0%} of cells &gt; 0)</li>"
+        )
+        for rank, name in enumerate(best, start=1):
+            g = genes[name]
+            rows.append(
+                (
+                    group,
+                    _Num(n_cells[group], "d"),
+                    _Num(rank, "d"),
+                    name,
+                    _Num(mean.loc[group, name]),
+                    _Num(median.loc[group, name]),
+                    _Num(frac.loc[group, name], ".1%"),
+                    ", ".join(g["gene"][g["loading"] > 0]),
+                    ", ".join(g["gene"][g["loading"] < 0][::-1]),
+                )
+            )
+    top_table = _table(
+        [
+            groupby or "group",
+            "cells",
+            "rank",
+            "latent",
+            "mean delta_nll",
+            "median delta_nll",
+            "cells with delta > 0",
+            f"top genes, loading > 0 (up to {GENES_IN_TABLE})",
+            f"top genes, loading < 0 (up to {GENES_IN_TABLE})",
+        ],
+        rows,
+        "top-latents",
+    )
+
+    sections = []
+    for name in shown:
+        j = v.latent_names.index(name)
+        best_group = mean[name].idxmax()
+        sections.append(
+            f'<h3 id="latent-{_safe(name)}">{html.escape(name)}</h3>'
+            f'<p class="note">mean delta_nll {v.delta_nll[:, j].mean():.3f} nats/cell over all '
+            f"cells; highest in {html.escape(str(best_group))} "
+            f"({mean.loc[best_group, name]:.3f}).</p>"
+            + _img(
+                figures[f"latent_{_safe(name)}.png"],
+                f"{name}: embedding, distribution per {by}, top genes",
+                f"Left: cells coloured by the delta_nll of {name}. Middle: its distribution per "
+                f"{by}. Right: the genes with the largest positive and negative effective "
+                f"loadings, coloured by their mean log fold change when {name} is ablated.",
+            )
+        )
+
+    cells = results.top_cells(v.delta_nll, v.obs.index.to_numpy(), v.latent_names)
+    cells = pd.concat([cells[cells["latent"] == name] for name in shown])
+    group_of = v.obs[groupby].astype(str) if groupby else None
+    cell_rows = [
+        (
+            r.latent,
+            _Num(r.rank, "d"),
+            r.cell,
+            *([group_of.loc[r.cell]] if group_of is not None else []),
+            _Num(r.delta_nll),
+        )
+        for r in cells.itertuples(index=False)
+    ]
+    cell_header = ["latent", "rank", "cell", *([groupby] if groupby else []), "delta_nll"]
+
+    nav = " ".join(
+        f'<a href="#{a}">{t}</a>'
+        for a, t in (
+            ("settings", "settings"),
+            ("groups", "groups"),
+            ("top-latents", "top latents"),
+            ("latents", "latents"),
+            ("cells", "cells"),
+        )
+    )
+    n_obs, n_abl = v.delta_nll.shape
+    return "\n".join(
+        [
+            "<!DOCTYPE html>",
+            '<html lang="en"><head><meta charset="utf-8">',
+            "<title>ldj ablation report</title>",
+            f"<style>{_STYLE}</style></head><body>",
+            "<h1>Latent ablation report</h1>",
+            f"<nav>{nav}</nav>",
+            f"<p>{n_obs} cells x {n_abl} ablated latents. delta_nll is how much worse (in nats) "
+            "the model reconstructs a cell when the latent is removed; positive means the cell "
+            "needs the latent.</p>",
+            f"<p>Strongest latent per {html.escape(groupby or 'group')}:</p><ul>",
+            *headline,
+            "</ul>",
+            '<h2 id="settings">Settings</h2>',
+            _table(["setting", "value"], _settings_rows(v, groupby), "settings"),
+            '<h2 id="groups">Which latent matters in which group</h2>',
+            _img(
+                figures[HEATMAP_PNG],
+                "group heatmap",
+                "Colour: mean delta_nll per group and latent; dot size: fraction of the group's "
+                "cells with delta_nll > 0.",
+            ),
+            '<h2 id="top-latents">Top latents per group</h2>',
+            top_table,
+            '<h2 id="latents">Latents</h2>',
+            *sections,
+            '<h2 id="cells">Most affected cells</h2>',
+            f"<p>The {results.TOP_CELLS} cells with the largest delta_nll for each latent above.</p>",
+            _table(cell_header, cell_rows, "top-cells"),
+            "</body></html>",
+        ]
+    )
