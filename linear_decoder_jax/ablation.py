@@ -125,7 +125,13 @@ def _score(
 
     zi_full = full[1] if lik == "zinb" else None
     v_full = varying(full[0], rho, lse, zi_full)
-    nll = -(v_full + log_prob_constant(x, theta, likelihood=lik).sum(-1))
+    if sparse:  # the lgamma terms vanish at x = 0: evaluate them at the non-zero counts only
+        at_zero = log_prob_constant(jnp.zeros_like(theta), theta, likelihood=lik)
+        nz_const = log_prob_constant(nz_count, theta_nz, likelihood=lik) - at_nz(at_zero)
+        constant = at_zero.sum(-1) + jnp.where(nz_count > 0, nz_const, 0.0).sum(-1)
+    else:
+        constant = log_prob_constant(x, theta, likelihood=lik).sum(-1)
+    nll = -(v_full + constant)
 
     def one(k: jax.Array):
         zk = z[:, k]
