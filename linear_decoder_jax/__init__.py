@@ -33,6 +33,7 @@ _EXPORTS = {
     "Posterior": "model",
     "ablate": "api",
     "convert": "api",
+    "enable_compilation_cache": "_cache",
     "load": "api",
 }
 
@@ -58,6 +59,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from linear_decoder_jax import pl
+    from linear_decoder_jax._cache import enable_compilation_cache
     from linear_decoder_jax.api import AffineDecoders, LinearSCVI, ablate, convert, load
     from linear_decoder_jax.config import DataRegistry, LDVAEConfig, ModelSpec
     from linear_decoder_jax.errors import (

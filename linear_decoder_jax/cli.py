@@ -8,6 +8,7 @@ one line on stderr and exits 1 (argparse usage errors exit 2); ``--debug`` shows
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -99,8 +100,17 @@ def read_h5ad(path: str):
         raise IncompatibleDataError(msg) from err
 
 
+def _compilation_cache() -> None:
+    if os.environ.get("LDJ_COMPILATION_CACHE", "1") != "0":
+        from linear_decoder_jax._cache import enable_compilation_cache
+
+        enable_compilation_cache()
+
+
 def _cmd_ablate(args: argparse.Namespace) -> int:
     import linear_decoder_jax as ldj
+
+    _compilation_cache()
     from linear_decoder_jax._atomic import check_destination
 
     check_destination(args.output, overwrite=args.overwrite)
@@ -166,6 +176,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from linear_decoder_jax import demo
+
+    _compilation_cache()
 
     return demo.run(out=args.out, overwrite=args.overwrite)
 
