@@ -32,10 +32,11 @@ import pickletools
 import re
 import sys
 import zipfile
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
@@ -63,6 +64,19 @@ _MAX_NDIM = 32
 
 _PICKLE_MAGIC = b"\x80"
 _ZIP_MAGIC = b"PK"
+#: Compression methods we decompress: torch writes stored records; deflate is zip's common method.
+#: Others (bzip2, lzma, ...) and encrypted records are refused before any decompressor runs.
+_ZIP_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate"}
+#: What zipfile and its decompressors raise for a damaged archive or record.
+_ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    OSError,
+    EOFError,
+    ValueError,
+    NotImplementedError,  # unsupported zip version or compression method
+    RuntimeError,  # encrypted record
+    zlib.error,
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,7 +185,7 @@ class _ArrayBuilder:
         shape, dtype, is_fortran, data = state
         shape = _shape(shape, "numpy array shape")
         dtype = _dtype_value(dtype)
-        order = "F" if is_fortran else "C"
+        order: Literal["C", "F"] = "F" if is_fortran else "C"
         size = math.prod(shape)
         if dtype.hasobject:
             if not isinstance(data, list) or len(data) != size:
@@ -224,7 +238,9 @@ def _shape(value: Any, what: str) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _array_from_bytes(data: Any, dtype: np.dtype, shape: tuple[int, ...], order: str) -> np.ndarray:
+def _array_from_bytes(
+    data: Any, dtype: np.dtype, shape: tuple[int, ...], order: Literal["C", "F"]
+) -> np.ndarray:
     """A C-contiguous native-byte-order copy of ``data`` read as ``dtype`` with ``shape``."""
     if not isinstance(data, (bytes, bytearray)):
         msg = f"Expected raw bytes for a numpy array, got {type(data).__name__} instead"
@@ -440,6 +456,10 @@ def _refuse_opcode(opcode: str) -> Callable[[_RestrictedUnpickler], None]:
 class _RestrictedUnpickler(pickle._Unpickler):  # the pure-Python unpickler, to vet each opcode
     """Unpickle with allowlisted globals and opcodes only; see the module docstring."""
 
+    # Set by pickle._Unpickler.load (typeshed does not declare them).
+    stack: list[Any]
+    append: Callable[[Any], None]
+
     def __init__(self, data: bytes, *, source: str) -> None:
         super().__init__(io.BytesIO(data))
         self.source = source
@@ -518,7 +538,7 @@ class _RestrictedUnpickler(pickle._Unpickler):  # the pure-Python unpickler, to 
             )
             raise UnsafeCheckpointError(msg)
 
-    dispatch = dict(pickle._Unpickler.dispatch)
+    dispatch: ClassVar[dict[int, Callable[[Any], None]]] = dict(pickle._Unpickler.dispatch)
     dispatch.update({_OPCODE_BYTE[name]: _refuse_opcode(name) for name in _FORBIDDEN_OPCODES})
     dispatch[_OPCODE_BYTE["REDUCE"]] = _load_reduce
     dispatch[_OPCODE_BYTE["NEWOBJ"]] = _load_newobj
@@ -621,7 +641,8 @@ class _Archive:
         self.zf = zf
         self.source = source
         self.root = _archive_root(zf, source)
-        self.byteorder = "<"  # torch reads files without a byteorder record as little-endian
+        # torch reads files without a byteorder record as little-endian
+        self.byteorder: Literal["<", ">"] = "<"
         if f"{self.root}/byteorder" in zf.namelist():
             recorded = self.read("byteorder", 16)
             if recorded not in (b"little", b"big"):
@@ -639,10 +660,16 @@ class _Archive:
         if info.file_size > cap:
             msg = f"{self.source}: record {info.filename} declares {info.file_size} bytes"
             raise MalformedCheckpointError(f"{msg}, more than the cap of {cap}")
+        if info.flag_bits & 0x1:
+            raise MalformedCheckpointError(f"{self.source}: record {info.filename} is encrypted")
+        if info.compress_type not in _ZIP_METHODS:
+            msg = f"{self.source}: record {info.filename} uses zip compression method "
+            methods = " or ".join(_ZIP_METHODS.values())
+            raise MalformedCheckpointError(f"{msg}{info.compress_type}; expected {methods}")
         try:
             with self.zf.open(info) as fh:
                 data = fh.read(info.file_size + 1)
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        except _ZIP_ERRORS as err:
             msg = f"{self.source}: corrupt record {info.filename} ({err})"
             raise MalformedCheckpointError(msg) from err
         if len(data) != info.file_size:
@@ -668,7 +695,7 @@ def _open_zip(path: str) -> zipfile.ZipFile:
         raise MalformedCheckpointError(f"{path}: file is empty; expected a torch zip archive")
     try:
         return zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
+    except _ZIP_ERRORS as err:
         if head.startswith(_ZIP_MAGIC):
             msg = f"{path}: truncated or corrupt zip archive ({err})"
         elif head.startswith(_PICKLE_MAGIC):

@@ -16,11 +16,18 @@ from pathlib import Path
 from linear_decoder_jax.errors import OutputExistsError
 
 
-def check_destination(dst: str | os.PathLike, *, overwrite: bool) -> Path:
-    """Refuse an existing ``dst`` unless ``overwrite``; return it as an absolute Path."""
+def check_destination(
+    dst: str | os.PathLike, *, overwrite: bool, directory: bool | None = None
+) -> Path:
+    """Refuse an existing ``dst`` unless ``overwrite`` (and, when ``directory`` is given, unless
+    it is of that kind: a file never replaces a folder); return it as an absolute Path."""
     path = Path(dst).expanduser().absolute()
     if path.exists() and not overwrite:
         msg = f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it."
+        raise OutputExistsError(msg)
+    if directory is not None and path.exists() and path.is_dir() != directory:
+        kind = "folder" if path.is_dir() else "file"
+        msg = f"{path} is an existing {kind}; --overwrite replaces only the same kind of output."
         raise OutputExistsError(msg)
     if not path.parent.is_dir():
         msg = f"Cannot write {path}: the folder {path.parent} does not exist."
@@ -50,7 +57,7 @@ def _replace(tmp: Path, path: Path) -> None:
 @contextlib.contextmanager
 def atomic_path(dst: str | os.PathLike, *, overwrite: bool, directory: bool) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces ``dst`` in one rename."""
-    path = check_destination(dst, overwrite=overwrite)
+    path = check_destination(dst, overwrite=overwrite, directory=directory)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     target = tmp if directory else tmp / path.name
     try:

@@ -65,17 +65,26 @@ class CellData:
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         """Dense float counts of rows [start, stop) in model gene order, validated."""
-        block = self.counts[self.offset + start : self.offset + stop]
-        if _is_sparse(block):
-            block = block.tocsr()
-            if self.gene_index is not None:
-                block = block[:, self.gene_index]
-            dense = np.asarray(block.toarray())
-        else:
-            dense = np.asarray(block)
-            if self.gene_index is not None:
-                dense = dense[:, self.gene_index]
-        dense = dense.astype(np.float32, copy=False)
+        first, last = self.offset + start, self.offset + stop
+        try:
+            block = self.counts[first:last]
+            if _is_sparse(block):
+                block = block.tocsr()
+                if self.gene_index is not None:
+                    block = block[:, self.gene_index]
+                dense = np.asarray(block.toarray())
+            else:
+                dense = np.asarray(block)
+                if self.gene_index is not None:
+                    dense = dense[:, self.gene_index]
+            dense = dense.astype(np.float32, copy=False)
+        except (OSError, KeyError, ValueError, TypeError, IndexError, RuntimeError) as err:
+            # h5py and anndata raise these for a damaged file or a count matrix of another kind
+            msg = (
+                f"Cannot read the counts of cells {first} to {last - 1} ({type(err).__name__}: "
+                f"{err}). The file may be damaged: write it again with anndata."
+            )
+            raise IncompatibleDataError(msg) from err
         check_counts(dense, allow_non_integer=self.allow_non_integer, first_row=self.offset + start)
         return dense
 
@@ -85,10 +94,18 @@ def check_counts(x: np.ndarray, *, allow_non_integer: bool, first_row: int = 0) 
     bad = ~np.isfinite(x)
     if bad.any():
         row = first_row + int(np.argwhere(bad)[0][0])
-        raise IncompatibleDataError(f"Counts contain NaN or infinite values (first in cell {row}).")
+        msg = (
+            f"Counts contain NaN or infinite values (first in cell {row}): the model expects raw "
+            "counts. Point it at the raw counts, or drop the cells whose counts are missing."
+        )
+        raise IncompatibleDataError(msg)
     if (x < 0).any():
         row = first_row + int(np.argwhere(x < 0)[0][0])
-        raise IncompatibleDataError(f"Counts contain negative values (first in cell {row}).")
+        msg = (
+            f"Counts contain negative values (first in cell {row}): the model expects raw counts. "
+            "Point it at the raw counts (not scaled or corrected values)."
+        )
+        raise IncompatibleDataError(msg)
     if not allow_non_integer and (x != np.round(x)).any():
         row = first_row + int(np.argwhere(x != np.round(x))[0][0])
         msg = (
@@ -109,7 +126,7 @@ def _counts_matrix(adata: Any, layer: str | None) -> Any:
     if layer not in adata.layers:
         msg = (
             f"The model reads counts from layer {layer!r}, which this AnnData lacks "
-            f"(layers: {_preview(adata.layers.keys()) or 'none'})."
+            f"(layers: {_preview(adata.layers.keys()) or 'none'}). Store the raw counts there."
         )
         raise IncompatibleDataError(msg)
     return adata.layers[layer]
@@ -150,7 +167,8 @@ def map_categories(values: Any, categories: tuple[str, ...], *, what: str, key: 
     if unknown:
         msg = (
             f"The {what} column {key!r} holds categories the model never saw: {_preview(unknown)} "
-            f"(known: {_preview(categories)})."
+            f"(known: {_preview(categories)}). Rename them to the model's categories or leave "
+            "those cells out."
         )
         raise IncompatibleDataError(msg)
     return np.fromiter((index[v] for v in values), dtype=np.int32, count=len(values))
@@ -163,7 +181,10 @@ def _covariate(
     if key is None or not needed:
         return np.zeros(n, dtype=np.int32)
     if key not in adata.obs:
-        msg = f"The model needs the {what} column {key!r} in adata.obs, which is missing."
+        msg = (
+            f"The model needs the {what} column {key!r} in adata.obs, which is missing. Add it "
+            f"with one of the model's categories ({_preview(categories)}) for each cell."
+        )
         raise IncompatibleDataError(msg)
     return map_categories(adata.obs[key].to_numpy(), categories, what=what, key=key)
 
@@ -171,8 +192,15 @@ def _covariate(
 def prepare(adata: Any, spec: ModelSpec, *, allow_non_integer: bool = False) -> CellData:
     """Align ``adata`` with the model of ``spec`` (nothing is copied until minibatches are read)."""
     if adata.n_obs == 0:
-        raise IncompatibleDataError("The AnnData has no cells.")
+        raise IncompatibleDataError("The AnnData has no cells: there is nothing to score.")
     counts = _counts_matrix(adata, spec.data.layer)
+    shape = tuple(getattr(counts, "shape", ()))
+    if shape != (adata.n_obs, len(adata.var_names)):
+        msg = (
+            f"The count matrix has shape {shape} but the AnnData has {adata.n_obs} cells and "
+            f"{len(adata.var_names)} genes; the file is damaged: write it again with anndata."
+        )
+        raise IncompatibleDataError(msg)
     gene_index = match_genes(adata.var_names.to_numpy(), spec.data.var_names)
     cfg = spec.model
     batch = _covariate(
@@ -252,20 +280,23 @@ class BackedAnnData:
         self.path = Path(path)
         if not self.path.is_file():
             raise IncompatibleDataError(f"{path}: no such file.")
+        self._file: Any = None
         try:
             self._file = h5py.File(self.path, "r")
             self.obs = read_elem(self._file["obs"])
             self.var_names = read_elem(self._file["var"]).index
+            self.obsm: dict[str, np.ndarray] = {}
+            for key, node in self._file.get("obsm", {}).items():
+                if hasattr(node, "shape") and len(node.shape) == 2 and node.shape[1] == 2:
+                    self.obsm[key] = np.asarray(node[...])
         except Exception as err:  # h5py/anndata raise many types for a foreign file
+            if self._file is not None:
+                self._file.close()
             msg = f"{path} is not a readable h5ad file ({type(err).__name__}: {err})."
             raise IncompatibleDataError(msg) from err
         self.obs_names = self.obs.index
         self.n_obs = len(self.obs)
         self.n_vars = len(self.var_names)
-        self.obsm: dict[str, np.ndarray] = {}
-        for key, node in self._file.get("obsm", {}).items():
-            if hasattr(node, "shape") and len(node.shape) == 2 and node.shape[1] == 2:
-                self.obsm[key] = np.asarray(node[...])
 
     @staticmethod
     def _element(node: Any) -> Any:
@@ -278,14 +309,31 @@ class BackedAnnData:
             return node
         raise IncompatibleDataError(f"Unsupported count matrix encoding {kind!r} in {node.name}.")
 
+    def _read(self, what: str, get: Any) -> Any:
+        """``get()``, with h5py's errors for a damaged file turned into one clear error."""
+        try:
+            return get()
+        except IncompatibleDataError:
+            raise
+        except Exception as err:  # h5py/anndata raise many types for a damaged file
+            msg = (
+                f"Cannot read {what} of {self.path} ({type(err).__name__}: {err}). "
+                "The file may be damaged: write it again with anndata."
+            )
+            raise IncompatibleDataError(msg) from err
+
     @property
     def X(self) -> Any:  # noqa: N802 - AnnData's name
-        return self._element(self._file["X"]) if "X" in self._file else None
+        f = self._file
+        return self._read("X", lambda: self._element(f["X"]) if "X" in f else None)
 
     @property
     def layers(self) -> dict[str, Any]:
-        group = self._file.get("layers", {})
-        return {key: self._element(group[key]) for key in group}
+        def get() -> dict[str, Any]:
+            group = self._file.get("layers", {})
+            return {key: self._element(group[key]) for key in group}
+
+        return self._read("the layers", get)
 
     def close(self) -> None:
         self._file.close()

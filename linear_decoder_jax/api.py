@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from linear_decoder_jax import ablation, anndata_io, checkpoint, model, results
+from linear_decoder_jax import refit as refit_
 from linear_decoder_jax._atomic import atomic_path, check_destination
 from linear_decoder_jax.config import LDVAEConfig, ModelSpec
 from linear_decoder_jax.errors import ConfigError, IncompatibleDataError
@@ -101,9 +102,14 @@ def convert(
 
     Returns
     -------
-    The absolute path of ``dst``.
+    Path
+        The absolute path of ``dst``.
     """
-    check_destination(dst, overwrite=overwrite)
+    target = check_destination(dst, overwrite=overwrite, directory=True)
+    source = Path(src).expanduser().absolute()
+    if target == source or target in source.parents:
+        msg = f"Refusing to write {target}: it holds the checkpoint being converted ({source})."
+        raise ConfigError(msg)
     flat, spec = _read_foreign(src, prefix)
     params = from_flat(flat, spec.model)
     return checkpoint.save(dst, params, spec, overwrite=overwrite)
@@ -250,9 +256,10 @@ class LinearSCVI:
 
         Returns
         -------
-        ``give_mean=True``: the decoder input at the posterior mean, (n_obs, n_latent)
-        (``softmax(qz_m)`` for "ln"). ``give_mean=False``: one draw z ~ q(z|x) (transformed for
-        "ln") with ``jax.random.key(seed)``. ``return_dist=True``: ``(qz_m, qz_v)`` of q(z|x).
+        numpy.ndarray or tuple of numpy.ndarray
+            ``give_mean=True``: the decoder input at the posterior mean, (n_obs, n_latent)
+            (``softmax(qz_m)`` for "ln"). ``give_mean=False``: one draw z ~ q(z|x) (transformed for
+            "ln") with ``jax.random.key(seed)``. ``return_dist=True``: ``(qz_m, qz_v)`` of q(z|x).
         """
         data = self.prepare(self._subset(adata, indices))
         enc = self._encode_all(data, batch_size)
@@ -309,7 +316,7 @@ class LinearSCVI:
                 jnp.asarray(label),
                 config=self.config,
             )
-            return model.Decoded(*(None if a is None else np.asarray(a) for a in out))
+            return jax.tree.map(np.asarray, out)  # numpy leaves; zi_logits None stays None
 
     def get_normalized_expression(
         self,
@@ -334,8 +341,9 @@ class LinearSCVI:
 
         Returns
         -------
-        DataFrame (n_obs, n_genes) indexed by obs and gene names, or a numpy array when
-        ``return_numpy`` is True.
+        pandas.DataFrame or numpy.ndarray
+            DataFrame (n_obs, n_genes) indexed by obs and gene names, or a numpy array when
+            ``return_numpy`` is True.
         """
         if adata is None and latent is None:
             raise ConfigError("Pass adata, latent, or both.")
@@ -377,7 +385,7 @@ class LinearSCVI:
                 if codes is None
                 else [jnp.full_like(jnp.asarray(mb.batch), c) for c in codes]
             )
-            total = 0.0
+            total: Any = 0.0
             for zz, ll in draws:
                 for b in batches:
                     dec = _decode(self.params, zz, ll, b, jnp.asarray(mb.label), config=cfg)
@@ -457,7 +465,7 @@ class LinearSCVI:
         """The decoder as an affine map inside a softmax (BatchNorm, bias and batch folded in)."""
         with self.precision():
             p = self.params.decoder
-            to_np = lambda a: model.AffineDecoder(*(np.asarray(v) for v in a))  # noqa: E731
+            to_np = lambda a: jax.tree.map(np.asarray, a)  # noqa: E731
             scale = to_np(model.affine_head(p.factor, config=self.config))
             zi = None
             if self.config.gene_likelihood == "zinb":
@@ -550,6 +558,10 @@ def ablate(
     overwrite: bool = False,
     devices: int | None = None,
     shard: tuple[int, int] | None = None,
+    refit: bool = False,
+    refit_steps: int | None = None,
+    refit_tol: float = refit_.DEFAULT_TOL,
+    optimizer: refit_.Optimizer = "lbfgs",
 ) -> AblationResult:
     """Score every latent for every cell: how much worse the reconstruction gets without it.
 
@@ -584,11 +596,19 @@ def ablate(
     shard
         ``(i, n)``: score only the i-th of n equal row ranges (join parts with ``ldj merge``).
         Baseline statistics are still taken over all input cells.
+    refit
+        Also score each latent's *unique* contribution, ``unique_delta_nll``: how much of the MAP
+        objective ``NLL + 0.5 * ||z||^2`` is lost when latent k is held at its baseline and the
+        other latents are re-fitted per cell (``linear_decoder_jax.refit``). ``mode="drop"`` only.
+    refit_steps, refit_tol, optimizer
+        Step budget per fit (default 100 for "lbfgs", 2000 for "adam"), gradient-norm tolerance
+        for early stopping, and the optax optimiser: "lbfgs" (zoom line search) or "adam".
 
     Returns
     -------
-    AblationResult with ``delta_nll`` (n_obs, n_ablated) in nats; positive means the latent was
-    needed to explain the cell.
+    AblationResult
+        AblationResult with ``delta_nll`` (n_obs, n_ablated) in nats; positive means the latent was
+        needed to explain the cell.
     """
     if mode not in ("drop", "keep"):
         raise ConfigError(f"Expected mode 'drop' or 'keep', got {mode!r} instead.")
@@ -598,6 +618,10 @@ def ablate(
         raise ConfigError(f"Expected n_samples >= 0, got {n_samples!r} instead.")
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ConfigError(f"Expected batch_size >= 1, got {batch_size!r} instead.")
+    if refit:
+        refit_steps = refit_.check_options(
+            optimizer=optimizer, steps=refit_steps, tol=refit_tol, mode=mode
+        )
     if output is not None:
         check_destination(output, overwrite=overwrite)
     with contextlib.ExitStack() as stack:
@@ -620,6 +644,7 @@ def ablate(
             overwrite=overwrite,
             devices=_devices(devices),
             shard=shard,
+            refit=(optimizer, refit_steps, refit_tol) if refit else None,
         )
 
 
@@ -646,13 +671,15 @@ def _ablate(model_: LinearSCVI, adata: Any, *, output, overwrite, devices, shard
     )
     size = int(-(-size // n_dev) * n_dev)  # a multiple of the device count
     n, a = data.n_obs, len(idx)
-    shapes = {
+    shapes: dict[str, tuple[tuple[int, ...], Any]] = {
         "delta_nll": ((n, a), dtype),
         "delta_l1": ((n, a), dtype),
         "latent": ((n, cfg.n_latent), dtype),
     }
     if opts["n_samples"]:
         shapes["delta_nll_se"] = ((n, a), dtype)
+    if opts["refit"]:
+        shapes.update(refit_.score_shapes(n, a, dtype))
     with contextlib.ExitStack() as stack:
         if output is None:
             sink = {k: np.empty(shape, dt) for k, (shape, dt) in shapes.items()}
@@ -690,6 +717,23 @@ def _ablate(model_: LinearSCVI, adata: Any, *, output, overwrite, devices, shard
                     sink[key][start : start + n_valid] = value
                 if bar is not None:
                     bar.update(n_valid)
+            refit_settings = {"refit": False}
+            if opts["refit"]:
+                optimizer, steps, tol = opts["refit"]
+                refit_settings = refit_.run(
+                    model_.params,
+                    data,
+                    sink,
+                    config=cfg,
+                    baseline=base_values,
+                    latents=idx,
+                    library=opts["library"],
+                    optimizer=optimizer,
+                    steps=steps,
+                    tol=tol,
+                    devices=devices,
+                    progress=opts["progress"],
+                )
         if output is not None:
             stream.file.flush()
             sink = {k: results._mapped(tmp, ds) for k, ds in sink.items()}
@@ -715,6 +759,7 @@ def _ablate(model_: LinearSCVI, adata: Any, *, output, overwrite, devices, shard
             "source_model": model_.path or "",
             "source_scvi_version": str(model_.spec.source.get("scvi_version") or ""),
             "model_fingerprint": model_fingerprint(model_),
+            **refit_settings,
         }
         obs = adata.obs.iloc[lo:hi].copy()
         groups = None
@@ -726,13 +771,14 @@ def _ablate(model_: LinearSCVI, adata: Any, *, output, overwrite, devices, shard
             latent=sink["latent"],
             nll=nll,
             mean_lfc=sweep.lfc_sum / n,
-            loadings=model_.get_affine_decoder().scale.loadings,
+            loadings=np.asarray(model_.get_affine_decoder().scale.loadings),
             obs=obs,
             var_names=model_.var_names,
             settings=settings,
             embeddings={k: v[lo:hi] for k, v in _embeddings(adata).items()},
             delta_nll_se=sink.get("delta_nll_se"),
             groups=groups,
+            **{k: sink[k] for k in refit_.SCORE_FIELDS if k in sink},
         )
         if output is not None:
             stream.finish(result)

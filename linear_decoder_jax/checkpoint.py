@@ -72,10 +72,25 @@ def read_spec(path: str | os.PathLike) -> ModelSpec:
         msg = f"{path} is not a linear-decoder-jax model directory: {CONFIG_FILE} is missing."
         raise CheckpointFormatError(msg)
     try:
-        return ModelSpec.from_dict(json.loads(config_file.read_text()))
-    except (json.JSONDecodeError, KeyError, TypeError, ConfigError) as err:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            raise TypeError(f"expected a JSON object, got {type(config).__name__}")
+        spec = ModelSpec.from_dict(config)
+    # ValueError covers invalid JSON and text that is not UTF-8
+    except (ValueError, KeyError, TypeError, AttributeError, ConfigError) as err:
         msg = f"{config_file} is not a valid model configuration: {err}"
         raise CheckpointFormatError(msg) from err
+    model, data = spec.model, spec.data
+    counts = [("genes", len(data.var_names), model.n_input)]
+    if model.n_batch > 1:
+        counts.append(("batch categories", len(data.batch_categories), model.n_batch))
+    if model.dispersion == "gene-label":
+        counts.append(("label categories", len(data.label_categories), model.n_labels))
+    for what, listed, expected in counts:
+        if listed != expected:
+            msg = f"{config_file} lists {listed} {what} but the model has {expected}."
+            raise CheckpointFormatError(msg)
+    return spec
 
 
 def load(path: str | os.PathLike) -> tuple[LDVAEParams, ModelSpec]:

@@ -132,6 +132,10 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
         seed=args.seed,
         allow_non_integer=args.allow_non_integer,
         progress=sys.stderr.isatty(),
+        refit=args.refit,
+        refit_steps=args.refit_steps,
+        refit_tol=args.refit_tol,
+        optimizer=args.optimizer,
     )
     print(result.summary())
     print(f"wrote {Path(args.output).absolute()}")
@@ -235,6 +239,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--devices", type=int, help="use this many local devices (default: all)")
     p.add_argument(
+        "--refit",
+        action="store_true",
+        help="also score unique contributions: re-fit the other latents per cell (slower)",
+    )
+    p.add_argument(
+        "--refit-steps", type=int, help="step budget per fit (default: 100 lbfgs, 2000 adam)"
+    )
+    p.add_argument(
+        "--refit-tol", type=float, default=1e-3, help="gradient-norm tolerance (default 1e-3)"
+    )
+    p.add_argument(
+        "--optimizer", choices=("lbfgs", "adam"), default="lbfgs", help="refit optimiser"
+    )
+    p.add_argument(
         "--shard",
         type=_parse_shard,
         help="I/N: score only the I-th of N row ranges; join parts with `ldj merge`",
@@ -271,6 +289,28 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     return (LDJError, ConverterError, FileNotFoundError, PermissionError, IsADirectoryError)
 
 
+def _hint(err: BaseException) -> str:
+    """What to do about an expected error whose message says only what is wrong."""
+    from converters import MalformedCheckpointError, UnsafeCheckpointError, UnsupportedModelError
+    from linear_decoder_jax.errors import CheckpointFormatError
+
+    if isinstance(err, UnsafeCheckpointError):
+        return (
+            "Nothing in the file was run. Load checkpoints only from sources you trust, or save "
+            "the model again with scvi-tools in a session you trust."
+        )
+    if isinstance(err, MalformedCheckpointError):
+        return (
+            "Point ldj at the folder written by scvi-tools' model.save() (or its model.pt); if "
+            "the file is damaged, save the model again."
+        )
+    if isinstance(err, UnsupportedModelError):
+        return "ldj converts only LinearSCVI models it can mirror exactly (README: Safety)."
+    if isinstance(err, CheckpointFormatError):
+        return "Convert the scvi-tools model again with `ldj convert`."
+    return ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -286,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"ldj: internal error ({type(err).__name__}): {err}", file=sys.stderr)
             print("ldj: re-run with --debug for the traceback.", file=sys.stderr)
             return EXIT_ERROR
-        message = " ".join(str(err).split())
+        message = " ".join(f"{err} {_hint(err)}".split())
         print(f"ldj: error: {message}", file=sys.stderr)
         return EXIT_ERROR
 

@@ -104,7 +104,7 @@ def merge_parts(
                 delta_l1=arrays["delta_l1"],
                 latent=arrays["latent"],
                 nll=np.concatenate([r.nll for r in results]),
-                mean_lfc=sum(r.mean_lfc * len(r.delta_nll) for r in results) / n,
+                mean_lfc=np.asarray(sum(r.mean_lfc * len(r.delta_nll) for r in results) / n),
                 loadings=first.loadings,
                 obs=obs,
                 var_names=first.var_names,

@@ -8,10 +8,11 @@ checkpoint both use these keys.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+from numpy.typing import DTypeLike
 
 from linear_decoder_jax.config import LDVAEConfig
 from linear_decoder_jax.errors import CheckpointFormatError
@@ -58,10 +59,10 @@ class LDVAEParams(NamedTuple):
     library_log_vars: Array | None  # (1, n_batch)
 
 
-def abstract_params(config: LDVAEConfig, dtype: np.dtype = np.float32) -> LDVAEParams:
+def abstract_params(config: LDVAEConfig, dtype: DTypeLike = np.float32) -> LDVAEParams:
     """The parameter tree of ``config`` with ``jax.ShapeDtypeStruct`` leaves: a restore template."""
 
-    def leaf(*shape: int) -> jax.ShapeDtypeStruct:
+    def leaf(*shape: int) -> Any:  # a jax.ShapeDtypeStruct where the tree holds an Array
         return jax.ShapeDtypeStruct(shape, dtype)
 
     def dense(n_in: int, n_out: int, bias: bool = True) -> Dense:

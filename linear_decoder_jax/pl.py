@@ -10,6 +10,8 @@ pyplot figure is created (so notebooks display it); nothing is shown unless ``sh
 maps follow the data: a sequential map for values of one sign, a diverging map centred on 0
 (``RdBu_r``) for values of both signs.
 
+Examples
+--------
 >>> import linear_decoder_jax as ldj                              # doctest: +SKIP
 >>> result = ldj.ablate(model, adata, groupby="cell_type")        # doctest: +SKIP
 >>> ldj.pl.group_heatmap(result, "cell_type")                     # doctest: +SKIP
@@ -88,8 +90,9 @@ def view(result: Any, *, data: Any = None) -> ResultView:
 
     Returns
     -------
-    ResultView with ``delta_nll`` (n_obs, n_ablated), ``latent`` (n_obs, n_latent), ``mean_lfc``
-    (n_vars, n_ablated) and ``loadings`` (n_vars, n_latent).
+    ResultView
+        ResultView with ``delta_nll`` (n_obs, n_ablated), ``latent`` (n_obs, n_latent), ``mean_lfc``
+        (n_vars, n_ablated) and ``loadings`` (n_vars, n_latent).
     """
     if isinstance(result, ResultView):
         out = result
@@ -267,7 +270,7 @@ def _axes(ax: Axes | None, figsize: tuple[float, float]) -> Axes:
 
 def _finish(ax: Axes, *, show: bool, save: str | os.PathLike | None) -> Axes:
     if save is not None:
-        ax.figure.savefig(save, dpi=SAVE_DPI, bbox_inches="tight")
+        ax.figure.savefig(save, dpi=SAVE_DPI, bbox_inches="tight")  # type: ignore[union-attr]
     if show:
         import matplotlib.pyplot as plt
 
@@ -310,7 +313,12 @@ def _colour_scale(
     else:
         name, norm = cmap or "Blues_r", Normalize(-neg, 0.0)
     below, above = finite.min() < norm.vmin, finite.max() > norm.vmax
-    extend = {(0, 0): "neither", (1, 0): "min", (0, 1): "max", (1, 1): "both"}
+    extend: dict[tuple[int, int], Literal["neither", "min", "max", "both"]] = {
+        (0, 0): "neither",
+        (1, 0): "min",
+        (0, 1): "max",
+        (1, 1): "both",
+    }
     return _Colours(name, norm, extend[int(below), int(above)])
 
 
@@ -365,8 +373,9 @@ def group_heatmap(
 
     Returns
     -------
-    The Axes. Its first collection holds one dot per (group, latent): offsets (latent column, group
-    row), colour array the means in row-major order, sizes proportional to the fractions.
+    matplotlib.axes.Axes
+        The Axes. Its first collection holds one dot per (group, latent): offsets (latent column,
+        group row), colour array the means in row-major order, sizes proportional to the fractions.
     """
     v = view(result)
     tables = group_tables(v, groupby)
@@ -438,7 +447,9 @@ def _top_gene_table(
     up = [i for i in np.argsort(-w, kind="stable")[:n_top] if w[i] > 0]
     down = [i for i in np.argsort(w, kind="stable")[:n_top] if w[i] < 0][::-1]
     genes = np.asarray(up + down, dtype=np.int64)
-    lfc = np.full(len(genes), np.nan) if j is None else src.mean_lfc[genes, j]
+    lfc = (
+        np.full(len(genes), np.nan) if j is None or src.mean_lfc is None else src.mean_lfc[genes, j]
+    )
     table = pd.DataFrame(
         {"gene": [src.var_names[i] for i in genes], "loading": w[genes], "mean_lfc": lfc},
         index=pd.Index(genes, name="gene_index"),
@@ -451,10 +462,11 @@ def top_genes(model_or_result: Any, latent: Latent, n_top: int = 20) -> pd.DataF
 
     Returns
     -------
-    DataFrame (up to 2 * n_top rows, indexed by gene position) with ``gene``, ``loading`` (the
-    effective loading, BatchNorm folded in) and ``mean_lfc`` (mean log fold change when the latent
-    is ablated; NaN for a model or a latent the result did not ablate), from the largest positive
-    loading to the most negative.
+    pandas.DataFrame
+        DataFrame (up to 2 * n_top rows, indexed by gene position) with ``gene``, ``loading`` (the
+        effective loading, BatchNorm folded in) and ``mean_lfc`` (mean log fold change when the
+        latent is ablated; NaN for a model or a latent the result did not ablate), from the largest
+        positive loading to the most negative.
     """
     return _top_gene_table(_genes(model_or_result), latent, n_top)[2]
 
@@ -488,8 +500,9 @@ def latent_genes(
 
     Returns
     -------
-    The Axes; one bar per gene (``ax.patches``), widths the loadings, from the largest positive at
-    the top to the most negative at the bottom; the y tick labels are the gene names.
+    matplotlib.axes.Axes
+        The Axes; one bar per gene (``ax.patches``), widths the loadings, from the largest positive
+        at the top to the most negative at the bottom; the y tick labels are the gene names.
     """
     src = _genes(model_or_result)
     k, j, table = _top_gene_table(src, latent, n_top)
@@ -559,7 +572,8 @@ def embedding(
 
     Returns
     -------
-    The Axes; its first collection holds one point per cell (the largest scores drawn last).
+    matplotlib.axes.Axes
+        The Axes; its first collection holds one point per cell (the largest scores drawn last).
     """
     v = view(result)
     j = _column(v, latent)
@@ -631,8 +645,9 @@ def delta_distribution(
 
     Returns
     -------
-    The Axes: one violin body (``PolyCollection``) or box (patch) per group at x = 0, 1, ...; with
-    ``stripplot`` the last collection holds one point per cell of the shown groups.
+    matplotlib.axes.Axes
+        The Axes: one violin body (``PolyCollection``) or box (patch) per group at x = 0, 1, ...;
+        with ``stripplot`` the last collection holds one point per cell of the shown groups.
     """
     if kind not in ("violin", "box"):
         raise ConfigError(f"Expected kind 'violin' or 'box', got {kind!r} instead.")
@@ -657,7 +672,7 @@ def delta_distribution(
                 showmedians=True,
             )
             parts["cmedians"].set_color("0.1")
-            for body in parts["bodies"]:
+            for body in parts["bodies"]:  # type: ignore[attr-defined]  # a list of PolyCollections
                 body.set_facecolor("#8fb3d9")
                 body.set_edgecolor("0.3")
                 body.set_alpha(0.8)

@@ -170,7 +170,8 @@ def write_report(
 
     Returns
     -------
-    The absolute path of the HTML file.
+    Path
+        The absolute path of the HTML file.
     """
     if not isinstance(top, int) or isinstance(top, bool) or top < 1:
         raise ConfigError(f"Expected top >= 1, got {top!r} instead.")

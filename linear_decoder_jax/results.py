@@ -5,7 +5,8 @@ Schema of ``to_anndata()`` / ``write()`` (n_obs cells, n_vars genes, K latents, 
 * ``obs``: the input's obs columns, same obs_names in the same order; ``obs["nll"]`` full NLL.
 * ``obsm["delta_nll"]`` (n_obs, A), ``obsm["delta_l1"]`` (n_obs, A), ``obsm["latent"]`` (n_obs, K)
   decoder input; ``obsm["delta_nll_se"]`` (n_obs, A) when ``n_samples > 0``; the input's 2-D
-  embeddings (``X_umap`` ...) carried over.
+  embeddings (``X_umap`` ...) carried over. With ``refit=True``: ``obsm["unique_delta_nll"]``,
+  ``obsm["refit_grad_norm"]`` (n_obs, A) and ``obsm["refit_converged"]`` (n_obs, A) bool.
 * ``varm["mean_lfc"]`` (n_vars, A), ``varm["loadings"]`` (n_vars, K) effective loadings.
 * ``uns["ablation"]``: settings and provenance; ``uns["ablation_groups"]`` (with ``groupby``):
   DataFrames groups x ablated latents ``mean``, ``median``, ``frac_positive`` and ``n_cells``;
@@ -23,8 +24,10 @@ from typing import Any
 import numpy as np
 
 from linear_decoder_jax._atomic import atomic_path
+from linear_decoder_jax.errors import IncompatibleDataError
 
 TOP_CELLS = 10
+_REFIT_KEYS = ("unique_delta_nll", "refit_grad_norm", "refit_converged")
 
 
 def group_tables(delta: np.ndarray, groups: np.ndarray, latent_names: list[str]) -> dict[str, Any]:
@@ -79,6 +82,9 @@ class AblationResult:
     embeddings: dict[str, np.ndarray] = field(default_factory=dict)
     delta_nll_se: np.ndarray | None = None
     groups: dict[str, Any] | None = None
+    unique_delta_nll: np.ndarray | None = None  # (n_obs, A), refit=True only
+    refit_grad_norm: np.ndarray | None = None  # (n_obs, A)
+    refit_converged: np.ndarray | None = None  # (n_obs, A) bool
 
     @property
     def latent_names(self) -> list[str]:
@@ -89,6 +95,8 @@ class AblationResult:
         return self.obs.index.to_numpy()
 
     def top_cells(self, n_top: int = TOP_CELLS):
+        """The ``n_top`` cells with the largest delta_nll per latent: a DataFrame with columns
+        ``latent``, ``rank``, ``cell`` and ``delta_nll`` (``uns["ablation_top_cells"]``)."""
         return top_cells(self.delta_nll, self.obs_names, self.latent_names, n_top)
 
     def summary(self, n_top: int = 3) -> str:
@@ -109,6 +117,13 @@ class AblationResult:
                 frac = self.groups["frac_positive"].loc[group]
                 items = ", ".join(f"{k} {v:.2f} ({frac[k]:.0%}>0)" for k, v in best.items())
                 lines.append(f"  {group}: {items}")
+        if self.unique_delta_nll is not None and self.refit_converged is not None:
+            unique = np.asarray(self.unique_delta_nll).mean(axis=0)
+            lines.append(
+                "mean unique_delta_nll (nats/cell): "
+                + ", ".join(f"{names[j]} {unique[j]:.2f}" for j in order)
+                + f"; refit converged: {np.asarray(self.refit_converged).mean():.1%} of fits"
+            )
         return "\n".join(lines)
 
     def to_anndata(self):
@@ -130,6 +145,9 @@ class AblationResult:
         adata.obsm["latent"] = self.latent
         if self.delta_nll_se is not None:
             adata.obsm["delta_nll_se"] = self.delta_nll_se
+        for key in _REFIT_KEYS:
+            if getattr(self, key) is not None:
+                adata.obsm[key] = getattr(self, key)
         for key, value in self.embeddings.items():
             adata.obsm[key] = value
         adata.varm["mean_lfc"] = self.mean_lfc
@@ -150,15 +168,30 @@ class AblationResult:
     @classmethod
     def read(cls, path: str | os.PathLike, *, memmap: bool = True) -> AblationResult:
         """Read a result h5ad; the large obsm arrays are memory-mapped, not loaded, when possible."""
+        try:
+            return cls._read(path, memmap=memmap)
+        except IncompatibleDataError:
+            raise
+        except Exception as err:  # h5py/anndata raise many types for a foreign or damaged file
+            msg = (
+                f"{path} is not an ldj ablation result ({type(err).__name__}: {err}); "
+                "pass files written by `ldj ablate`."
+            )
+            raise IncompatibleDataError(msg) from err
+
+    @classmethod
+    def _read(cls, path: str | os.PathLike, *, memmap: bool) -> AblationResult:
         import h5py
         from anndata.io import read_elem
 
+        if not Path(path).is_file():
+            raise IncompatibleDataError(f"{path}: no such file.")
         with h5py.File(path, "r") as f:
             obs = read_elem(f["obs"])
             nll = obs.pop("nll").to_numpy()
             uns = read_elem(f["uns"])
             arrays = {}
-            for key in ("delta_nll", "delta_l1", "latent", "delta_nll_se"):
+            for key in ("delta_nll", "delta_l1", "latent", "delta_nll_se", *_REFIT_KEYS):
                 if key in f["obsm"]:
                     arrays[key] = _mapped(path, f["obsm"][key]) if memmap else f["obsm"][key][...]
             embeddings = {k: np.asarray(v[...]) for k, v in f["obsm"].items() if k not in arrays}
@@ -178,6 +211,7 @@ class AblationResult:
             embeddings=embeddings,
             delta_nll_se=arrays.get("delta_nll_se"),
             groups=uns.get("ablation_groups"),
+            **{k: arrays[k] for k in _REFIT_KEYS if k in arrays},
         )
 
 

@@ -1,0 +1,540 @@
+"""Refit ablation: a latent's *unique* contribution, by re-fitting the other latents per cell.
+
+Plain ablation (``ablation.py``) replaces latent k and decodes; its score is the latent's *total*
+contribution. When latents are correlated this overstates what only latent k can do: another
+latent may explain the same cells. Here each cell is re-fitted without latent k, under the MAP
+objective of the model (standard normal prior)::
+
+    J(z) = NLL(x_c | z) + 0.5 * ||z||^2
+    unique_delta[c, k] = min_{z : z_k = b_k} J(z) - min_z J(z)
+
+with the model's likelihood, dispersion and library (the same ``library`` and baseline ``b`` as the
+plain sweep). For ``latent_distribution="ln"`` the variable is the pre-softmax ``u`` with prior
+``0.5 * ||u||^2`` and decoder input ``w = softmax(u)``; the constrained problem decodes ``w`` with
+coordinate k overwritten by ``b_k`` and re-fits all of ``u`` (the other coordinates of ``w`` keep
+their softmax values and are not renormalised, exactly as the plain sweep ablates). That point is
+off the simplex, so for "ln" the constrained problem is not a restriction of the full one and
+unique_delta may be (slightly) negative; for "normal" models it is >= 0 by construction.
+
+Computation, per minibatch of cells (``anndata_io.minibatches``, so streaming and shards work as
+in the plain sweep). Every fit is a *lane*: one (cell, latent) problem in ``n_latent`` variables,
+solved by an optax optimiser (default ``optax.lbfgs`` with its zoom line search) inside a
+``jax.lax.while_loop`` with a step budget and early stopping on the gradient norm. All lanes of a
+call run in one ``jit`` over a per-lane solve (``vmap`` on accelerators, ``lax.map`` on CPU, where
+it measured 2.4x faster: see :func:`vectorize_default`):
+
+1. full fits, one lane per cell, from the encoder mean ``qz_m``;
+2. constrained fits, one call per ablated latent k with one lane per cell, from the full optimum
+   with coordinate k at the baseline (for "ln": ``u`` itself);
+3. NB and ZINB objectives are not convex. Where a constrained end point scores below the full
+   optimum *on the full objective*, the full fit stopped in a worse local minimum: it is restarted
+   from there, and that cell's constrained fits re-run from the new optimum, keeping the better
+   ends. For "normal" models every constrained point is feasible for the full problem, so the full
+   value is finally taken as at most every constrained value: unique_delta >= 0 exactly, in
+   floating point too.
+
+``steps=0`` evaluates the start points only: unique_delta is then the plain delta plus the change
+of the prior term, ``0.5 * (||z_ablated||^2 - ||z||^2)`` (zero for "ln", whose variable ``u`` the
+ablation does not move), with no restarts.
+
+Every fit runs in float64 whatever the model's dtype (see :class:`RefitSweep`), and the objective is
+summed gene by gene relative to its value at the encoder mean, so the large z-independent part
+cancels exactly instead of in rounding. With several devices, the lanes of each call are split over
+them (``shard_map``), each device running its own loops.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+from collections.abc import Iterator
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from linear_decoder_jax import anndata_io, model
+from linear_decoder_jax.config import LDVAEConfig
+from linear_decoder_jax.distributions import log_prob_constant, log_prob_varying
+from linear_decoder_jax.errors import ConfigError
+from linear_decoder_jax.params import LDVAEParams
+
+Optimizer = Literal["lbfgs", "adam"]
+OPTIMIZERS = ("lbfgs", "adam")
+DEFAULT_STEPS = {"lbfgs": 100, "adam": 2000}
+DEFAULT_TOL = 1e-3  # gradient norm of J, nats per unit of z
+LBFGS_MEMORY = 10  # optax.lbfgs default
+MAX_LINESEARCH_STEPS = 20  # optax.lbfgs default zoom linesearch budget
+ADAM_LEARNING_RATE = 0.05  # decaying 10x every ADAM_DECAY_STEPS steps: a constant rate jitters
+ADAM_DECAY_STEPS = 500  # around the optimum with gradient norm ~ curvature * rate
+
+# Cells per minibatch from a budget for the (lanes, n_vars) float64 temporaries of one call.
+_LANE_BYTES = {"cpu": 16 * 2**20}
+_LANE_BYTES_ACCELERATOR = 1024 * 2**20
+_TEMPORARIES = 12
+
+
+class Heads(NamedTuple):
+    """The z-dependent part of the decoder heads (BatchNorm folded in, ``model.affine_head``)."""
+
+    loadings: jax.Array  # (n_vars, n_latent)
+    zi_loadings: jax.Array | None  # (n_vars, n_latent), ZINB only
+
+
+class Lanes(NamedTuple):
+    """One fitting problem per row: a cell's data and which latents are fixed at the baseline."""
+
+    x: jax.Array  # (lanes, n_vars)
+    log_library: jax.Array  # (lanes,)
+    offset: jax.Array  # (lanes, n_vars) batch offset + intercept of the scale head
+    zi_offset: jax.Array | None  # (lanes, n_vars), ZINB only
+    theta: jax.Array  # (lanes, n_vars)
+    reference: jax.Array  # (lanes, n_vars) per-gene varying log-likelihood at the encoder mean
+    mask: jax.Array  # (lanes, n_latent) bool: coordinates held at the baseline
+
+
+class Fit(NamedTuple):
+    """Result of one lane's optimisation (the best point seen)."""
+
+    v: jax.Array  # (n_latent,) z, or u for "ln"
+    value: jax.Array  # () J(v) minus the lane's reference constant
+    grad_norm: jax.Array  # () Euclidean norm of the gradient at v
+    n_steps: jax.Array  # () int32, optimiser steps taken
+
+
+class RefitScores(NamedTuple):
+    """Refit results of one minibatch (numpy, valid rows only)."""
+
+    unique_delta_nll: np.ndarray  # (n_valid, n_ablated)
+    refit_grad_norm: np.ndarray  # (n_valid, n_ablated) max of the full and the constrained fit
+    refit_converged: np.ndarray  # (n_valid, n_ablated) bool, refit_grad_norm <= tol
+    objective: np.ndarray  # (n_valid,) min_z J(z), NLL with all constants + prior
+    v: np.ndarray  # (n_valid, n_latent) the full optimum (z, or u for "ln")
+    restarted: np.ndarray  # (n_valid,) bool, the full fit was restarted
+
+
+def check_options(*, optimizer: Any, steps: Any, tol: Any, mode: str) -> int:
+    """Validate the refit options; returns the step budget (the optimiser's default for None)."""
+    if optimizer not in OPTIMIZERS:
+        msg = f"Expected optimizer 'lbfgs' or 'adam', got {optimizer!r} instead."
+        raise ConfigError(msg)
+    if steps is None:
+        steps = DEFAULT_STEPS[optimizer]
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+        raise ConfigError(f"Expected refit_steps >= 0 (an integer), got {steps!r} instead.")
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not float(tol) >= 0:
+        raise ConfigError(f"Expected refit_tol >= 0, got {tol!r} instead.")
+    if mode != "drop":
+        msg = (
+            f"refit=True re-fits the other latents with latent k at its baseline, which is "
+            f'mode="drop"; got mode={mode!r} instead.'
+        )
+        raise ConfigError(msg)
+    return int(steps)
+
+
+def choose_batch_size(n_obs: int, n_vars: int) -> int:
+    """Cells per refit minibatch (= lanes per fitting call): a power of two whose float64
+    temporaries fit the budget."""
+    budget = _LANE_BYTES.get(jax.default_backend(), _LANE_BYTES_ACCELERATOR)
+    per_cell = n_vars * 8 * _TEMPORARIES
+    size = 2 ** int(np.floor(np.log2(max(1, budget // per_cell))))
+    size = int(np.clip(size, 8, 4096))
+    return int(min(size, max(8, -(-n_obs // 8) * 8)))
+
+
+# -- the objective, for one lane -------------------------------------------------------------------
+def decoder_input(v: jax.Array, mask: jax.Array, baseline: jax.Array, *, config: LDVAEConfig):
+    """Decoder input (n_latent,) of variable ``v``: ``z`` or ``softmax(u)``, masked entries at the
+    baseline (for "ln" overwritten after the softmax, without renormalising)."""
+    w = jax.nn.softmax(v) if config.latent_distribution == "ln" else v
+    return jnp.where(mask, baseline, w)
+
+
+def prior_term(v: jax.Array, mask: jax.Array, baseline: jax.Array, *, config: LDVAEConfig):
+    """``0.5 * ||z||^2`` of the constrained point, or ``0.5 * ||u||^2`` for "ln"."""
+    u = v if config.latent_distribution == "ln" else jnp.where(mask, baseline, v)
+    return 0.5 * jnp.sum(u * u)
+
+
+def _log_prob(w: jax.Array, lane: Lanes, heads: Heads, *, config: LDVAEConfig) -> jax.Array:
+    """Per-gene z-dependent log-likelihood (n_vars,) of decoder input ``w`` for one lane."""
+    logits = heads.loadings @ w + lane.offset
+    mu = jnp.exp(lane.log_library + jax.nn.log_softmax(logits))
+    zi = None
+    if heads.zi_loadings is not None:
+        assert lane.zi_offset is not None  # ZINB lanes carry both
+        zi = heads.zi_loadings @ w + lane.zi_offset
+    return log_prob_varying(lane.x, mu, lane.theta, zi, likelihood=config.gene_likelihood)
+
+
+def objective(
+    v: jax.Array, lane: Lanes, heads: Heads, baseline: jax.Array, *, config: LDVAEConfig
+) -> jax.Array:
+    """J(v) minus a per-cell constant: ``-sum_g (log p_g(v) - reference_g) + prior``."""
+    w = decoder_input(v, lane.mask, baseline, config=config)
+    lp = _log_prob(w, lane, heads, config=config)
+    return -jnp.sum(lp - lane.reference) + prior_term(v, lane.mask, baseline, config=config)
+
+
+# -- the solver, for one lane ----------------------------------------------------------------------
+def _optimizer(name: Optimizer) -> optax.GradientTransformationExtraArgs:
+    if name == "lbfgs":
+        linesearch = optax.scale_by_zoom_linesearch(
+            max_linesearch_steps=MAX_LINESEARCH_STEPS, initial_guess_strategy="one"
+        )
+        return optax.lbfgs(memory_size=LBFGS_MEMORY, linesearch=linesearch)
+    schedule = optax.exponential_decay(ADAM_LEARNING_RATE, ADAM_DECAY_STEPS, 0.1)
+    return optax.with_extra_args_support(optax.adam(schedule))
+
+
+def solve(
+    fun: Any, v0: jax.Array, max_steps: jax.Array, tol: jax.Array, *, optimizer: Optimizer
+) -> Fit:
+    """Minimise ``fun`` from ``v0`` in a ``while_loop``: at most ``max_steps`` steps, stopping
+    once the gradient norm is at most ``tol`` or (L-BFGS) a step fails to lower ``fun``: its
+    rounding noise is reached, in float32 often above ``tol``. Returns the best
+    point seen (L-BFGS with its line search decreases monotonically; Adam need not)."""
+    opt = _optimizer(optimizer)
+    value, grad = jax.value_and_grad(fun)(v0)
+    best = Fit(v0, value, jnp.linalg.norm(grad), jnp.zeros((), jnp.int32))
+
+    def cond(carry):
+        _, _, value, grad, step, progress, _ = carry
+        return (step < max_steps) & (jnp.linalg.norm(grad) > tol) & jnp.isfinite(value) & progress
+
+    def body(carry):
+        v, state, value, grad, step, _, best = carry
+        previous = value
+        if optimizer == "lbfgs":
+            updates, state = opt.update(grad, state, v, value=value, grad=grad, value_fn=fun)
+            v = optax.apply_updates(v, updates)
+            # the line search evaluated value and gradient at the accepted point: reuse them
+            value, grad = optax.tree.get(state, "value"), optax.tree.get(state, "grad")
+        else:
+            updates, state = opt.update(grad, state, v)
+            v = optax.apply_updates(v, updates)
+            value, grad = jax.value_and_grad(fun)(v)
+        step = step + 1
+        new = Fit(v, value, jnp.linalg.norm(grad), step)
+        better = value <= best.value
+        best = jax.tree.map(lambda a, b: jnp.where(better, a, b), new, best)
+        # L-BFGS: a step that does not lower J means the objective's rounding noise is reached
+        progress = (value < previous) if optimizer == "lbfgs" else jnp.array(True)
+        return v, state, value, grad, step, progress, best
+
+    init = (v0, opt.init(v0), value, grad, jnp.zeros((), jnp.int32), jnp.array(True), best)
+    return jax.lax.while_loop(cond, body, init)[-1]
+
+
+def vectorize_default() -> bool:
+    """vmap the lanes on accelerators; run them one after the other on CPU.
+
+    Under ``vmap`` every lane waits for the slowest in each loop, and the zoom line search's
+    ``lax.cond`` (search or zoom) evaluates both branches, each with a value and gradient. On CPU,
+    where a lane's gene axis already fills the vector units, ``lax.map`` over lanes measured 2.4x
+    faster (NB, 2,000 genes: 6.3 ms vs 15.8 ms per 32 lanes; ZINB 19.7 vs 46.8 ms).
+    """
+    return jax.default_backend() != "cpu"
+
+
+@functools.partial(jax.jit, static_argnames=("config", "optimizer", "mesh", "vectorize"))
+def fit_lanes(
+    heads: Heads,
+    lanes: Lanes,
+    v0: jax.Array,
+    baseline: jax.Array,
+    max_steps: jax.Array,
+    tol: jax.Array,
+    *,
+    config: LDVAEConfig,
+    optimizer: Optimizer,
+    mesh: jax.sharding.Mesh | None = None,
+    vectorize: bool = True,
+) -> Fit:
+    """Solve every lane: ``v0`` (lanes, n_latent), ``max_steps`` (lanes,) int32 (0 skips one);
+    ``vectorize``: ``vmap`` over lanes, else ``lax.map`` (see :func:`vectorize_default`)."""
+
+    def one(lane: Lanes, v: jax.Array, steps: jax.Array) -> Fit:
+        fun = functools.partial(objective, lane=lane, heads=heads, baseline=baseline, config=config)
+        return solve(fun, v, steps, tol, optimizer=optimizer)
+
+    run = jax.vmap(one)
+    if not vectorize:
+        run = lambda *lanes: jax.lax.map(lambda args: one(*args), lanes)  # noqa: E731
+    if mesh is not None:
+        split = jax.sharding.PartitionSpec(mesh.axis_names[0])
+        run = jax.shard_map(
+            run, mesh=mesh, in_specs=(split, split, split), out_specs=split, check_vma=False
+        )
+    return run(lanes, v0, max_steps)
+
+
+# -- one minibatch -------------------------------------------------------------------------------
+class _Cells(NamedTuple):
+    lanes: Lanes  # one lane per cell, nothing masked
+    heads: Heads
+    v0: jax.Array  # (batch, n_latent) encoder mean qz_m
+    constant: jax.Array  # (batch,) J = objective + constant (all lgamma terms included)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "library"))
+def _prepare(params, x, batch, label, baseline, *, config: LDVAEConfig, library) -> _Cells:
+    post = model.inference(params, x, config=config)
+    if library == "observed":
+        log_library = jnp.log(x.sum(axis=-1))
+    else:
+        log_library = model.library(post, x, config=config)[:, 0]
+    scale = model.affine_head(params.decoder.factor, config=config)
+    heads = Heads(scale.loadings, None)
+    zi_offset = None
+    if config.gene_likelihood == "zinb":
+        zi = model.affine_head(params.decoder.dropout, config=config)
+        heads = Heads(scale.loadings, zi.loadings)
+        zi_offset = zi.offsets[batch] + zi.intercept[None, :]
+    theta = model.dispersion(params, batch, label, config=config)
+    n, k = post.qz_m.shape
+    lanes = Lanes(
+        x=x,
+        log_library=log_library,
+        offset=scale.offsets[batch] + scale.intercept[None, :],
+        zi_offset=zi_offset,
+        theta=theta,
+        reference=jnp.zeros_like(x),
+        mask=jnp.zeros((n, k), bool),
+    )
+
+    def reference(lane: Lanes, v: jax.Array) -> jax.Array:
+        return _log_prob(
+            decoder_input(v, lane.mask, baseline, config=config), lane, heads, config=config
+        )
+
+    ref = jax.vmap(reference)(lanes, post.qz_m)
+    lanes = lanes._replace(reference=ref)
+    lik = config.gene_likelihood
+    constant = -(ref.sum(-1) + log_prob_constant(x, theta, likelihood=lik).sum(-1))
+    return _Cells(lanes, heads, post.qz_m, constant)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _constrained_start(lanes: Lanes, full_v, baseline, k, *, config: LDVAEConfig):
+    """Lanes with latent ``k`` held at the baseline, and their start points (the full optimum
+    with coordinate k at the baseline; for "ln" ``u`` itself, overwritten after the softmax)."""
+    mask = jnp.broadcast_to(jnp.arange(full_v.shape[1]) == k, full_v.shape)
+    v0 = full_v if config.latent_distribution == "ln" else jnp.where(mask, baseline, full_v)
+    return lanes._replace(mask=mask), v0
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _full_objective(heads: Heads, lanes: Lanes, v: jax.Array, baseline: jax.Array, *, config):
+    """The full problem's objective at constrained end points ``v`` (lanes, n_latent)."""
+    if config.latent_distribution != "ln":
+        v = jnp.where(lanes.mask, baseline, v)
+    free = lanes._replace(mask=jnp.zeros_like(lanes.mask))
+    fun = functools.partial(objective, heads=heads, baseline=baseline, config=config)
+    return jax.vmap(lambda lane, vv: fun(vv, lane))(free, v)
+
+
+def _pick(better: np.ndarray, new: Fit, old: Fit) -> Fit:
+    def one(a, b):
+        return jnp.where(jnp.asarray(better).reshape(-1, *[1] * (a.ndim - 1)), a, b)
+
+    return jax.tree.map(one, new, old)
+
+
+class RefitSweep:
+    """Iterate ``(start, n_valid, RefitScores)`` per minibatch in obs order.
+
+    Every fit runs in float64 whatever the model's dtype (x64 is switched on inside these calls
+    only): in float32 the objective's rounding noise, about 1e-3 nats for 2,000 genes, makes line
+    searches fail before the gradient reaches ``tol`` (measured: 13x slower than float64, with a
+    third of the lanes unconverged at ``tol=1e-3``).
+    """
+
+    def __init__(
+        self,
+        params: LDVAEParams,
+        data: anndata_io.CellData,
+        *,
+        config: LDVAEConfig,
+        baseline: np.ndarray,
+        latents: np.ndarray,
+        library: str,
+        optimizer: Optimizer,
+        steps: int,
+        tol: float,
+        batch_size: int,
+        devices: list[Any] | None = None,
+        vectorize: bool | None = None,
+    ):
+        self.data, self.config = data, config
+        self.latents, self.library = np.asarray(latents, np.int32), library
+        self.optimizer, self.steps, self.tol = optimizer, int(steps), float(tol)
+        with jax.enable_x64(True):
+            self.params = jax.tree.map(lambda a: jnp.asarray(np.asarray(a), jnp.float64), params)
+            self.baseline = jnp.asarray(np.asarray(baseline, np.float64))
+        devices = list(jax.local_devices() if devices is None else devices)
+        self.mesh = None
+        if len(devices) > 1:
+            self.mesh = jax.sharding.Mesh(np.asarray(devices), ("lanes",))
+        self.n_devices = len(devices)
+        self.batch_size = -(-batch_size // self.n_devices) * self.n_devices
+        self.n_restarted = 0
+        self.vectorize = vectorize_default() if vectorize is None else bool(vectorize)
+
+    def minibatch(self, mb: anndata_io.Minibatch) -> RefitScores:
+        with jax.enable_x64(True):
+            return self._minibatch(mb)
+
+    def _minibatch(self, mb: anndata_io.Minibatch) -> RefitScores:
+        cfg, base, steps = self.config, self.baseline, self.steps
+        n = len(mb.x)
+        cells = _prepare(
+            self.params,
+            jnp.asarray(mb.x, jnp.float64),
+            jnp.asarray(mb.batch),
+            jnp.asarray(mb.label),
+            base,
+            config=cfg,
+            library=self.library,
+        )
+        tol = jnp.asarray(self.tol, jnp.float64)
+
+        def fit(lanes: Lanes, v0: jax.Array, budget: np.ndarray) -> Fit:
+            return fit_lanes(
+                cells.heads,
+                lanes,
+                v0,
+                base,
+                jnp.asarray(budget, jnp.int32),
+                tol,
+                config=cfg,
+                optimizer=self.optimizer,
+                mesh=self.mesh,
+                vectorize=self.vectorize,
+            )
+
+        valid = np.arange(n) < mb.n_valid
+        budget = np.where(valid, steps, 0)
+        full = fit(cells.lanes, cells.v0, budget)
+
+        def constrained(start: Fit, budget: np.ndarray) -> list[tuple[Lanes, Fit]]:
+            """One call per latent (same lane count as the full fits: one compilation)."""
+            out = []
+            for k in self.latents:
+                lanes, v0 = _constrained_start(cells.lanes, start.v, base, int(k), config=cfg)
+                out.append((lanes, fit(lanes, v0, budget)))
+            return out
+
+        runs = constrained(full, budget)
+        con = [f for _, f in runs]
+        restart = np.zeros(n, bool)
+        if steps > 0:
+            # a constrained optimum below the full one (on the full objective): the full fit
+            # stopped in a worse local minimum. Restart it from there, then re-run that cell's
+            # constrained fits from the new optimum and keep the better ends.
+            at = np.stack(
+                [_full_objective(cells.heads, ln, f.v, base, config=cfg) for ln, f in runs]
+            )  # (a, n)
+            margin = 0.5 * self.tol**2  # within the full fit's own tolerance
+            restart = valid & (at.min(0) < np.asarray(full.value) - margin)
+        if restart.any():
+            self.n_restarted += int(restart.sum())
+            best = np.stack([np.asarray(f.v) for f in con])[at.argmin(0), np.arange(n)]
+            again = fit(cells.lanes, jnp.asarray(best), np.where(restart, steps, 0))
+            moved = restart & (np.asarray(again.value) < np.asarray(full.value))
+            full = _pick(moved, again, full)
+            second = constrained(full, np.where(moved, steps, 0))
+            con = [
+                _pick(moved & (np.asarray(f2.value) < np.asarray(f.value)), f2, f)
+                for f, (_, f2) in zip(con, second, strict=True)
+            ]
+        con_value = np.stack([np.asarray(f.value) for f in con], axis=1)  # (n, a)
+        con_grad = np.stack([np.asarray(f.grad_norm) for f in con], axis=1)
+        full_value = np.asarray(full.value)
+        if cfg.latent_distribution != "ln" and steps > 0:
+            # every constrained point is feasible for the full problem: min_z J <= min_k J_k
+            full_value = np.minimum(full_value, con_value.min(1))
+        grad = np.maximum(con_grad, np.asarray(full.grad_norm)[:, None])
+        m = mb.n_valid
+        return RefitScores(
+            unique_delta_nll=(con_value - full_value[:, None])[:m],
+            refit_grad_norm=grad[:m],
+            refit_converged=(grad <= self.tol)[:m],
+            objective=(full_value + np.asarray(cells.constant))[:m],
+            v=np.asarray(full.v)[:m],
+            restarted=restart[:m],
+        )
+
+    def __iter__(self) -> Iterator[tuple[int, int, RefitScores]]:
+        for mb in anndata_io.minibatches(self.data, self.batch_size):
+            yield mb.start, mb.n_valid, self.minibatch(mb)
+
+
+SCORE_FIELDS = ("unique_delta_nll", "refit_grad_norm", "refit_converged")
+
+
+def score_shapes(n_obs: int, n_ablated: int, dtype: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """Shapes and dtypes of the per-cell refit arrays (``obsm`` keys of the result)."""
+    shape = (n_obs, n_ablated)
+    return {
+        "unique_delta_nll": (shape, dtype),
+        "refit_grad_norm": (shape, dtype),
+        "refit_converged": (shape, np.dtype(bool)),
+    }
+
+
+def run(
+    params: LDVAEParams,
+    data: anndata_io.CellData,
+    sink: dict[str, Any],
+    *,
+    config: LDVAEConfig,
+    baseline: np.ndarray,
+    latents: np.ndarray,
+    library: str,
+    optimizer: Optimizer,
+    steps: int,
+    tol: float,
+    devices: list[Any] | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Fill ``sink[field][rows]`` (arrays or on-disk datasets, ``score_shapes``) minibatch by
+    minibatch; returns the settings to record in ``uns["ablation"]``."""
+    size = choose_batch_size(data.n_obs, config.n_input)
+    sweep = RefitSweep(
+        params,
+        data,
+        config=config,
+        baseline=baseline,
+        latents=latents,
+        library=library,
+        optimizer=optimizer,
+        steps=steps,
+        tol=tol,
+        batch_size=size,
+        devices=devices,
+    )
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=data.n_obs, unit="cells", desc="refit")
+    try:
+        for start, n_valid, scores in sweep:
+            for key in SCORE_FIELDS:
+                sink[key][start : start + n_valid] = getattr(scores, key)
+            if bar is not None:
+                bar.update(n_valid)
+    finally:
+        if bar is not None:
+            bar.close()
+    return {
+        "refit": True,
+        "refit_optimizer": optimizer,
+        "refit_steps": int(steps),
+        "refit_tol": float(tol),
+        "refit_objective": "NLL + 0.5 * ||z||^2 (||u||^2 for ln), float64",
+    }
