@@ -17,7 +17,13 @@ import numpy as np
 
 from linear_decoder_jax._atomic import atomic_path, check_destination
 from linear_decoder_jax.errors import IncompatibleDataError
-from linear_decoder_jax.results import AblationResult, H5adStream, _mapped, group_tables
+from linear_decoder_jax.results import (
+    _REFIT_KEYS,
+    AblationResult,
+    H5adStream,
+    _mapped,
+    group_tables,
+)
 
 # Settings that may differ between parts (how each part was run, not what it computed).
 _PER_PART = {"shard", "rows", "batch_size", "n_devices", "versions", "source_model"}
@@ -76,7 +82,7 @@ def merge_parts(
     n = sum(len(r.delta_nll) for r in results)
     shapes = {
         key: ((n, *getattr(first, key).shape[1:]), getattr(first, key).dtype)
-        for key in ("delta_nll", "delta_l1", "latent", "delta_nll_se")
+        for key in ("delta_nll", "delta_l1", "latent", "delta_nll_se", *_REFIT_KEYS)
         if getattr(first, key) is not None
     }
     with atomic_path(output, overwrite=overwrite, directory=False) as tmp:
@@ -113,6 +119,7 @@ def merge_parts(
                     k: np.concatenate([r.embeddings[k] for r in results]) for k in first.embeddings
                 },
                 delta_nll_se=arrays.get("delta_nll_se"),
+                **{k: arrays[k] for k in _REFIT_KEYS if k in arrays},
                 groups=None
                 if groupby is None
                 else group_tables(

@@ -14,7 +14,8 @@ plain sweep). For ``latent_distribution="ln"`` the variable is the pre-softmax `
 coordinate k overwritten by ``b_k`` and re-fits all of ``u`` (the other coordinates of ``w`` keep
 their softmax values and are not renormalised, exactly as the plain sweep ablates). That point is
 off the simplex, so for "ln" the constrained problem is not a restriction of the full one and
-unique_delta may be (slightly) negative; for "normal" models it is >= 0 by construction.
+unique_delta can be negative (measured on a random "ln" model: half of the entries, as large as
+the positive ones); for "normal" models it is >= 0 by construction.
 
 Computation, per minibatch of cells (``anndata_io.minibatches``, so streaming and shards work as
 in the plain sweep). Every fit is a *lane*: one (cell, latent) problem in ``n_latent`` variables,

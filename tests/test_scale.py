@@ -201,3 +201,25 @@ def test_shards_in_parallel_processes_merge_to_the_whole(setup, tmp_path):
     )
     assert proc.returncode == 1 and "same model and settings" in proc.stderr
     assert not (tmp_path / "x.h5ad").exists()
+
+
+def test_merge_keeps_refit_arrays(setup, tmp_path):
+    model, _, adata, _ = setup
+    small = adata[:30].copy()
+    parts = []
+    for i in range(2):
+        path = tmp_path / f"part{i}.h5ad"
+        ldj.ablate(model, small, shard=(i, 2), refit=True, refit_steps=20, output=path)
+        parts.append(path)
+    from linear_decoder_jax.merge import merge_parts
+
+    merged = merge_parts(parts, tmp_path / "merged.h5ad")
+    whole = ldj.ablate(model, small, refit=True, refit_steps=20)
+    for key in ("unique_delta_nll", "refit_converged"):
+        np.testing.assert_allclose(
+            np.asarray(getattr(merged, key), float),
+            np.asarray(getattr(whole, key), float),
+            rtol=1e-5,
+            atol=1e-4,
+            err_msg=key,
+        )
