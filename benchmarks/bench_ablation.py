@@ -17,6 +17,7 @@ LinearSCVI (trained 1 epoch: speed does not depend on how well it is trained).
 Usage::
 
     python benchmarks/bench_ablation.py                   # 20k x 2000 x 10, NB and ZINB
+    python benchmarks/bench_ablation.py --grid readme     # the README table
     python benchmarks/bench_ablation.py --grid full       # N in {5k, 20k, 100k}, G {2k, 5k}, K {10, 30}
 """
 
@@ -149,6 +150,14 @@ def run_point(n: int, g: int, k: int, likelihood: str, skip_scvi: bool) -> dict:
 
 GRIDS = {
     "default": [(20_000, 2_000, 10, "nb"), (20_000, 2_000, 10, "zinb")],
+    "readme": [
+        (5_000, 2_000, 10, "nb"),
+        (20_000, 2_000, 10, "nb"),
+        (20_000, 2_000, 10, "zinb"),
+        (20_000, 2_000, 30, "nb"),
+        (20_000, 5_000, 10, "nb"),
+        (100_000, 2_000, 10, "nb"),
+    ],
     "full": [
         (n, g, k, lik)
         for lik in ("nb", "zinb")

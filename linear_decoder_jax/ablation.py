@@ -26,7 +26,7 @@ from linear_decoder_jax.distributions import (
     count_term,
     log_prob_constant,
     log_prob_varying,
-    rate_term,
+    rate_term_sum,
 )
 from linear_decoder_jax.errors import ConfigError
 from linear_decoder_jax.params import LDVAEParams
@@ -120,7 +120,7 @@ def _score(
         if not sparse:
             return log_prob_varying(x, lib * rho_, theta, zi, likelihood=lik).sum(-1)
         mu_nz = lib * jnp.exp(at_nz(logits) - lse_)
-        dense = rate_term(lib * rho_, theta, likelihood=lik).sum(-1)
+        dense = rate_term_sum(lib * rho_, theta, likelihood=lik)
         return dense + count_term(nz_count, mu_nz, theta_nz, likelihood=lik).sum(-1)
 
     zi_full = full[1] if lik == "zinb" else None

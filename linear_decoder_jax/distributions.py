@@ -24,12 +24,24 @@ EPS = 1e-8  # scvi-tools log_nb_positive / log_zinb_positive default eps
 Likelihood = Literal["nb", "zinb", "poisson"]
 
 
+def _log_theta_mu(mu: Array, theta: Array) -> Array:
+    return jnp.log(theta + mu + EPS)
+
+
+def rate_term_sum(mu: Array, theta: Array, *, likelihood: Likelihood) -> Array:
+    """``rate_term(...).sum(-1)`` per cell, written as a contraction: XLA:CPU runs an
+    elementwise multiply-and-sum after a log up to 7x slower than the same dot (measured)."""
+    if likelihood == "poisson":
+        return -mu.sum(axis=-1)
+    return -jnp.einsum("...g,...g->...", theta, _log_theta_mu(mu, theta))
+
+
 def rate_term(mu: Array, theta: Array, *, likelihood: Likelihood) -> Array:
     """NB/Poisson z-dependent terms that do not involve ``x``: ``-theta log(theta + mu + eps)``
     for NB, ``-mu`` for Poisson. Dense over genes."""
     if likelihood == "poisson":
         return -mu
-    return -theta * jnp.log(theta + mu + EPS)
+    return -theta * _log_theta_mu(mu, theta)
 
 
 def count_term(x: Array, mu: Array, theta: Array, *, likelihood: Likelihood) -> Array:
