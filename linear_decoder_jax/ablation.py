@@ -26,7 +26,8 @@ from linear_decoder_jax.distributions import (
     count_term,
     log_prob_constant,
     log_prob_varying,
-    rate_term_sum,
+    rate_term,
+    rate_term_change,
 )
 from linear_decoder_jax.errors import ConfigError
 from linear_decoder_jax.params import LDVAEParams
@@ -115,22 +116,30 @@ def _score(
     at_nz = functools.partial(jnp.take_along_axis, indices=nz_index, axis=1)
     theta_nz = at_nz(theta)
 
-    def varying(logits: jax.Array, rho_: jax.Array, lse_: jax.Array, zi: jax.Array | None):
-        """Per-cell sum of the z-dependent log-likelihood terms."""
-        if not sparse:
-            return log_prob_varying(x, lib * rho_, theta, zi, likelihood=lik).sum(-1)
-        mu_nz = lib * jnp.exp(at_nz(logits) - lse_)
-        dense = rate_term_sum(lib * rho_, theta, likelihood=lik)
-        return dense + count_term(nz_count, mu_nz, theta_nz, likelihood=lik).sum(-1)
-
+    mu = lib * rho
     zi_full = full[1] if lik == "zinb" else None
-    v_full = varying(full[0], rho, lse, zi_full)
-    if sparse:  # the lgamma terms vanish at x = 0: evaluate them at the non-zero counts only
+    if sparse:  # x-weighted terms at the non-zero counts only; lgamma terms vanish at x = 0
+        mu_nz = at_nz(mu)
+        count_full = count_term(nz_count, mu_nz, theta_nz, likelihood=lik)
         at_zero = log_prob_constant(jnp.zeros_like(theta), theta, likelihood=lik)
         nz_const = log_prob_constant(nz_count, theta_nz, likelihood=lik) - at_nz(at_zero)
         constant = at_zero.sum(-1) + jnp.where(nz_count > 0, nz_const, 0.0).sum(-1)
+        v_full = rate_term(mu, theta, likelihood=lik).sum(-1) + count_full.sum(-1)
     else:
+        v_full_genes = log_prob_varying(x, mu, theta, zi_full, likelihood=lik)
         constant = log_prob_constant(x, theta, likelihood=lik).sum(-1)
+        v_full = v_full_genes.sum(-1)
+
+    def gain(logits: jax.Array, rho_: jax.Array, lse_: jax.Array, zi: jax.Array | None):
+        """Per-cell change of the log-likelihood against the full model, gene by gene."""
+        if not sparse:
+            v = log_prob_varying(x, lib * rho_, theta, zi, likelihood=lik)
+            return (v - v_full_genes).sum(-1)
+        mu_k_nz = lib * jnp.exp(at_nz(logits) - lse_)
+        count_k = count_term(nz_count, mu_k_nz, theta_nz, likelihood=lik)
+        dense = rate_term_change(lib * rho_, mu, theta, likelihood=lik)
+        return dense + (count_k - count_full).sum(-1)
+
     nll = -(v_full + constant)
 
     def one(k: jax.Array):
@@ -139,7 +148,7 @@ def _score(
         moved = [s + d[:, None] * h.loadings[None, :, k] for s, h in zip(start, heads, strict=True)]
         rho_k, lse_k = softmax(moved[0])
         zi_k = moved[1] if lik == "zinb" else None
-        delta = -(varying(moved[0], rho_k, lse_k, zi_k) - v_full)
+        delta = -gain(moved[0], rho_k, lse_k, zi_k)
         l1 = jnp.abs(rho_k - rho).sum(-1)
         # ln rho_k - ln rho = (moved - full) - (lse_k - lse), summed over valid cells
         if mode == "drop":
