@@ -119,7 +119,7 @@ def _score(
     mu = lib * rho
     zi_full = full[1] if lik == "zinb" else None
     if sparse:  # x-weighted terms at the non-zero counts only; lgamma terms vanish at x = 0
-        mu_nz = at_nz(mu)
+        mu_nz = lib * jnp.exp(at_nz(full[0]) - lse)  # as gain() computes it: exact 0 for no change
         count_full = count_term(nz_count, mu_nz, theta_nz, likelihood=lik)
         at_zero = log_prob_constant(jnp.zeros_like(theta), theta, likelihood=lik)
         nz_const = log_prob_constant(nz_count, theta_nz, likelihood=lik) - at_nz(at_zero)
@@ -148,8 +148,13 @@ def _score(
         moved = [s + d[:, None] * h.loadings[None, :, k] for s, h in zip(start, heads, strict=True)]
         rho_k, lse_k = softmax(moved[0])
         zi_k = moved[1] if lik == "zinb" else None
-        delta = -gain(moved[0], rho_k, lse_k, zi_k)
-        l1 = jnp.abs(rho_k - rho).sum(-1)
+        # Decoder outputs that did not move give exactly 0 (the batched and unbatched softmax
+        # may round differently, which would otherwise leave ~1e-5 nats of noise).
+        moved_any = jnp.any(
+            jnp.stack([m != f for m, f in zip(moved, full, strict=True)]), axis=(0, 2)
+        )
+        delta = jnp.where(moved_any, -gain(moved[0], rho_k, lse_k, zi_k), 0.0)
+        l1 = jnp.where(moved_any, jnp.abs(rho_k - rho).sum(-1), 0.0)
         # ln rho_k - ln rho = (moved - full) - (lse_k - lse), summed over valid cells
         if mode == "drop":
             lfc = heads[0].loadings[:, k] * jnp.sum(d * valid) - jnp.sum(
