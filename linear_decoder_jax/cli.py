@@ -84,22 +84,6 @@ def _parse_latents(value: str) -> list[int]:
         raise argparse.ArgumentTypeError(msg) from None
 
 
-def read_h5ad(path: str):
-    """Read an h5ad file, turning "not an h5ad" into one clear error."""
-    import anndata
-
-    from linear_decoder_jax.errors import IncompatibleDataError
-
-    p = Path(path)
-    if not p.is_file():
-        raise IncompatibleDataError(f"{path}: no such file.")
-    try:
-        return anndata.read_h5ad(p)
-    except Exception as err:  # h5py/anndata raise many types for a foreign file
-        msg = f"{path} is not a readable h5ad file ({type(err).__name__}: {err})."
-        raise IncompatibleDataError(msg) from err
-
-
 def _compilation_cache() -> None:
     if os.environ.get("LDJ_COMPILATION_CACHE", "1") != "0":
         from linear_decoder_jax._cache import enable_compilation_cache
