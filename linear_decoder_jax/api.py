@@ -68,6 +68,11 @@ def _nll(params, x, z, log_library, batch, label, *, config: LDVAEConfig) -> jax
     return -model.log_likelihood(x, decoded, config=config)
 
 
+_affine_head = jax.jit(
+    model.affine_head, static_argnames=("config",)
+)  # one compile, not one per op
+
+
 def _is_model_dir(path: Path) -> bool:
     return (path / checkpoint.CONFIG_FILE).is_file()
 
@@ -189,7 +194,8 @@ class LinearSCVI:
         """Parameters as device arrays of the model's dtype (call inside :meth:`precision`)."""
         if self._device_params is None:
             with self.precision():
-                self._device_params = jax.tree.map(jnp.asarray, self._host_params)
+                # device_put, not jnp.asarray: that compiles a copy per shape (~10 ms each)
+                self._device_params = jax.device_put(self._host_params)
         return self._device_params
 
     def prepare(self, adata: Any, *, allow_non_integer: bool = False) -> anndata_io.CellData:
@@ -466,10 +472,10 @@ class LinearSCVI:
         with self.precision():
             p = self.params.decoder
             to_np = lambda a: jax.tree.map(np.asarray, a)  # noqa: E731
-            scale = to_np(model.affine_head(p.factor, config=self.config))
+            scale = to_np(_affine_head(p.factor, config=self.config))
             zi = None
             if self.config.gene_likelihood == "zinb":
-                zi = to_np(model.affine_head(p.dropout, config=self.config))
+                zi = to_np(_affine_head(p.dropout, config=self.config))
         return AffineDecoders(scale=scale, zi_logits=zi)
 
     def get_loadings(self):
@@ -599,7 +605,8 @@ def ablate(
     refit
         Also score each latent's *unique* contribution, ``unique_delta_nll``: how much of the MAP
         objective ``NLL + 0.5 * ||z||^2`` is lost when latent k is held at its baseline and the
-        other latents are re-fitted per cell (``linear_decoder_jax.refit``). ``mode="drop"`` only.
+        other latents are re-fitted per cell (``linear_decoder_jax.refit``). ``mode="drop"`` only;
+        for "ln" models the baseline of every ablated latent must lie in (0, 1) (e.g. "mean").
     refit_steps, refit_tol, optimizer
         Step budget per fit (default 100 for "lbfgs", 2000 for "adam"), gradient-norm tolerance
         for early stopping, and the optax optimiser: "lbfgs" (zoom line search) or "adam".
@@ -664,6 +671,8 @@ def _ablate(model_: LinearSCVI, adata: Any, *, output, overwrite, devices, shard
     if isinstance(baseline, str) and baseline in ("mean", "median"):
         stats = model_._encode_all(full, opts["batch_size"])["z"]  # over all input cells
     base_name, base_values = ablation.resolve_baseline(baseline, stats, cfg.n_latent)
+    if opts["refit"]:
+        refit_.check_baseline(base_values, idx, model_.latent_names, config=cfg)
     dtype = np.dtype(model_.dtype)
     n_dev = len(devices)
     size = opts["batch_size"] or ablation.choose_batch_size(

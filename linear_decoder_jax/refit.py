@@ -10,12 +10,13 @@ objective of the model (standard normal prior)::
 
 with the model's likelihood, dispersion and library (the same ``library`` and baseline ``b`` as the
 plain sweep). For ``latent_distribution="ln"`` the variable is the pre-softmax ``u`` with prior
-``0.5 * ||u||^2`` and decoder input ``w = softmax(u)``; the constrained problem decodes ``w`` with
-coordinate k overwritten by ``b_k`` and re-fits all of ``u`` (the other coordinates of ``w`` keep
-their softmax values and are not renormalised, exactly as the plain sweep ablates). That point is
-off the simplex, so for "ln" the constrained problem is not a restriction of the full one and
-unique_delta can be negative (measured on a random "ln" model: half of the entries, as large as
-the positive ones); for "normal" models it is >= 0 by construction.
+``0.5 * ||u||^2`` and decoder input ``w = softmax(u)``; the constrained problem is J over
+``{u : softmax(u)_k = b_k}``, parametrised exactly by the other coordinates ``u_-k`` with
+``u_k = logit(b_k) + logsumexp(u_-k)`` (then ``softmax(u)_-k = (1 - b_k) * softmax(u_-k)``: the
+other coordinates are renormalised, unlike in the plain sweep). J, prior included, is evaluated at
+that completed ``u`` (:func:`complete`), so for both latent distributions every constrained point
+is a point of the full problem with the same value. That needs ``0 < b_k < 1`` for "ln"
+(:func:`check_baseline`): ``b_k = 0`` is reached only as ``u_k -> -inf``, with infinite prior.
 
 Computation, per minibatch of cells (``anndata_io.minibatches``, so streaming and shards work as
 in the plain sweep). Every fit is a *lane*: one (cell, latent) problem in ``n_latent`` variables,
@@ -26,17 +27,17 @@ it measured 2.4x faster: see :func:`vectorize_default`):
 
 1. full fits, one lane per cell, from the encoder mean ``qz_m``;
 2. constrained fits, one call per ablated latent k with one lane per cell, from the full optimum
-   with coordinate k at the baseline (for "ln": ``u`` itself);
+   completed with coordinate k at the baseline;
 3. NB and ZINB objectives are not convex. Where a constrained end point scores below the full
    optimum *on the full objective*, the full fit stopped in a worse local minimum: it is restarted
    from there, and that cell's constrained fits re-run from the new optimum, keeping the better
-   ends. For "normal" models every constrained point is feasible for the full problem, so the full
-   value is finally taken as at most every constrained value: unique_delta >= 0 exactly, in
-   floating point too.
+   ends. Every constrained point is feasible for the full problem, so the full value is finally
+   taken as at most every constrained value: unique_delta >= 0 exactly, in floating point too.
 
-``steps=0`` evaluates the start points only: unique_delta is then the plain delta plus the change
-of the prior term, ``0.5 * (||z_ablated||^2 - ||z||^2)`` (zero for "ln", whose variable ``u`` the
-ablation does not move), with no restarts.
+``steps=0`` evaluates the start points only, with no restarts: unique_delta is then the plain
+delta plus the change of the prior term, ``0.5 * (||z_ablated||^2 - ||z||^2)``; for "ln" it is
+``J(completed u) - J(u)`` at the encoder mean ``u``, which differs from the plain delta (that one
+overwrites ``softmax(u)_k`` without renormalising, as users ablate by hand).
 
 Every fit runs in float64 whatever the model's dtype (see :class:`RefitSweep`), and the objective is
 summed gene by gene relative to its value at the encoder mean, so the large z-independent part
@@ -136,6 +137,24 @@ def check_options(*, optimizer: Any, steps: Any, tol: Any, mode: str) -> int:
     return int(steps)
 
 
+def check_baseline(
+    baseline: np.ndarray, latents: np.ndarray, names: list[str], *, config: LDVAEConfig
+) -> None:
+    """Refuse baselines the "ln" constraint ``softmax(u)_k = b_k`` cannot meet at finite ``u``:
+    ``b_k`` outside (0, 1) for an ablated latent k, or any ``b_k`` with a single latent."""
+    if config.latent_distribution != "ln":
+        return
+    bad = [int(k) for k in latents if config.n_latent == 1 or not 0.0 < baseline[k] < 1.0]
+    if bad:
+        got = anndata_io._preview(f"{names[k]}={baseline[k]:g}" for k in bad)
+        msg = (
+            f'refit=True on a latent_distribution="ln" model holds softmax(u)_k at the baseline, '
+            f"which needs 0 < baseline < 1 (and at least two latents); got {got}. "
+            f'Use baseline="mean" or a value in (0, 1).'
+        )
+        raise ConfigError(msg)
+
+
 def choose_batch_size(n_obs: int, n_vars: int) -> int:
     """Cells per refit minibatch (= lanes per fitting call): a power of two whose float64
     temporaries fit the budget."""
@@ -147,17 +166,19 @@ def choose_batch_size(n_obs: int, n_vars: int) -> int:
 
 
 # -- the objective, for one lane -------------------------------------------------------------------
-def decoder_input(v: jax.Array, mask: jax.Array, baseline: jax.Array, *, config: LDVAEConfig):
-    """Decoder input (n_latent,) of variable ``v``: ``z`` or ``softmax(u)``, masked entries at the
-    baseline (for "ln" overwritten after the softmax, without renormalising)."""
-    w = jax.nn.softmax(v) if config.latent_distribution == "ln" else v
-    return jnp.where(mask, baseline, w)
+def complete(v: jax.Array, mask: jax.Array, baseline: jax.Array, *, config: LDVAEConfig):
+    """The full problem's point (n_latent,) of constrained variable ``v``: masked entries of ``z``
+    at the baseline; for "ln" the masked ``u_k = logit(b_k) + logsumexp(u_-k)``, so that
+    ``softmax(u)_k = b_k`` exactly. ``J(v)`` does not depend on masked entries of ``v``."""
+    if config.latent_distribution != "ln":
+        return jnp.where(mask, baseline, v)
+    free = jax.nn.logsumexp(jnp.where(mask, -jnp.inf, v))
+    return jnp.where(mask, jnp.log(baseline) - jnp.log1p(-baseline) + free, v)
 
 
-def prior_term(v: jax.Array, mask: jax.Array, baseline: jax.Array, *, config: LDVAEConfig):
-    """``0.5 * ||z||^2`` of the constrained point, or ``0.5 * ||u||^2`` for "ln"."""
-    u = v if config.latent_distribution == "ln" else jnp.where(mask, baseline, v)
-    return 0.5 * jnp.sum(u * u)
+def decoder_input(u: jax.Array, *, config: LDVAEConfig) -> jax.Array:
+    """Decoder input of a full-problem point: ``z``, or ``softmax(u)`` for "ln"."""
+    return jax.nn.softmax(u) if config.latent_distribution == "ln" else u
 
 
 def _log_prob(w: jax.Array, lane: Lanes, heads: Heads, *, config: LDVAEConfig) -> jax.Array:
@@ -174,10 +195,11 @@ def _log_prob(w: jax.Array, lane: Lanes, heads: Heads, *, config: LDVAEConfig) -
 def objective(
     v: jax.Array, lane: Lanes, heads: Heads, baseline: jax.Array, *, config: LDVAEConfig
 ) -> jax.Array:
-    """J(v) minus a per-cell constant: ``-sum_g (log p_g(v) - reference_g) + prior``."""
-    w = decoder_input(v, lane.mask, baseline, config=config)
-    lp = _log_prob(w, lane, heads, config=config)
-    return -jnp.sum(lp - lane.reference) + prior_term(v, lane.mask, baseline, config=config)
+    """J at the completed point ``u = complete(v)`` minus a per-cell constant:
+    ``-sum_g (log p_g(u) - reference_g) + 0.5 * ||u||^2``."""
+    u = complete(v, lane.mask, baseline, config=config)
+    lp = _log_prob(decoder_input(u, config=config), lane, heads, config=config)
+    return -jnp.sum(lp - lane.reference) + 0.5 * jnp.sum(u * u)
 
 
 # -- the solver, for one lane ----------------------------------------------------------------------
@@ -256,11 +278,13 @@ def fit_lanes(
     vectorize: bool = True,
 ) -> Fit:
     """Solve every lane: ``v0`` (lanes, n_latent), ``max_steps`` (lanes,) int32 (0 skips one);
-    ``vectorize``: ``vmap`` over lanes, else ``lax.map`` (see :func:`vectorize_default`)."""
+    ``vectorize``: ``vmap`` over lanes, else ``lax.map`` (see :func:`vectorize_default`). The
+    returned points are completed (:func:`complete`): points of the full problem."""
 
     def one(lane: Lanes, v: jax.Array, steps: jax.Array) -> Fit:
         fun = functools.partial(objective, lane=lane, heads=heads, baseline=baseline, config=config)
-        return solve(fun, v, steps, tol, optimizer=optimizer)
+        fit = solve(fun, v, steps, tol, optimizer=optimizer)
+        return fit._replace(v=complete(fit.v, lane.mask, baseline, config=config))
 
     run = jax.vmap(one)
     if not vectorize:
@@ -308,9 +332,7 @@ def _prepare(params, x, batch, label, baseline, *, config: LDVAEConfig, library)
     )
 
     def reference(lane: Lanes, v: jax.Array) -> jax.Array:
-        return _log_prob(
-            decoder_input(v, lane.mask, baseline, config=config), lane, heads, config=config
-        )
+        return _log_prob(decoder_input(v, config=config), lane, heads, config=config)
 
     ref = jax.vmap(reference)(lanes, post.qz_m)
     lanes = lanes._replace(reference=ref)
@@ -321,18 +343,16 @@ def _prepare(params, x, batch, label, baseline, *, config: LDVAEConfig, library)
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _constrained_start(lanes: Lanes, full_v, baseline, k, *, config: LDVAEConfig):
-    """Lanes with latent ``k`` held at the baseline, and their start points (the full optimum
-    with coordinate k at the baseline; for "ln" ``u`` itself, overwritten after the softmax)."""
+    """Lanes with latent ``k`` held at the baseline, and their start points: the full optimum,
+    completed (:func:`complete`)."""
     mask = jnp.broadcast_to(jnp.arange(full_v.shape[1]) == k, full_v.shape)
-    v0 = full_v if config.latent_distribution == "ln" else jnp.where(mask, baseline, full_v)
+    v0 = jax.vmap(functools.partial(complete, baseline=baseline, config=config))(full_v, mask)
     return lanes._replace(mask=mask), v0
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _full_objective(heads: Heads, lanes: Lanes, v: jax.Array, baseline: jax.Array, *, config):
-    """The full problem's objective at constrained end points ``v`` (lanes, n_latent)."""
-    if config.latent_distribution != "ln":
-        v = jnp.where(lanes.mask, baseline, v)
+    """The full problem's objective at completed constrained end points ``v`` (lanes, n_latent)."""
     free = lanes._replace(mask=jnp.zeros_like(lanes.mask))
     fun = functools.partial(objective, heads=heads, baseline=baseline, config=config)
     return jax.vmap(lambda lane, vv: fun(vv, lane))(free, v)
@@ -455,7 +475,7 @@ class RefitSweep:
         con_value = np.stack([np.asarray(f.value) for f in con], axis=1)  # (n, a)
         con_grad = np.stack([np.asarray(f.grad_norm) for f in con], axis=1)
         full_value = np.asarray(full.value)
-        if cfg.latent_distribution != "ln" and steps > 0:
+        if steps > 0:
             # every constrained point is feasible for the full problem: min_z J <= min_k J_k
             full_value = np.minimum(full_value, con_value.min(1))
         grad = np.maximum(con_grad, np.asarray(full.grad_norm)[:, None])

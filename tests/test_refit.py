@@ -67,18 +67,23 @@ class Cell:
         self.lik = model.config.gene_likelihood
         self.qz_m = model.get_latent_representation(adata, return_dist=True)[0][c].astype(float)
 
-    def __call__(self, z):
-        eta = self.L @ z + self.o
+    def nll(self, w):
+        """-log p(x | w) and its gradient in the decoder input ``w``."""
+        eta = self.L @ w + self.o
         rho = special.softmax(eta)
         mu = np.exp(self.lib) * rho
-        zi = None if self.Lz is None else self.Lz @ z + self.oz
+        zi = None if self.Lz is None else self.Lz @ w + self.oz
         ll, dmu, dzi = log_lik_and_grads(self.x, mu, self.theta, zi, self.lik)
         a = dmu * mu
         d_eta = a - rho * a.sum()
         grad = self.L.T @ d_eta
         if self.Lz is not None:
             grad = grad + self.Lz.T @ dzi
-        return -ll.sum() + 0.5 * z @ z, -grad + z
+        return -ll.sum(), -grad
+
+    def __call__(self, z):
+        value, grad = self.nll(z)
+        return value + 0.5 * z @ z, grad + z
 
     def minimize(self, z0, fixed=None, value=0.0):
         bounds = [(None, None)] * len(z0)
@@ -86,15 +91,43 @@ class Cell:
         if fixed is not None:
             bounds[fixed] = (value, value)
             z0[fixed] = value
-        res = optimize.minimize(
-            self,
-            z0,
-            jac=True,
-            method="L-BFGS-B",
-            bounds=bounds,
-            options={"ftol": 1e-15, "gtol": 1e-10, "maxiter": 10_000, "maxcor": 20},
-        )
-        return res.fun, res.x
+        return lbfgs(self, z0, bounds)
+
+
+def lbfgs(fun, x0, bounds=None):
+    res = optimize.minimize(
+        fun,
+        x0,
+        jac=True,
+        method="L-BFGS-B",
+        bounds=bounds,
+        options={"ftol": 1e-15, "gtol": 1e-10, "maxiter": 10_000, "maxcor": 20},
+    )
+    return res.fun, res.x
+
+
+class LnCell(Cell):
+    """J(u) = -log p(x | softmax(u)) + 0.5 ||u||^2 for one cell of an "ln" model; the constrained
+    problem softmax(u)_k = b in the free coordinates u_-k, u_k = logit(b) + logsumexp(u_-k)."""
+
+    def __call__(self, u):
+        w = special.softmax(u)
+        value, g = self.nll(w)
+        return value + 0.5 * u @ u, w * (g - w @ g) + u
+
+    @staticmethod
+    def complete(free, k, b):
+        return np.insert(free, k, special.logit(b) + special.logsumexp(free))
+
+    def constrained(self, free, k, b):
+        value, grad = self(self.complete(free, k, b))
+        return value, np.delete(grad, k) + grad[k] * special.softmax(free)
+
+    def minimize(self, u0, fixed=None, value=0.0):
+        if fixed is None:
+            return lbfgs(self, np.asarray(u0, np.float64))
+        fun, free = lbfgs(lambda f: self.constrained(f, fixed, value), np.delete(u0, fixed))
+        return fun, self.complete(free, fixed, value)
 
 
 def scipy_unique(cell, baseline, n_latent):
@@ -191,14 +224,124 @@ def test_zero_steps_is_plain_delta_plus_prior_change(refitted):
     np.testing.assert_allclose(zero.unique_delta_nll, res.delta_nll + prior, rtol=1e-7, atol=1e-7)
 
 
-def test_zero_steps_ln_is_plain_delta():
-    """ "ln": the ablation overwrites softmax(u)_k and leaves u (the prior's variable) alone."""
-    model = random_model(latent_distribution="ln", dtype="float64")
+LN_BASELINES = ["mean", 0.05]
+
+
+def refit_sweep(model, adata, baseline):
+    """The API's refit sweep for ``baseline`` values, to read the full optimum values."""
+    data = model.prepare(adata)
+    return refit.RefitSweep(
+        model.params,
+        data,
+        config=model.config,
+        baseline=baseline,
+        latents=np.arange(model.n_latent),
+        library="model",
+        optimizer="lbfgs",
+        steps=100,
+        tol=1e-6,
+        batch_size=refit.choose_batch_size(data.n_obs, model.config.n_input),
+    )
+
+
+@pytest.fixture(scope="module", params=LIKELIHOODS, ids=lambda c: c["gene_likelihood"])
+def ln_refitted(request):
+    """A float64 "ln" model; per baseline its refit result and the full optimum values."""
+    model = random_model(seed=3, dtype="float64", latent_distribution="ln", **request.param)
+    adata = random_adata(model, n_obs=N_OBS, seed=4)
+    out = {}
+    for baseline in LN_BASELINES:
+        res = ldj.ablate(model, adata, baseline=baseline, refit=True, refit_tol=1e-6)
+        sweep = refit_sweep(model, adata, res.settings["baseline_values"])
+        out[baseline] = res, np.concatenate([s.objective for _, _, s in sweep])
+    return model, adata, out
+
+
+@pytest.mark.parametrize("baseline", LN_BASELINES)
+def test_ln_unique_is_nonnegative_and_matches_scipy(ln_refitted, baseline):
+    """ "ln": softmax(u)_k = b is an exact restriction of the full problem (u_k completed)."""
+    model, adata, out = ln_refitted
+    res, objective = out[baseline]
+    b = res.settings["baseline_values"]
+    k = model.n_latent
+    assert (res.unique_delta_nll >= 0).all()  # exactly, by construction
+    assert res.refit_converged.all()
+    worst_full = worst_con = 0.0
+    for c in range(N_SCIPY):
+        cell = LnCell(model, adata, c)
+        full, con = scipy_unique(cell, b, k)
+        ours_con = objective[c] + res.unique_delta_nll[c]
+        worst_full = max(worst_full, abs(objective[c] - full) / abs(full))
+        worst_con = max(worst_con, np.max(np.abs(ours_con - con) / np.abs(con)))
+    print(
+        f"\nln {model.config.gene_likelihood} baseline {baseline}: min unique "
+        f"{res.unique_delta_nll.min():.2e}; max rel diff to scipy full {worst_full:.1e}, "
+        f"constrained {worst_con:.1e}"
+    )
+    assert worst_full <= 1e-6 and worst_con <= 1e-6
+
+
+def test_ln_constraint_holds_at_end_points(ln_refitted, monkeypatch):
+    """Every constrained end point has softmax(u)_k = b_k and the full objective's value there."""
+    model, adata, out = ln_refitted
+    b = out[0.05][0].settings["baseline_values"]
+    records = []
+    fit_lanes = refit.fit_lanes
+
+    def recording(heads, lanes, v0, baseline, *args, **kwargs):
+        fit = fit_lanes(heads, lanes, v0, baseline, *args, **kwargs)
+        at = refit._full_objective(heads, lanes, fit.v, baseline, config=kwargs["config"])
+        records.append([np.asarray(a) for a in (lanes.mask, fit.v, fit.value, at)])
+        return fit
+
+    monkeypatch.setattr(refit, "fit_lanes", recording)
+    for _ in refit_sweep(model, adata, b):
+        pass
+    constrained = [r for r in records if r[0].any()]
+    assert len(constrained) >= model.n_latent
+    for mask, u, value, at in constrained:
+        np.testing.assert_allclose(special.softmax(u, axis=1)[mask], b[mask.argmax(1)], atol=1e-12)
+        np.testing.assert_allclose(at, value, rtol=1e-12, atol=1e-9)
+
+
+def test_zero_steps_ln_is_objective_at_the_completed_start(ln_refitted):
+    """ "ln", no steps: J at the encoder mean u completed with softmax(u)_k = b_k, minus J(u)."""
+    model, adata, out = ln_refitted
+    zero = ldj.ablate(model, adata, baseline="mean", refit=True, refit_steps=0)
+    b = zero.settings["baseline_values"]
+    expected = np.empty_like(zero.unique_delta_nll)
+    for c in range(N_OBS):
+        cell = LnCell(model, adata, c)
+        u = cell.qz_m
+        for k in range(model.n_latent):
+            completed = cell.complete(np.delete(u, k), k, b[k])
+            expected[c, k] = cell(completed)[0] - cell(u)[0]
+    np.testing.assert_allclose(zero.unique_delta_nll, expected, rtol=1e-7, atol=1e-8)
+    assert not np.allclose(zero.unique_delta_nll, zero.delta_nll)  # the plain sweep: no renorm
+
+
+@pytest.mark.parametrize("baseline", ["zero", 1.0, [0.2, 0.2, 0.2, 1.5, 0.2]])
+def test_ln_refit_needs_baseline_in_open_unit_interval(baseline):
+    model = random_model(latent_distribution="ln")
     adata = random_adata(model, n_obs=N_OBS)
-    res = ldj.ablate(model, adata, baseline="mean", refit=True, refit_steps=0)
-    np.testing.assert_allclose(res.unique_delta_nll, res.delta_nll, rtol=1e-7, atol=1e-7)
-    fitted = ldj.ablate(model, adata, baseline="mean", refit=True)
-    assert np.isfinite(fitted.unique_delta_nll).all() and fitted.refit_converged.all()
+    with pytest.raises(ldj.ConfigError, match=r'Z_\d=\S+\. Use baseline="mean" or a value in'):
+        ldj.ablate(model, adata, baseline=baseline, refit=True)
+    if isinstance(baseline, list):  # latents not ablated need no valid baseline
+        res = ldj.ablate(model, adata, baseline=baseline, latents=[0], refit=True)
+        assert res.refit_converged.all() and (res.unique_delta_nll >= 0).all()
+
+
+def test_cli_ln_refit_with_zero_baseline_is_one_error_line(tmp_path, capsys):
+    model = random_model(latent_distribution="ln")
+    checkpoint.save(tmp_path / "model", model._host_params, model.spec)
+    random_adata(model, n_obs=N_OBS).write_h5ad(tmp_path / "cells.h5ad")
+    argv = ["ablate", str(tmp_path / "model"), str(tmp_path / "cells.h5ad"), "--refit"]
+    assert main([*argv, "-o", str(tmp_path / "res.h5ad")]) == 1
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ldj: error: refit=True"), err
+    assert "Z_0=0" in err and 'baseline="mean"' in err and "Traceback" not in err
+    assert not (tmp_path / "res.h5ad").exists()
 
 
 def edited_model():
