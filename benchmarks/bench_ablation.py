@@ -6,7 +6,10 @@ What it measures, per grid point (N cells x G genes x K latents, likelihood):
   minibatch of 1024, ``module.inference`` once, then per latent ``module.generative`` and
   ``px.log_prob(x).sum(-1)`` (torch, CPU).
 * ``ours_e2e_s``: what a user waits for: ``ldj.load`` + the first ``ldj.ablate`` (JIT compile
-  included). ``ours_compile_s`` = e2e - steady; ``ours_steady_s``: a second ``ldj.ablate``.
+  included, cold persistent compilation cache). ``ours_e2e_warm_cache_s``: the same in a fresh
+  JAX session whose persistent cache holds the compiled sweep, as every ``ldj ablate`` after
+  the first on the same shapes. ``ours_compile_s`` = e2e - steady; ``ours_steady_s``: another
+  ``ldj.ablate`` on the loaded model, everything compiled.
 * ``floor_s``: a bare jitted ``exp`` + ``log`` over the same N*K*G triples: the cost of
   evaluating one transcendental per (cell, latent, gene).
 * ``max_abs_diff``: max |delta_nll ours - scvi|, with the tolerance of the ablation tests.
@@ -116,11 +119,17 @@ def run_point(n: int, g: int, k: int, likelihood: str, skip_scvi: bool) -> dict:
         folder = Path(tmp) / "scvi"
         scvi_model = train_scvi(adata, k, likelihood, folder)
         ldj.convert(folder, Path(tmp) / "ldj")
-        jax.clear_caches()
-        t0 = time.perf_counter()
+
+        def end_to_end():
+            jax.clear_caches()
+            t0 = time.perf_counter()
+            res = ldj.ablate(ldj.load(Path(tmp) / "ldj"), adata)
+            return res, time.perf_counter() - t0
+
+        res, e2e = end_to_end()
+        res, e2e_warm = end_to_end()
         model = ldj.load(Path(tmp) / "ldj")
-        res = ldj.ablate(model, adata)
-        e2e = time.perf_counter() - t0
+        ldj.ablate(model, adata)
         t0 = time.perf_counter()
         res = ldj.ablate(model, adata)
         steady = time.perf_counter() - t0
@@ -130,6 +139,7 @@ def run_point(n: int, g: int, k: int, likelihood: str, skip_scvi: bool) -> dict:
             "n_latent": k,
             "likelihood": likelihood,
             "ours_e2e_s": e2e,
+            "ours_e2e_warm_cache_s": e2e_warm,
             "ours_steady_s": steady,
             "ours_compile_s": max(e2e - steady, 0.0),
             "floor_s": floor_seconds(n, k, g),
@@ -141,6 +151,7 @@ def run_point(n: int, g: int, k: int, likelihood: str, skip_scvi: bool) -> dict:
             ref = scvi_ablation_loop(scvi_model, adata, baseline=np.zeros(k), batch_size=1024)
             row["scvi_s"] = time.perf_counter() - t0
             row["speedup_e2e"] = row["scvi_s"] / e2e
+            row["speedup_e2e_warm_cache"] = row["scvi_s"] / e2e_warm
             row["max_abs_diff"] = float(np.abs(ref - res.delta_nll).max())
             nll = np.abs(res.nll).max()
             row["tolerance"] = float(5e-6 * nll + 1e-5 * np.abs(ref).max())
@@ -177,17 +188,24 @@ def main() -> None:
     import jax
     import torch
 
+    # as `ldj ablate` runs: a persistent compilation cache (JAX sets it up once per process, so one
+    # folder for the whole run; each grid point's shapes start cold)
+    import linear_decoder_jax as ldj
+
+    cache = tempfile.TemporaryDirectory()
+    ldj.enable_compilation_cache(cache.name)
     rows = []
-    header = f"{'N':>7} {'G':>5} {'K':>3} {'lik':>5} {'ours e2e':>9} {'compile':>8} {'steady':>8} {'floor':>7} {'st/floor':>8} {'scvi':>8} {'speedup':>8} {'maxdiff':>9} {'RSS MB':>7}"
+    header = f"{'N':>7} {'G':>5} {'K':>3} {'lik':>5} {'ours e2e':>9} {'warm':>7} {'compile':>8} {'steady':>8} {'floor':>7} {'st/floor':>8} {'scvi':>8} {'speedup':>8} {'warm':>6} {'maxdiff':>9} {'RSS MB':>7}"
     print(header)
     for point in GRIDS[args.grid]:
         r = run_point(*point, skip_scvi=args.skip_scvi)
         rows.append(r)
         print(
             f"{r['n_obs']:>7} {r['n_vars']:>5} {r['n_latent']:>3} {r['likelihood']:>5} "
-            f"{r['ours_e2e_s']:>8.2f}s {r['ours_compile_s']:>7.2f}s {r['ours_steady_s']:>7.2f}s "
+            f"{r['ours_e2e_s']:>8.2f}s {r['ours_e2e_warm_cache_s']:>6.2f}s {r['ours_compile_s']:>7.2f}s {r['ours_steady_s']:>7.2f}s "
             f"{r['floor_s']:>6.2f}s {r['ours_over_floor']:>8.2f} "
             f"{r.get('scvi_s', float('nan')):>7.2f}s {r.get('speedup_e2e', float('nan')):>7.1f}x "
+            f"{r.get('speedup_e2e_warm_cache', float('nan')):>5.1f}x "
             f"{r.get('max_abs_diff', float('nan')):>9.2e} {r['peak_rss_mb']:>7.0f}",
             flush=True,
         )

@@ -25,7 +25,8 @@ from linear_decoder_jax.config import LDVAEConfig
 from linear_decoder_jax.distributions import (
     count_term,
     log_prob_constant,
-    log_prob_varying,
+    log_prob_constant_at_zero,
+    rate_reference,
     rate_term,
     rate_term_change,
 )
@@ -36,13 +37,16 @@ Mode = Literal["drop", "keep"]
 LibraryChoice = Literal["model", "observed"]
 BaselineSpec = Literal["zero", "mean", "median"] | float | Sequence[float] | np.ndarray
 
-# Budget for the (n_latents, batch, n_vars) intermediates of one minibatch. On CPU the sweep is
-# fastest when they stay in cache (measured: 20k x 2000 x 10 NB took 2.5 s at 128 cells per
-# minibatch, 4.4 s at 1024, with 64 best once the sparse path landed); accelerators want
-# large minibatches.
-_SWEEP_BYTES = {"cpu": 32 * 2**20}
+# Budget for the sweep temporaries of one minibatch. On CPU the latents run one after another on
+# (batch, n_vars) arrays that should stay in cache (measured at 20k x 2000 x 10 NB: 64-128 cells
+# per minibatch fastest, 1024 about 2x slower); accelerators vmap over the latents and want large
+# minibatches.
+_SWEEP_BYTES = {"cpu": 6 * 2**20}
 _SWEEP_BYTES_ACCELERATOR = 1024 * 2**20
 _TEMPORARIES = 6
+# Widest bracket of the softmax shift taken without a max pass: exp(-60) is far from float32
+# underflow, so every cell keeps its largest term.
+_SHIFT_SLACK = 60.0
 
 
 class MinibatchScores(NamedTuple):
@@ -59,7 +63,9 @@ class MinibatchScores(NamedTuple):
 def choose_batch_size(n_obs: int, n_vars: int, n_ablated: int, itemsize: int = 4) -> int:
     """Largest power-of-two minibatch whose sweep temporaries fit the memory budget."""
     budget = _SWEEP_BYTES.get(jax.default_backend(), _SWEEP_BYTES_ACCELERATOR)
-    per_cell = max(1, n_ablated) * n_vars * itemsize * _TEMPORARIES
+    per_cell = n_vars * itemsize * _TEMPORARIES
+    if jax.default_backend() != "cpu":  # vmapped latents: all of them at once
+        per_cell *= max(1, n_ablated)
     size = 2 ** int(np.floor(np.log2(max(1, budget // per_cell))))
     size = int(np.clip(size, 8, 4096))
     return int(min(size, max(8, -(-n_obs // 8) * 8)))
@@ -67,7 +73,6 @@ def choose_batch_size(n_obs: int, n_vars: int, n_ablated: int, itemsize: int = 4
 
 def _score(
     params: LDVAEParams,
-    x: jax.Array,
     nz_index: jax.Array,
     nz_count: jax.Array,
     z: jax.Array,
@@ -83,9 +88,10 @@ def _score(
 ):
     """delta_nll, delta_l1, full NLL and the lfc sums for decoder input ``z`` (batch, n_latent).
 
-    NB and Poisson split the likelihood into a dense term without ``x`` and a term proportional
-    to ``x`` evaluated at the non-zero counts only (``nz_index``/``nz_count``); ZINB, whose zero
-    case differs, is evaluated densely.
+    The likelihood is split into its value at ``x = 0`` (dense over genes) and what each count
+    adds, evaluated at the non-zero counts only (``nz_index``/``nz_count``). Everything the
+    latents share (the full model's softmax, its per-gene reference terms, theta) is computed
+    once, then each latent's body works on (batch, n_vars) arrays.
     """
     lik = config.gene_likelihood
     theta = model.dispersion(params, batch, label, config=config)
@@ -108,65 +114,96 @@ def _score(
         top = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
         e = jnp.exp(logits - top)
         total = e.sum(axis=-1, keepdims=True)
-        return e / total, top + jnp.log(total)
+        return e * (1.0 / total), top + jnp.log(total)
 
     rho, lse = softmax(full[0])
     lib = jnp.exp(log_library)
-    sparse = lik in ("nb", "poisson")
+    mu = lib * rho
     at_nz = functools.partial(jnp.take_along_axis, indices=nz_index, axis=1)
     theta_nz = at_nz(theta)
+    zi = full[1] if lik == "zinb" else None
 
-    mu = lib * rho
-    zi_full = full[1] if lik == "zinb" else None
-    if sparse:  # x-weighted terms at the non-zero counts only; lgamma terms vanish at x = 0
-        mu_nz = lib * jnp.exp(at_nz(full[0]) - lse)  # as gain() computes it: exact 0 for no change
-        count_full = count_term(nz_count, mu_nz, theta_nz, likelihood=lik)
-        at_zero = log_prob_constant(jnp.zeros_like(theta), theta, likelihood=lik)
-        nz_const = log_prob_constant(nz_count, theta_nz, likelihood=lik) - at_nz(at_zero)
-        constant = at_zero.sum(-1) + jnp.where(nz_count > 0, nz_const, 0.0).sum(-1)
-        v_full = rate_term(mu, theta, likelihood=lik).sum(-1) + count_full.sum(-1)
-    else:
-        v_full_genes = log_prob_varying(x, mu, theta, zi_full, likelihood=lik)
-        constant = log_prob_constant(x, theta, likelihood=lik).sum(-1)
-        v_full = v_full_genes.sum(-1)
+    def at_counts(logits: list[jax.Array], log_norm: jax.Array) -> jax.Array:
+        """count_term at the non-zero counts, from the logits there."""
+        mu_nz = lib * jnp.exp(logits[0] - log_norm)
+        return count_term(nz_count, mu_nz, theta_nz, *logits[1:], likelihood=lik)
 
-    def gain(logits: jax.Array, rho_: jax.Array, lse_: jax.Array, zi: jax.Array | None):
-        """Per-cell change of the log-likelihood against the full model, gene by gene."""
-        if not sparse:
-            v = log_prob_varying(x, lib * rho_, theta, zi, likelihood=lik)
-            return (v - v_full_genes).sum(-1)
-        mu_k_nz = lib * jnp.exp(at_nz(logits) - lse_)
-        count_k = count_term(nz_count, mu_k_nz, theta_nz, likelihood=lik)
-        dense = rate_term_change(lib * rho_, mu, theta, likelihood=lik)
-        return dense + (count_k - count_full).sum(-1)
-
+    # z-dependent terms: the value at x = 0 (dense), plus what each count adds (at the non-zero
+    # counts only); then the lgamma terms, also at the non-zero counts (at x = 0 they cancel).
+    count_full = at_counts([at_nz(f) for f in full], lse)
+    v_full = rate_term(mu, theta, zi, likelihood=lik).sum(-1) + count_full.sum(-1)
+    reference = rate_reference(mu, theta, zi, likelihood=lik)
+    at_zero = log_prob_constant_at_zero(theta, likelihood=lik)
+    nz_const = log_prob_constant(nz_count, theta_nz, likelihood=lik) - at_nz(at_zero)
+    constant = at_zero.sum(-1) + jnp.where(nz_count > 0, nz_const, 0.0).sum(-1)
     nll = -(v_full + constant)
+    start_nz = [at_nz(s) for s in start]
 
-    def one(k: jax.Array):
-        zk = z[:, k]
-        d = (baseline[k] - zk) if mode == "drop" else (zk - baseline[k])  # (batch,)
-        moved = [s + d[:, None] * h.loadings[None, :, k] for s, h in zip(start, heads, strict=True)]
-        rho_k, lse_k = softmax(moved[0])
-        zi_k = moved[1] if lik == "zinb" else None
-        # Decoder outputs that did not move give exactly 0 (the batched and unbatched softmax
-        # may round differently, which would otherwise leave ~1e-5 nats of noise).
-        moved_any = jnp.any(
-            jnp.stack([m != f for m, f in zip(moved, full, strict=True)]), axis=(0, 2)
-        )
-        delta = jnp.where(moved_any, -gain(moved[0], rho_k, lse_k, zi_k), 0.0)
+    # A latent moves a cell's decoder outputs only where its shift is non-zero and its loadings
+    # are; unmoved cells score exactly 0 (no rounding noise from recomputing the softmax).
+    active = jnp.stack([jnp.any(h.loadings != 0, axis=0) for h in heads]).any(0)  # (n_latent,)
+    off_baseline = (z != baseline[None, :]) & active[None, :]  # (batch, n_latent)
+
+    # Softmax shift per cell for latent k without a pass over the genes: the moved logits'
+    # maximum lies within the start maximum moved by the smallest and the largest shift over
+    # genes. Exponentials are taken against the upper end, so nothing overflows; where the
+    # bracket is wider than _SHIFT_SLACK (something could underflow) the exact maximum is taken.
+    start_top = start[0].max(axis=-1)
+    load_hi, load_lo = heads[0].loadings.max(axis=0), heads[0].loadings.min(axis=0)
+
+    zt = z.T[latents]  # (n_ablated, batch): each latent's inputs as contiguous rows
+    shift = (
+        (baseline[latents][:, None] - zt) if mode == "drop" else (zt - baseline[latents][:, None])
+    )
+    if mode == "drop":
+        moved_any = off_baseline.T[latents]
+    else:  # moved from the full model by every other latent that sits off its baseline
+        others = off_baseline.sum(axis=1)[None, :] - off_baseline.T[latents]
+        moved_any = others > 0
+    per_latent = (
+        shift,
+        moved_any,
+        [h.loadings.T[latents] for h in heads],
+        jnp.abs(shift) * (load_hi - load_lo)[latents][:, None] <= _SHIFT_SLACK,
+        load_hi[latents],
+        load_lo[latents],
+    )
+
+    def one(args):
+        d, moved_any, loadings, narrow, hi, lo = args  # d: (batch,) shift of latent k
+        moved = [s + d[:, None] * lk[None, :] for s, lk in zip(start, loadings, strict=True)]
+        top_hi = start_top + jnp.maximum(d * hi, d * lo)
+        top = jax.lax.cond(
+            jnp.all(narrow),
+            lambda: top_hi,
+            lambda: (start[0] + d[:, None] * loadings[0][None, :]).max(axis=-1),
+        )[:, None]
+        # Each pass over the genes below is one fused exp-and-reduce: re-taking the exp per pass
+        # runs faster on XLA:CPU than storing it once (measured), and the three forms differ,
+        # so common-subexpression elimination keeps them apart.
+        lse_k = top + jnp.log(jnp.exp(moved[0] - top).sum(axis=-1, keepdims=True))
+        mu_k = jnp.exp(moved[0] - (lse_k - log_library))
+        rho_k = jnp.exp(moved[0] - lse_k)
+        moved_nz = [s + d[:, None] * lk[nz_index] for s, lk in zip(start_nz, loadings, strict=True)]
+        gain = rate_term_change(mu_k, theta, reference, *moved[1:], likelihood=lik) + (
+            at_counts(moved_nz, lse_k) - count_full
+        ).sum(-1)
+        delta = jnp.where(moved_any, -gain, 0.0)
         l1 = jnp.where(moved_any, jnp.abs(rho_k - rho).sum(-1), 0.0)
         # ln rho_k - ln rho = (moved - full) - (lse_k - lse), summed over valid cells
         if mode == "drop":
-            lfc = heads[0].loadings[:, k] * jnp.sum(d * valid) - jnp.sum(
-                (lse_k - lse)[:, 0] * valid
-            )
+            lfc = loadings[0] * jnp.sum(d * valid) - jnp.sum((lse_k - lse)[:, 0] * valid)
         else:
-            shift = moved[0] - full[0] - (lse_k - lse)
-            lfc = jnp.sum(shift * valid[:, None], axis=0)
+            lfc = jnp.sum((moved[0] - full[0] - (lse_k - lse)) * valid[:, None], axis=0)
         return delta, l1, lfc
 
-    delta, l1, lfc = jax.vmap(one, out_axes=(1, 1, 1))(latents)
-    return delta, l1, nll, lfc
+    # XLA:CPU compiles the per-latent body as a loop over (batch, n_vars) arrays several times
+    # faster than the batched body (measured); accelerators want the batched one.
+    if jax.default_backend() == "cpu":
+        delta, l1, lfc = jax.lax.map(one, per_latent)
+    else:
+        delta, l1, lfc = jax.vmap(one)(per_latent)
+    return delta.T, l1.T, nll, lfc.T
 
 
 @functools.partial(jax.jit, static_argnames=("config", "mode", "library", "n_samples"))
@@ -197,7 +234,6 @@ def sweep_minibatch(
     score = functools.partial(
         _score,
         params,
-        x,
         nz_index,
         nz_count,
         log_library=log_library,
@@ -340,8 +376,8 @@ class Sweep:
     def _placement(self):
         """(cells, replicated) placement functions: a 1-D mesh over the cell axis when several
         devices are used (parameters replicated), else plain device arrays."""
-        if len(self.devices) <= 1:
-            return jnp.asarray, jnp.asarray
+        if len(self.devices) <= 1:  # jit's own transfer of host arrays is the cheapest
+            return (lambda a: a), jax.device_put
         from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
         mesh = Mesh(np.asarray(self.devices), ("cells",))
@@ -365,7 +401,10 @@ class Sweep:
 
         for mb in prefetch(anndata_io.minibatches(self.data, self.batch_size)):
             valid = (np.arange(len(mb.x)) < mb.n_valid).astype(self.dtype)
-            key, sub = jax.random.split(key)
+            if self.n_samples:  # else the key is unused: skip a dispatch per minibatch
+                key, sub = jax.random.split(key)
+            else:
+                sub = key
             out = sweep_minibatch(
                 params,
                 shard(mb.x.astype(self.dtype, copy=False)),
