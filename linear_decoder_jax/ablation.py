@@ -44,8 +44,8 @@ BaselineSpec = Literal["zero", "mean", "median"] | float | Sequence[float] | np.
 _SWEEP_BYTES = {"cpu": 6 * 2**20}
 _SWEEP_BYTES_ACCELERATOR = 1024 * 2**20
 _TEMPORARIES = 6
-# Widest bracket of the softmax shift taken without a max pass: exp(-60) is far from float32
-# underflow, so every cell keeps its largest term.
+# Widest range of a latent's logit shift over genes taken without a max pass: its largest
+# exp(r - c) term is then above exp(-60) times a softmax entry, far from float32 underflow.
 _SHIFT_SLACK = 60.0
 
 
@@ -123,38 +123,38 @@ def _score(
     theta_nz = at_nz(theta)
     zi = full[1] if lik == "zinb" else None
 
-    def at_counts(logits: list[jax.Array], log_norm: jax.Array) -> jax.Array:
-        """count_term at the non-zero counts, from the logits there."""
-        mu_nz = lib * jnp.exp(logits[0] - log_norm)
-        return count_term(nz_count, mu_nz, theta_nz, *logits[1:], likelihood=lik)
+    def at_counts(mu_nz: jax.Array, zi_nz: list[jax.Array]) -> jax.Array:
+        """count_term at the non-zero counts."""
+        return count_term(nz_count, mu_nz, theta_nz, *zi_nz, likelihood=lik)
 
     # z-dependent terms: the value at x = 0 (dense), plus what each count adds (at the non-zero
     # counts only); then the lgamma terms, also at the non-zero counts (at x = 0 they cancel).
-    count_full = at_counts([at_nz(f) for f in full], lse)
+    count_full = at_counts(at_nz(mu), [at_nz(f) for f in full[1:]])
     v_full = rate_term(mu, theta, zi, likelihood=lik).sum(-1) + count_full.sum(-1)
     reference = rate_reference(mu, theta, zi, likelihood=lik)
     at_zero = log_prob_constant_at_zero(theta, likelihood=lik)
     nz_const = log_prob_constant(nz_count, theta_nz, likelihood=lik) - at_nz(at_zero)
     constant = at_zero.sum(-1) + jnp.where(nz_count > 0, nz_const, 0.0).sum(-1)
     nll = -(v_full + constant)
-    start_nz = [at_nz(s) for s in start]
+
+    # Latent k moves the start logits by r = d * loadings[:, k] (rank one): its log softmax is
+    # log_rho + r - log_z, log_z = logsumexp(log_rho + r), with log_rho that of the start. The
+    # shift c = max_g r is read off the loadings' range; log_rho <= 0, so exp(log_rho + r - c) <= 1.
+    base_lse = lse if mode == "drop" else softmax(start[0])[1]
+    log_rho = start[0] - base_lse
+    log_mu = log_rho + log_library
+    log_mu_nz = at_nz(log_mu)
+    start_zi_nz = [at_nz(s) for s in start[1:]]
 
     # A latent moves a cell's decoder outputs only where its shift is non-zero and its loadings
     # are; unmoved cells score exactly 0 (no rounding noise from recomputing the softmax).
     active = jnp.stack([jnp.any(h.loadings != 0, axis=0) for h in heads]).any(0)  # (n_latent,)
     off_baseline = (z != baseline[None, :]) & active[None, :]  # (batch, n_latent)
-
-    # Softmax shift per cell for latent k without a pass over the genes: the moved logits'
-    # maximum lies within the start maximum moved by the smallest and the largest shift over
-    # genes. Exponentials are taken against the upper end, so nothing overflows; where the
-    # bracket is wider than _SHIFT_SLACK (something could underflow) the exact maximum is taken.
-    start_top = start[0].max(axis=-1)
     load_hi, load_lo = heads[0].loadings.max(axis=0), heads[0].loadings.min(axis=0)
 
     zt = z.T[latents]  # (n_ablated, batch): each latent's inputs as contiguous rows
-    shift = (
-        (baseline[latents][:, None] - zt) if mode == "drop" else (zt - baseline[latents][:, None])
-    )
+    b = baseline[latents][:, None]
+    shift = (b - zt) if mode == "drop" else (zt - b)
     if mode == "drop":
         moved_any = off_baseline.T[latents]
     else:  # moved from the full model by every other latent that sits off its baseline
@@ -164,37 +164,42 @@ def _score(
         shift,
         moved_any,
         [h.loadings.T[latents] for h in heads],
+        jnp.maximum(shift * load_hi[latents][:, None], shift * load_lo[latents][:, None]),
+        # where the loadings' range is this wide, exp(log_rho + r - c) could underflow for
+        # every gene: take c as the moved log softmax's maximum (a pass over the genes)
         jnp.abs(shift) * (load_hi - load_lo)[latents][:, None] <= _SHIFT_SLACK,
-        load_hi[latents],
-        load_lo[latents],
     )
 
     def one(args):
-        d, moved_any, loadings, narrow, hi, lo = args  # d: (batch,) shift of latent k
-        moved = [s + d[:, None] * lk[None, :] for s, lk in zip(start, loadings, strict=True)]
-        top_hi = start_top + jnp.maximum(d * hi, d * lo)
-        top = jax.lax.cond(
+        d, moved_any, loadings, c, narrow = args  # d, c: (batch,) for latent k
+        r = d[:, None] * loadings[0][None, :]
+        c = jax.lax.cond(
             jnp.all(narrow),
-            lambda: top_hi,
-            lambda: (start[0] + d[:, None] * loadings[0][None, :]).max(axis=-1),
+            lambda: c,
+            lambda: (log_rho + d[:, None] * loadings[0][None, :]).max(axis=-1),
         )[:, None]
         # Each pass over the genes below is one fused exp-and-reduce: re-taking the exp per pass
-        # runs faster on XLA:CPU than storing it once (measured), and the three forms differ,
-        # so common-subexpression elimination keeps them apart.
-        lse_k = top + jnp.log(jnp.exp(moved[0] - top).sum(axis=-1, keepdims=True))
-        mu_k = jnp.exp(moved[0] - (lse_k - log_library))
-        rho_k = jnp.exp(moved[0] - lse_k)
-        moved_nz = [s + d[:, None] * lk[nz_index] for s, lk in zip(start_nz, loadings, strict=True)]
-        gain = rate_term_change(mu_k, theta, reference, *moved[1:], likelihood=lik) + (
-            at_counts(moved_nz, lse_k) - count_full
-        ).sum(-1)
+        # runs faster on XLA:CPU than storing it once (measured); the forms differ, so common-
+        # subexpression elimination keeps them apart.
+        log_z = c + jnp.log(jnp.exp(log_rho + r - c).sum(axis=-1, keepdims=True))
+        zi_k = [s + d[:, None] * lk[None, :] for s, lk in zip(start[1:], loadings[1:], strict=True)]
+        mu_k = jnp.exp(log_mu + r - log_z)
+        gain = rate_term_change(mu_k, theta, reference, *zi_k, likelihood=lik)
+        r_nz = d[:, None] * loadings[0][nz_index]
+        zi_nz = [
+            s + d[:, None] * lk[nz_index] for s, lk in zip(start_zi_nz, loadings[1:], strict=True)
+        ]
+        gain = gain + (at_counts(jnp.exp(log_mu_nz + r_nz - log_z), zi_nz) - count_full).sum(-1)
+        l1 = jnp.abs(jnp.exp(log_rho + r - log_z) - rho).sum(-1)
         delta = jnp.where(moved_any, -gain, 0.0)
-        l1 = jnp.where(moved_any, jnp.abs(rho_k - rho).sum(-1), 0.0)
-        # ln rho_k - ln rho = (moved - full) - (lse_k - lse), summed over valid cells
+        l1 = jnp.where(moved_any, l1, 0.0)
+        # ln rho_k - ln rho = r - log_z + (base_lse - lse) + (start - full), over valid cells
+        lse_change = (log_z + base_lse - lse)[:, 0]
         if mode == "drop":
-            lfc = loadings[0] * jnp.sum(d * valid) - jnp.sum((lse_k - lse)[:, 0] * valid)
+            lfc = loadings[0] * jnp.sum(d * valid) - jnp.sum(lse_change * valid)
         else:
-            lfc = jnp.sum((moved[0] - full[0] - (lse_k - lse)) * valid[:, None], axis=0)
+            moved = start[0] + r - full[0] - lse_change[:, None]
+            lfc = jnp.sum(moved * valid[:, None], axis=0)
         return delta, l1, lfc
 
     # XLA:CPU compiles the per-latent body as a loop over (batch, n_vars) arrays several times

@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import linear_decoder_jax as ldj
+from linear_decoder_jax import ablation
 
 
 def brute_force(model, adata, *, baseline, mode="drop", latents=None, library="model"):
@@ -79,6 +80,31 @@ def test_matches_brute_force(cfg, mode, baseline):
     assert_close(res.delta_nll, ref, full)
     np.testing.assert_allclose(res.nll, full, rtol=2e-6, atol=1e-4)
     assert res.delta_nll.shape == (adata.n_obs, model.n_latent)
+
+
+@pytest.mark.parametrize("cfg", [{}, {"gene_likelihood": "zinb"}], ids=["nb", "zinb"])
+@pytest.mark.parametrize("mode", ["drop", "keep"])
+def test_wide_logit_shifts_take_the_exact_normaliser(cfg, mode):
+    """A latent whose logit shift spans more than ablation._SHIFT_SLACK over genes: the softmax
+    shift is then the moved log softmax's maximum, not the bound read off the loadings."""
+    model = random_model(seed=7, **cfg)
+    adata = random_adata(model)
+
+    def span(m):
+        loadings = m.get_loadings().to_numpy()[:, 0]
+        return np.abs(m.get_latent_representation(adata)[:, 0]) * np.ptp(loadings)
+
+    p = model._host_params
+    head = p.decoder.factor
+    kernel = np.array(head.dense.kernel)  # rows: latents, then batch one-hot columns
+    kernel[0] *= 3 * ablation._SHIFT_SLACK / np.median(span(model))
+    head = head._replace(dense=head.dense._replace(kernel=kernel))
+    model = ldj.LinearSCVI(p._replace(decoder=p.decoder._replace(factor=head)), model.spec)
+    assert (span(model) > ablation._SHIFT_SLACK).mean() > 0.5  # most minibatches: exact path
+    res = ldj.ablate(model, adata, mode=mode, batch_size=16)
+    ref, full = brute_force(model, adata, baseline=res.settings["baseline_values"], mode=mode)
+    assert_close(res.delta_nll, ref, full)
+    assert np.isfinite(res.delta_l1).all() and np.isfinite(res.mean_lfc).all()
 
 
 def test_baseline_statistics_are_over_all_cells():
