@@ -150,18 +150,14 @@ LIKELIHOODS = [
 ]
 
 
-@pytest.fixture(scope="module", params=LIKELIHOODS, ids=lambda c: c["gene_likelihood"])
-def refitted(request):
-    """A float64 model, its plain + refit result and our optimum values."""
-    model = random_model(seed=3, dtype="float64", **request.param)
-    adata = random_adata(model, n_obs=N_OBS, seed=4)
-    res = ldj.ablate(model, adata, refit=True, refit_tol=1e-6)
+def refit_sweep(model, adata, baseline):
+    """The API's refit sweep for ``baseline`` values, to read the full optimum values."""
     data = model.prepare(adata)
-    sweep = refit.RefitSweep(
+    return refit.RefitSweep(
         model.params,
         data,
         config=model.config,
-        baseline=np.zeros(model.n_latent),
+        baseline=baseline,
         latents=np.arange(model.n_latent),
         library="model",
         optimizer="lbfgs",
@@ -169,6 +165,15 @@ def refitted(request):
         tol=1e-6,
         batch_size=refit.choose_batch_size(data.n_obs, model.config.n_input),
     )
+
+
+@pytest.fixture(scope="module", params=LIKELIHOODS, ids=lambda c: c["gene_likelihood"])
+def refitted(request):
+    """A float64 model, its plain + refit result and our optimum values."""
+    model = random_model(seed=3, dtype="float64", **request.param)
+    adata = random_adata(model, n_obs=N_OBS, seed=4)
+    res = ldj.ablate(model, adata, refit=True, refit_tol=1e-6)
+    sweep = refit_sweep(model, adata, np.zeros(model.n_latent))
     scores = [s for _, _, s in sweep]
     objective = np.concatenate([s.objective for s in scores])
     return model, adata, res, objective, sweep
@@ -225,23 +230,6 @@ def test_zero_steps_is_plain_delta_plus_prior_change(refitted):
 
 
 LN_BASELINES = ["mean", 0.05]
-
-
-def refit_sweep(model, adata, baseline):
-    """The API's refit sweep for ``baseline`` values, to read the full optimum values."""
-    data = model.prepare(adata)
-    return refit.RefitSweep(
-        model.params,
-        data,
-        config=model.config,
-        baseline=baseline,
-        latents=np.arange(model.n_latent),
-        library="model",
-        optimizer="lbfgs",
-        steps=100,
-        tol=1e-6,
-        batch_size=refit.choose_batch_size(data.n_obs, model.config.n_input),
-    )
 
 
 @pytest.fixture(scope="module", params=LIKELIHOODS, ids=lambda c: c["gene_likelihood"])
