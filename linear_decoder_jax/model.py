@@ -7,7 +7,7 @@ samples. All functions take one minibatch; ``batch`` and ``label`` are int array
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -66,11 +66,29 @@ def z_transformation(z: Array, *, config: LDVAEConfig) -> Array:
     return jax.nn.softmax(z, axis=-1) if config.latent_distribution == "ln" else z
 
 
-def library(posterior: Posterior, x: Array, *, config: LDVAEConfig) -> Array:
-    """Log library (n_obs, 1): observed log total counts, or the q(l|x) mean (LinearSCVI default)."""
-    if config.use_observed_lib_size:
-        return jnp.log(x.sum(axis=-1, keepdims=True))
+def observed_log_library(x: Array) -> Array:
+    """Log total counts per cell (n_obs, 1)."""
+    return jnp.log(x.sum(axis=-1, keepdims=True))
+
+
+def library(
+    posterior: Posterior,
+    x: Array,
+    *,
+    config: LDVAEConfig,
+    choice: Literal["model", "observed"] = "model",
+) -> Array:
+    """Log library (n_obs, 1). ``choice="model"``: the model's own (observed log total counts when
+    it was trained with ``use_observed_lib_size``, else the q(l|x) mean, LinearSCVI's default);
+    ``"observed"``: log total counts whatever the model does."""
+    if choice == "observed" or config.use_observed_lib_size:
+        return observed_log_library(x)
     return posterior.ql_m
+
+
+def sample_z(qz_m: Array, qz_v: Array, *, key: Array) -> Array:
+    """One reparameterised draw z ~ N(qz_m, qz_v) (encoder space; see :func:`z_transformation`)."""
+    return qz_m + jnp.sqrt(qz_v) * jax.random.normal(key, qz_m.shape, qz_m.dtype)
 
 
 def affine_head(head: Layer, *, config: LDVAEConfig) -> AffineDecoder:
@@ -88,6 +106,11 @@ def affine_head(head: Layer, *, config: LDVAEConfig) -> AffineDecoder:
     if w_b.shape[0] == 0:  # one batch: no one-hot columns, offset 0
         w_b = jnp.zeros((1, kernel.shape[1]), kernel.dtype)
     return AffineDecoder(loadings=w_z.T, offsets=w_b, intercept=intercept)
+
+
+def affine_logits(head: AffineDecoder, z: Array, batch: Array) -> Array:
+    """Logits of a folded head (:func:`affine_head`) for decoder input ``z`` (n_obs, n_latent)."""
+    return z @ head.loadings.T + head.offsets[batch] + head.intercept[None, :]
 
 
 def head_logits(head: Layer, z: Array, batch: Array, *, config: LDVAEConfig) -> Array:
