@@ -45,10 +45,8 @@ def make_model(folder: Path) -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     from helpers import random_model
 
-    from linear_decoder_jax import checkpoint
-
     model = random_model(n_input=N_VARS, n_latent=N_LATENT, n_hidden=128, n_batch=2, n_labels=1)
-    checkpoint.save(folder, model._host_params, model.spec)
+    model.save(folder)
 
 
 def make_h5ad(path: Path, n_obs: int, seed: int = 0) -> None:

@@ -181,6 +181,15 @@ class LinearSCVI:
             f"latent_distribution={c.latent_distribution!r}, dtype={self.dtype!r})"
         )
 
+    @property
+    def host_params(self) -> LDVAEParams:
+        """Parameters as numpy arrays of the model's dtype (the converted weights)."""
+        return self._host_params
+
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write this model in our format (orbax parameters + ``config.json``), atomically."""
+        return checkpoint.save(path, self._host_params, self.spec, overwrite=overwrite)
+
     # -- plumbing ------------------------------------------------------------------------------
     @contextlib.contextmanager
     def precision(self) -> Iterator[None]:

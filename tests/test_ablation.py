@@ -94,7 +94,7 @@ def test_wide_logit_shifts_take_the_exact_normaliser(cfg, mode):
         loadings = m.get_loadings().to_numpy()[:, 0]
         return np.abs(m.get_latent_representation(adata)[:, 0]) * np.ptp(loadings)
 
-    p = model._host_params
+    p = model.host_params
     head = p.decoder.factor
     kernel = np.array(head.dense.kernel)  # rows: latents, then batch one-hot columns
     kernel[0] *= 3 * ablation._SHIFT_SLACK / np.median(span(model))

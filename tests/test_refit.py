@@ -15,7 +15,7 @@ from helpers import random_adata, random_model
 from scipy import optimize, special
 
 import linear_decoder_jax as ldj
-from linear_decoder_jax import checkpoint, refit
+from linear_decoder_jax import refit
 from linear_decoder_jax.cli import main
 from linear_decoder_jax.config import ModelSpec
 
@@ -62,7 +62,7 @@ class Cell:
         if dec.zi_logits is not None:
             self.Lz = dec.zi_logits.loadings.astype(np.float64)
             self.oz = (dec.zi_logits.offsets[b] + dec.zi_logits.intercept).astype(np.float64)
-        px_r = np.asarray(model._host_params.px_r, np.float64)
+        px_r = np.asarray(model.host_params.px_r, np.float64)
         self.theta = np.exp(px_r if px_r.ndim == 1 else px_r[:, b])
         self.lik = model.config.gene_likelihood
         self.qz_m = model.get_latent_representation(adata, return_dist=True)[0][c].astype(float)
@@ -321,7 +321,7 @@ def test_ln_refit_needs_baseline_in_open_unit_interval(baseline):
 
 def test_cli_ln_refit_with_zero_baseline_is_one_error_line(tmp_path, capsys):
     model = random_model(latent_distribution="ln")
-    checkpoint.save(tmp_path / "model", model._host_params, model.spec)
+    model.save(tmp_path / "model")
     random_adata(model, n_obs=N_OBS).write_h5ad(tmp_path / "cells.h5ad")
     argv = ["ablate", str(tmp_path / "model"), str(tmp_path / "cells.h5ad"), "--refit"]
     assert main([*argv, "-o", str(tmp_path / "res.h5ad")]) == 1
@@ -335,7 +335,7 @@ def test_cli_ln_refit_with_zero_baseline_is_one_error_line(tmp_path, capsys):
 def edited_model():
     """ZINB model whose latents 0 and 1 decode identically (both heads); latent 2 decodes nothing."""
     model = random_model(seed=5, gene_likelihood="zinb")
-    p = model._host_params
+    p = model.host_params
     heads = {}
     for name in ("factor", "dropout"):  # kernel rows: latents, then batch one-hot columns
         head = getattr(p.decoder, name)
@@ -351,7 +351,7 @@ def split_latent(model, a: int, scale: float = 2.0):
     """A model with one more latent: latent ``a`` and the new last latent both decode with
     ``scale * loadings[:, a]`` (both heads) and get ``z_a / (2 * scale)`` from the encoder, so
     the model decodes every cell exactly as before."""
-    p, k = model._host_params, model.n_latent
+    p, k = model.host_params, model.n_latent
     enc = p.z_encoder
     kernel, bias = np.array(enc.mean.kernel), np.array(enc.mean.bias)
     kernel[:, a] /= 2 * scale
@@ -442,7 +442,7 @@ def test_bad_refit_options(kwargs, match):
 def test_cli_refit_streams_and_writes(tmp_path, capsys):
     model = edited_model()
     adata = random_adata(model, n_obs=N_OBS, seed=8)
-    checkpoint.save(tmp_path / "model", model._host_params, model.spec)
+    model.save(tmp_path / "model")
     adata.write_h5ad(tmp_path / "cells.h5ad")
     out = tmp_path / "res.h5ad"
     argv = ["ablate", str(tmp_path / "model"), str(tmp_path / "cells.h5ad"), "-o", str(out)]

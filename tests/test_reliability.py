@@ -629,7 +629,7 @@ def test_layer_the_model_reads_is_missing(demo_model, demo_adata) -> None:
     spec = dataclasses.replace(
         demo_model.spec, data=dataclasses.replace(demo_model.spec.data, layer="counts")
     )
-    model = ldj.LinearSCVI(demo_model._host_params, spec)
+    model = ldj.LinearSCVI(demo_model.host_params, spec)
     adata = demo_adata.copy()
     adata.layers["raw"] = adata.X.copy()
     with pytest.raises(IncompatibleDataError, match=r"layer 'counts', .* \(layers: 'raw'\)"):

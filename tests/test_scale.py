@@ -14,7 +14,7 @@ import scipy.sparse as sp
 from helpers import random_adata, random_model
 
 import linear_decoder_jax as ldj
-from linear_decoder_jax import ablation, checkpoint
+from linear_decoder_jax import ablation
 
 ROOT = Path(__file__).parent.parent
 
@@ -24,7 +24,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("scale")
     model = random_model(gene_likelihood="zinb")
     model_dir = root / "model"
-    checkpoint.save(model_dir, model._host_params, model.spec)
+    model.save(model_dir)
     adata = random_adata(model, n_obs=203, zero_cells=2)
     adata.obsm["X_umap"] = np.random.default_rng(0).normal(size=(adata.n_obs, 2))
     return ldj.load(model_dir), model_dir, adata, root
@@ -67,7 +67,7 @@ def test_streamed_equals_in_memory(setup, layout, tmp_path):
         spec = dataclasses.replace(
             model.spec, data=dataclasses.replace(model.spec.data, layer="counts")
         )
-        model = ldj.LinearSCVI(model._host_params, spec)
+        model = ldj.LinearSCVI(model.host_params, spec)
     disk.write_h5ad(path)
     memory = ldj.ablate(model, disk, groupby="group", baseline="median", batch_size=16)
     out = tmp_path / "res.h5ad"
