@@ -18,16 +18,14 @@ reductions; on accelerators they are batched (``vmap``).
 from __future__ import annotations
 
 import functools
-import queue
-import threading
-from collections.abc import Iterator, Sequence
-from typing import Any, Literal, NamedTuple
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from linear_decoder_jax import anndata_io, model
+from linear_decoder_jax import model
 from linear_decoder_jax.config import LDVAEConfig
 from linear_decoder_jax.distributions import (
     count_term,
@@ -38,19 +36,12 @@ from linear_decoder_jax.distributions import (
     rate_term_change,
 )
 from linear_decoder_jax.errors import ConfigError
+from linear_decoder_jax.options import BASELINES, Baseline, Mode
 from linear_decoder_jax.params import LDVAEParams
+from linear_decoder_jax.run import Batch, Plan
 
-Mode = Literal["drop", "keep"]
-LibraryChoice = Literal["model", "observed"]
-BaselineSpec = Literal["zero", "mean", "median"] | float | Sequence[float] | np.ndarray
+BaselineSpec = Baseline | float | Sequence[float] | np.ndarray
 
-# Budget for the sweep temporaries of one minibatch. On CPU the latents run one after another on
-# (batch, n_vars) arrays that should stay in cache (measured at 20k x 2000 x 10 NB: 64-128 cells
-# per minibatch fastest, 1024 about 2x slower); accelerators vmap over the latents and want large
-# minibatches.
-_SWEEP_BYTES = {"cpu": 6 * 2**20}
-_SWEEP_BYTES_ACCELERATOR = 1024 * 2**20
-_TEMPORARIES = 6
 # Widest range of a latent's logit shift over genes taken without a max pass: its largest
 # exp(r - c) term is then above exp(-60) times a softmax entry, far from float32 underflow.
 _SHIFT_SLACK = 60.0
@@ -63,19 +54,7 @@ class MinibatchScores(NamedTuple):
     delta_nll_se: jax.Array  # (batch, n_ablated); zeros unless n_samples > 0
     delta_l1: jax.Array  # (batch, n_ablated)
     nll: jax.Array  # (batch,)
-    latent: jax.Array  # (batch, n_latent) decoder input
     lfc_sum: jax.Array  # (n_vars, n_ablated) sum over valid cells of ln rho_ablated - ln rho
-
-
-def choose_batch_size(n_obs: int, n_vars: int, n_ablated: int, itemsize: int = 4) -> int:
-    """Largest power-of-two minibatch whose sweep temporaries fit the memory budget."""
-    budget = _SWEEP_BYTES.get(jax.default_backend(), _SWEEP_BYTES_ACCELERATOR)
-    per_cell = n_vars * itemsize * _TEMPORARIES
-    if jax.default_backend() != "cpu":  # vmapped latents: all of them at once
-        per_cell *= max(1, n_ablated)
-    size = 2 ** int(np.floor(np.log2(max(1, budget // per_cell))))
-    size = int(np.clip(size, 8, 4096))
-    return int(min(size, max(8, -(-n_obs // 8) * 8)))
 
 
 def _score(
@@ -92,6 +71,7 @@ def _score(
     *,
     config: LDVAEConfig,
     mode: Mode,
+    vectorize: bool,
 ):
     """delta_nll, delta_l1, full NLL and the lfc sums for decoder input ``z`` (batch, n_latent).
 
@@ -106,15 +86,12 @@ def _score(
     if lik == "zinb":
         heads.append(model.affine_head(params.decoder.dropout, config=config))
 
-    def logits_of(head: model.AffineDecoder, zz: jax.Array) -> jax.Array:
-        return zz @ head.loadings.T + head.offsets[batch] + head.intercept[None, :]
-
-    full = [logits_of(h, z) for h in heads]
+    full = [model.affine_logits(h, z, batch) for h in heads]
     # "keep" ablates from the all-baseline point: every latent but k at its baseline.
     if mode == "drop":
         start = full
     else:
-        start = [logits_of(h, jnp.broadcast_to(baseline, z.shape)) for h in heads]
+        start = [model.affine_logits(h, jnp.broadcast_to(baseline, z.shape), batch) for h in heads]
 
     def softmax(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(rho, log normaliser) with one exp per entry."""
@@ -209,61 +186,55 @@ def _score(
             lfc = jnp.sum(moved * valid[:, None], axis=0)
         return delta, l1, lfc
 
-    # XLA:CPU compiles the per-latent body as a loop over (batch, n_vars) arrays several times
-    # faster than the batched body (measured); accelerators want the batched one.
-    if jax.default_backend() == "cpu":
-        delta, l1, lfc = jax.lax.map(one, per_latent)
-    else:
+    # run.vectorize_default: the batched body on accelerators, a loop over latents on CPU
+    if vectorize:
         delta, l1, lfc = jax.vmap(one)(per_latent)
+    else:
+        delta, l1, lfc = jax.lax.map(one, per_latent)
     return delta.T, l1.T, nll, lfc.T
 
 
-@functools.partial(jax.jit, static_argnames=("config", "mode", "library", "n_samples"))
+@functools.partial(jax.jit, static_argnames=("config", "mode", "n_samples", "vectorize"))
 def sweep_minibatch(
     params: LDVAEParams,
-    x: jax.Array,
-    nz_index: jax.Array,
-    nz_count: jax.Array,
-    batch: jax.Array,
-    label: jax.Array,
-    valid: jax.Array,
+    batch: Batch,
     baseline: jax.Array,
     latents: jax.Array,
     key: jax.Array,
     *,
     config: LDVAEConfig,
     mode: Mode,
-    library: LibraryChoice,
     n_samples: int,
+    vectorize: bool,
 ) -> MinibatchScores:
-    """Score every latent in ``latents`` for one minibatch ``x`` (batch, n_vars); see module doc."""
-    post = model.inference(params, x, config=config)
-    z = model.z_transformation(post.qz_m, config=config)
-    if library == "observed":
-        log_library = jnp.log(x.sum(axis=-1, keepdims=True))
-    else:
-        log_library = model.library(post, x, config=config)
+    """Score every latent in ``latents`` for one encoded minibatch; see the module docstring.
+
+    ``n_samples > 0`` averages over draws z ~ q(z|x) made from ``key`` and adds their standard
+    error; ``vectorize`` batches the latents (``vmap``) instead of looping over them.
+    """
     score = functools.partial(
         _score,
         params,
-        nz_index,
-        nz_count,
-        log_library=log_library,
-        batch=batch,
-        label=label,
-        valid=valid,
+        batch.nz_index,
+        batch.nz_count,
+        log_library=batch.log_library,
+        batch=batch.batch,
+        label=batch.label,
+        valid=batch.valid,
         baseline=baseline,
         latents=latents,
         config=config,
         mode=mode,
+        vectorize=vectorize,
     )
-    delta, l1, nll, lfc = score(z=z)
+    delta, l1, nll, lfc = score(z=batch.z)
     se = jnp.zeros_like(delta)
     if n_samples:
 
         def draw(carry, k):
-            eps = jax.random.normal(k, post.qz_m.shape, post.qz_m.dtype)
-            zs = model.z_transformation(post.qz_m + jnp.sqrt(post.qz_v) * eps, config=config)
+            zs = model.z_transformation(
+                model.sample_gaussian(batch.qz_m, batch.qz_v, key=k), config=config
+            )
             d = score(z=zs)[0]
             return (carry[0] + d, carry[1] + d * d), None
 
@@ -272,7 +243,48 @@ def sweep_minibatch(
         delta = s1 / n_samples
         var = jnp.maximum(s2 / n_samples - delta * delta, 0.0) * n_samples / max(n_samples - 1, 1)
         se = jnp.sqrt(var / n_samples)
-    return MinibatchScores(delta, se, l1, nll, z, lfc)
+    return MinibatchScores(delta, se, l1, nll, lfc)
+
+
+class SweepScorer:
+    """The plain sweep as a scorer of the run pipeline (``run.execute``): per cell ``nll``,
+    ``delta_nll``, ``delta_l1`` and ``latent`` (plus ``delta_nll_se`` with ``n_samples > 0``);
+    totals: the summed log fold changes, finished as ``mean_lfc``."""
+
+    def __init__(self, params: LDVAEParams, plan: Plan, *, config: LDVAEConfig, place: Any):
+        self.params, self.plan, self.config = params, plan, config
+        self.baseline = place.replicated(np.asarray(plan.baseline, dtype=plan.dtype))
+        self.latents = place.replicated(np.asarray(plan.latents, dtype=np.int32))
+        self.place = place
+        self.needs_key = plan.n_samples > 0
+        self.fields = ("nll", "delta_nll", "delta_l1", "latent") + (
+            ("delta_nll_se",) if plan.n_samples else ()
+        )
+
+    def init(self) -> jax.Array:
+        shape = (self.config.n_input, len(self.plan.latents))
+        return self.place.replicated(np.zeros(shape, self.plan.dtype))
+
+    def score(self, batch: Batch, totals: jax.Array, key: jax.Array):
+        out = sweep_minibatch(
+            self.params,
+            batch,
+            self.baseline,
+            self.latents,
+            key,
+            config=self.config,
+            mode=self.plan.mode,
+            n_samples=self.plan.n_samples,
+            vectorize=self.plan.vectorize,
+        )
+        rows = {"nll": out.nll, "delta_nll": out.delta_nll, "delta_l1": out.delta_l1}
+        rows["latent"] = batch.z
+        if self.plan.n_samples:
+            rows["delta_nll_se"] = out.delta_nll_se
+        return rows, totals + out.lfc_sum
+
+    def finish(self, totals: jax.Array, n_obs: int) -> dict[str, np.ndarray]:
+        return {"mean_lfc": np.asarray(totals) / n_obs}
 
 
 def resolve_baseline(
@@ -280,15 +292,15 @@ def resolve_baseline(
 ) -> tuple[str, np.ndarray]:
     """(name, values of length n_latent) for a baseline spec; stats need the latent matrix."""
     if isinstance(baseline, str):
+        if baseline not in BASELINES:
+            msg = f"Expected baseline one of {BASELINES}, a number or {n_latent} values, got {baseline!r} instead."
+            raise ConfigError(msg)
         if baseline == "zero":
             return "zero", np.zeros(n_latent)
-        if baseline in ("mean", "median"):
-            if latent is None:  # pragma: no cover - callers pass it for stats
-                raise ValueError("latent needed")
-            fn = np.mean if baseline == "mean" else np.median
-            return baseline, fn(latent.astype(np.float64), axis=0)
-        msg = f"Expected baseline 'zero', 'mean', 'median', a number or {n_latent} values, got {baseline!r} instead."
-        raise ConfigError(msg)
+        if latent is None:  # pragma: no cover - callers pass it for stats
+            raise ValueError("latent needed")
+        fn = np.mean if baseline == "mean" else np.median
+        return baseline, fn(latent.astype(np.float64), axis=0)
     values = np.asarray(baseline, dtype=np.float64)
     if values.ndim == 0:
         return "value", np.full(n_latent, float(values))
@@ -316,127 +328,3 @@ def resolve_latents(latents: Sequence[int] | None, n_latent: int) -> np.ndarray:
     if len(set(idx.tolist())) != idx.size:
         raise ConfigError(f"Duplicated latent indices in {idx.tolist()}.")
     return idx.astype(np.int32)
-
-
-def prefetch(it: Iterator[Any], depth: int = 2) -> Iterator[Any]:
-    """Run ``it`` on a background thread, ``depth`` items ahead (reading overlaps compute)."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-
-    def worker() -> None:
-        try:
-            for item in it:
-                if stop.is_set():
-                    return
-                q.put(item)
-        except BaseException as err:  # re-raised in the consumer
-            q.put(err)
-            return
-        q.put(done)
-
-    thread = threading.Thread(target=worker, daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                thread.join(timeout=0.05)
-
-
-class Sweep:
-    """Iterate ``(start, n_valid, host arrays)`` per minibatch in obs order; afterwards
-    ``lfc_sum`` (n_vars, n_ablated) holds the summed log fold changes over all cells.
-
-    Dispatch runs one minibatch ahead of the host copy and reading runs on a thread, so the device
-    waits for neither.
-    """
-
-    def __init__(
-        self,
-        params: LDVAEParams,
-        data: anndata_io.CellData,
-        *,
-        config: LDVAEConfig,
-        baseline: np.ndarray,
-        latents: np.ndarray,
-        mode: Mode,
-        library: LibraryChoice,
-        n_samples: int,
-        seed: int,
-        batch_size: int,
-        dtype: Any,
-        devices: Sequence[Any] = (),
-    ):
-        self.params, self.data, self.config = params, data, config
-        self.devices = list(devices)
-        self.baseline, self.latents = baseline, latents
-        self.mode, self.library, self.n_samples = mode, library, n_samples
-        self.seed, self.batch_size, self.dtype = seed, batch_size, dtype
-        self.lfc_sum: np.ndarray | None = None
-
-    def _placement(self):
-        """(cells, replicated) placement functions: a 1-D mesh over the cell axis when several
-        devices are used (parameters replicated), else plain device arrays."""
-        if len(self.devices) <= 1:  # jit's own transfer of host arrays is the cheapest
-            return (lambda a: a), jax.device_put
-        from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-        mesh = Mesh(np.asarray(self.devices), ("cells",))
-        cells = NamedSharding(mesh, PartitionSpec("cells"))
-        replicated = NamedSharding(mesh, PartitionSpec())
-        return (lambda a: jax.device_put(a, cells)), (lambda a: jax.device_put(a, replicated))
-
-    def __iter__(self) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
-        shard, replicate = self._placement()
-        params = jax.tree.map(replicate, self.params)
-        base = replicate(np.asarray(self.baseline, dtype=self.dtype))
-        lat = replicate(np.asarray(self.latents))
-        key = jax.random.key(self.seed)
-        lfc = jnp.zeros((self.config.n_input, len(self.latents)), self.dtype)
-        pending: list[tuple[int, int, MinibatchScores]] = []
-
-        def collect(start: int, n_valid: int, out: MinibatchScores):
-            fields = out._asdict()
-            fields.pop("lfc_sum")
-            return start, n_valid, {k: np.asarray(v)[:n_valid] for k, v in fields.items()}
-
-        for mb in prefetch(anndata_io.minibatches(self.data, self.batch_size)):
-            valid = (np.arange(len(mb.x)) < mb.n_valid).astype(self.dtype)
-            if self.n_samples:  # else the key is unused: skip a dispatch per minibatch
-                key, sub = jax.random.split(key)
-            else:
-                sub = key
-            out = sweep_minibatch(
-                params,
-                shard(mb.x.astype(self.dtype, copy=False)),
-                shard(mb.nz_index),
-                shard(mb.nz_count.astype(self.dtype, copy=False)),
-                shard(mb.batch),
-                shard(mb.label),
-                shard(valid),
-                base,
-                lat,
-                sub,
-                config=self.config,
-                mode=self.mode,
-                library=self.library,
-                n_samples=self.n_samples,
-            )
-            lfc = lfc + out.lfc_sum
-            pending.append((mb.start, mb.n_valid, out))
-            if len(pending) > 1:
-                yield collect(*pending.pop(0))
-        for item in pending:
-            yield collect(*item)
-        self.lfc_sum = np.asarray(lfc)

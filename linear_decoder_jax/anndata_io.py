@@ -17,16 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from linear_decoder_jax._text import preview as _preview
 from linear_decoder_jax.config import ModelSpec
 from linear_decoder_jax.errors import IncompatibleDataError
-
-_PREVIEW = 5
-
-
-def _preview(items: Any) -> str:
-    items = list(items)
-    more = f" and {len(items) - _PREVIEW} more" if len(items) > _PREVIEW else ""
-    return ", ".join(repr(str(i)) for i in items[:_PREVIEW]) + more
 
 
 def _is_sparse(x: Any) -> bool:

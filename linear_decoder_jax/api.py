@@ -27,12 +27,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from linear_decoder_jax import ablation, anndata_io, checkpoint, model, results
+from linear_decoder_jax import ablation, anndata_io, checkpoint, model, options, run
 from linear_decoder_jax import refit as refit_
-from linear_decoder_jax._atomic import atomic_path, check_destination
+from linear_decoder_jax._atomic import check_destination
+from linear_decoder_jax._text import preview
 from linear_decoder_jax.config import LDVAEConfig, ModelSpec
 from linear_decoder_jax.errors import ConfigError, IncompatibleDataError
-from linear_decoder_jax.params import LDVAEParams, from_flat, to_flat
+from linear_decoder_jax.params import LDVAEParams, from_flat
 from linear_decoder_jax.results import AblationResult
 
 DType = Literal["float32", "float64"]
@@ -48,13 +49,6 @@ class AffineDecoders(NamedTuple):
 
     scale: model.AffineDecoder
     zi_logits: model.AffineDecoder | None
-
-
-@functools.partial(jax.jit, static_argnames=("config",))
-def _encode(params: LDVAEParams, x: jax.Array, *, config: LDVAEConfig):
-    post = model.inference(params, x, config=config)
-    z = model.z_transformation(post.qz_m, config=config)
-    return post, z, model.library(post, x, config=config)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -171,7 +165,7 @@ class LinearSCVI:
     @property
     def latent_names(self) -> list[str]:
         """``Z_0 ... Z_{K-1}``, the column names scvi-tools' ``get_loadings`` uses."""
-        return [f"Z_{i}" for i in range(self.n_latent)]
+        return run.latent_names(self.n_latent)
 
     def __repr__(self) -> str:
         c = self.config
@@ -185,6 +179,10 @@ class LinearSCVI:
     def host_params(self) -> LDVAEParams:
         """Parameters as numpy arrays of the model's dtype (the converted weights)."""
         return self._host_params
+
+    def fingerprint(self) -> str:
+        """sha256 of the weights and the data registry (``checkpoint.fingerprint``)."""
+        return checkpoint.fingerprint(self._host_params, self.spec)
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write this model in our format (orbax parameters + ``config.json``), atomically."""
@@ -225,11 +223,14 @@ class LinearSCVI:
                     parts.setdefault(key, []).append(np.asarray(value)[: mb.n_valid])
         return {k: np.concatenate(v, axis=0) for k, v in parts.items()}
 
-    def _encode_all(
-        self, data: anndata_io.CellData, batch_size: int | None
-    ) -> dict[str, np.ndarray]:
+    def encode(self, adata: Any, *, batch_size: int | None = None) -> dict[str, np.ndarray]:
+        """Posterior and library of every cell: ``qz_m``, ``qz_v`` (encoder space), ``z`` (decoder
+        input at the mean) and ``library`` (log library, (n_obs, 1)); ``adata`` may be an AnnData
+        or the ``CellData`` of :meth:`prepare`."""
+        data = adata if isinstance(adata, anndata_io.CellData) else self.prepare(adata)
+
         def fn(mb: anndata_io.Minibatch) -> dict:
-            post, z, lib = _encode(self.params, jnp.asarray(mb.x), config=self.config)
+            post, z, lib = run.encode(self.params, jnp.asarray(mb.x), config=self.config)
             return {"qz_m": post.qz_m, "qz_v": post.qz_v, "z": z, "library": lib}
 
         return self._map(data, batch_size, fn)
@@ -276,15 +277,15 @@ class LinearSCVI:
             "ln") with ``jax.random.key(seed)``. ``return_dist=True``: ``(qz_m, qz_v)`` of q(z|x).
         """
         data = self.prepare(self._subset(adata, indices))
-        enc = self._encode_all(data, batch_size)
+        enc = self.encode(data, batch_size=batch_size)
         if return_dist:
             return enc["qz_m"], enc["qz_v"]
         if give_mean:
             return enc["z"]
         with self.precision():
-            eps = jax.random.normal(jax.random.key(seed), enc["qz_m"].shape, dtype=self.dtype)
-            draw = enc["qz_m"] + np.sqrt(enc["qz_v"]) * np.asarray(eps)
-            return np.asarray(model.z_transformation(jnp.asarray(draw), config=self.config))
+            qz_m, qz_v = jnp.asarray(enc["qz_m"]), jnp.asarray(enc["qz_v"])
+            draw = model.sample_gaussian(qz_m, qz_v, key=jax.random.key(seed))
+            return np.asarray(model.z_transformation(draw, config=self.config))
 
     def decode(
         self,
@@ -377,7 +378,7 @@ class LinearSCVI:
 
         def fn(mb: anndata_io.Minibatch) -> dict:
             nonlocal key
-            post, z, lib = _encode(self.params, jnp.asarray(mb.x), config=cfg)
+            post, z, lib = run.encode(self.params, jnp.asarray(mb.x), config=cfg)
             if latent is not None:
                 z = jnp.asarray(_pad_rows(latent[mb.start : mb.start + mb.n_valid], len(mb.x)))
             draws = [(z, lib)]
@@ -385,14 +386,10 @@ class LinearSCVI:
                 draws = []
                 for _ in range(n_samples):
                     key, kz, kl = jax.random.split(key, 3)
-                    zs = post.qz_m + jnp.sqrt(post.qz_v) * jax.random.normal(
-                        kz, post.qz_m.shape, post.qz_m.dtype
-                    )
+                    zs = model.sample_gaussian(post.qz_m, post.qz_v, key=kz)
                     ls = lib
                     if not cfg.use_observed_lib_size:
-                        ls = post.ql_m + jnp.sqrt(post.ql_v) * jax.random.normal(
-                            kl, lib.shape, lib.dtype
-                        )
+                        ls = model.sample_gaussian(post.ql_m, post.ql_v, key=kl)
                     draws.append((model.z_transformation(zs, config=cfg), ls))
             batches = (
                 [jnp.asarray(mb.batch)]
@@ -427,7 +424,7 @@ class LinearSCVI:
         index = {g: i for i, g in enumerate(self.spec.data.var_names)}
         missing = [g for g in gene_list if g not in index]
         if missing:
-            raise IncompatibleDataError(f"Genes not in the model: {anndata_io._preview(missing)}.")
+            raise IncompatibleDataError(f"Genes not in the model: {preview(missing)}.")
         return np.array([index[g] for g in gene_list], dtype=np.int64)
 
     def _frame(self, values: np.ndarray, obs_names, genes: np.ndarray, return_numpy: bool | None):
@@ -458,7 +455,7 @@ class LinearSCVI:
 
         def fn(mb: anndata_io.Minibatch) -> dict:
             x = jnp.asarray(mb.x)
-            _, z, lib = _encode(self.params, x, config=self.config)
+            _, z, lib = run.encode(self.params, x, config=self.config)
             if latent is not None:
                 z = jnp.asarray(_pad_rows(latent[mb.start : mb.start + mb.n_valid], len(mb.x)))
             nll = _nll(
@@ -498,72 +495,16 @@ def _pad_rows(a: np.ndarray, n: int) -> np.ndarray:
     return a if len(a) == n else np.pad(a, ((0, n - len(a)), (0, 0)))
 
 
-def _versions() -> dict[str, str]:
-    from importlib.metadata import version
-
-    from linear_decoder_jax._version import __version__
-
-    return {
-        "linear_decoder_jax": __version__,
-        "jax": jax.__version__,
-        "numpy": np.__version__,
-        "anndata": version("anndata"),
-    }
-
-
-def _embeddings(adata: Any) -> dict[str, np.ndarray]:
-    """The input's 2-D embeddings (obsm entries with two columns, e.g. ``X_umap``)."""
-    out = {}
-    for key in adata.obsm.keys():
-        value = adata.obsm[key]
-        if isinstance(value, np.ndarray) and value.ndim == 2 and value.shape[1] == 2:
-            out[key] = np.asarray(value)
-    return out
-
-
-def _devices(devices: int | None) -> list[Any]:
-    available = jax.local_devices()
-    if devices is None:
-        return available
-    if not isinstance(devices, int) or devices < 1:
-        raise ConfigError(f"Expected devices >= 1, got {devices!r} instead.")
-    if devices > len(available):
-        msg = f"Asked for {devices} devices but only {len(available)} are visible ({available})."
-        raise ConfigError(msg)
-    return available[:devices]
-
-
-def _shard_range(shard: tuple[int, int] | None, n_obs: int) -> tuple[int, int]:
-    if shard is None:
-        return 0, n_obs
-    i, n = shard
-    if not (isinstance(i, int) and isinstance(n, int) and 0 <= i < n):
-        raise ConfigError(f"Expected shard (i, n) with 0 <= i < n, got {shard!r} instead.")
-    return i * n_obs // n, (i + 1) * n_obs // n
-
-
-def model_fingerprint(model_: LinearSCVI) -> str:
-    """sha256 over the configuration and every parameter: identifies a model across shards."""
-    import hashlib
-    import json
-
-    digest = hashlib.sha256(json.dumps(model_.spec.to_dict(), sort_keys=True).encode())
-    for key, value in sorted(to_flat(model_._host_params).items()):
-        digest.update(key.encode())
-        digest.update(np.ascontiguousarray(value, dtype=np.float32).tobytes())
-    return digest.hexdigest()
-
-
 def ablate(
     model_: LinearSCVI,
     adata: Any,
     *,
     latents: Sequence[int] | None = None,
-    baseline: ablation.BaselineSpec = "zero",
-    mode: ablation.Mode = "drop",
+    baseline: ablation.BaselineSpec = options.DEFAULT_BASELINE,
+    mode: options.Mode = options.DEFAULT_MODE,
     groupby: str | None = None,
     batch_size: int | None = None,
-    library: ablation.LibraryChoice = "model",
+    library: options.LibraryChoice = options.DEFAULT_LIBRARY,
     n_samples: int = 0,
     seed: int = 0,
     allow_non_integer: bool = False,
@@ -574,8 +515,8 @@ def ablate(
     shard: tuple[int, int] | None = None,
     refit: bool = False,
     refit_steps: int | None = None,
-    refit_tol: float = refit_.DEFAULT_TOL,
-    optimizer: refit_.Optimizer = "lbfgs",
+    refit_tol: float = options.DEFAULT_REFIT_TOL,
+    optimizer: options.Optimizer = options.DEFAULT_OPTIMIZER,
 ) -> AblationResult:
     """Score every latent for every cell: how much worse the reconstruction gets without it.
 
@@ -625,180 +566,40 @@ def ablate(
         AblationResult with ``delta_nll`` (n_obs, n_ablated) in nats; positive means the latent was
         needed to explain the cell.
     """
-    if mode not in ("drop", "keep"):
-        raise ConfigError(f"Expected mode 'drop' or 'keep', got {mode!r} instead.")
-    if library not in ("model", "observed"):
-        raise ConfigError(f"Expected library 'model' or 'observed', got {library!r} instead.")
-    if not isinstance(n_samples, int) or n_samples < 0:
+    if mode not in options.MODES:
+        raise ConfigError(f"Expected mode one of {options.MODES}, got {mode!r} instead.")
+    if library not in options.LIBRARIES:
+        raise ConfigError(f"Expected library one of {options.LIBRARIES}, got {library!r} instead.")
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 0:
         raise ConfigError(f"Expected n_samples >= 0, got {n_samples!r} instead.")
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+    ):
         raise ConfigError(f"Expected batch_size >= 1, got {batch_size!r} instead.")
+    refit_plan = None
     if refit:
-        refit_steps = refit_.check_options(
+        steps = refit_.check_options(
             optimizer=optimizer, steps=refit_steps, tol=refit_tol, mode=mode
         )
+        refit_plan = (optimizer, steps, float(refit_tol))
     if output is not None:
         check_destination(output, overwrite=overwrite)
+    opts = run.Options(
+        latents=latents,
+        baseline=baseline,
+        mode=mode,
+        groupby=groupby,
+        batch_size=batch_size,
+        library=library,
+        n_samples=n_samples,
+        seed=seed,
+        allow_non_integer=allow_non_integer,
+        progress=progress,
+        devices=run.resolve_devices(devices),
+        shard=shard,
+        refit=refit_plan,
+    )
     with contextlib.ExitStack() as stack:
         if isinstance(adata, str | os.PathLike):
             adata = stack.enter_context(anndata_io.BackedAnnData(adata))
-        return _ablate(
-            model_,
-            adata,
-            latents=latents,
-            baseline=baseline,
-            mode=mode,
-            groupby=groupby,
-            batch_size=batch_size,
-            library=library,
-            n_samples=n_samples,
-            seed=seed,
-            allow_non_integer=allow_non_integer,
-            progress=progress,
-            output=output,
-            overwrite=overwrite,
-            devices=_devices(devices),
-            shard=shard,
-            refit=(optimizer, refit_steps, refit_tol) if refit else None,
-        )
-
-
-def _ablate(model_: LinearSCVI, adata: Any, *, output, overwrite, devices, shard, **opts):
-    cfg = model_.config
-    groupby = opts["groupby"]
-    if groupby is not None and groupby not in adata.obs:
-        raise IncompatibleDataError(f"groupby column {groupby!r} is not in adata.obs.")
-    full = model_.prepare(adata, allow_non_integer=opts["allow_non_integer"])
-    lo, hi = _shard_range(shard, full.n_obs)
-    data = full.restrict(lo, hi)
-    if data.n_obs == 0:
-        raise ConfigError(f"Shard {shard} of {full.n_obs} cells is empty; use fewer shards.")
-    idx = ablation.resolve_latents(opts["latents"], cfg.n_latent)
-    baseline = opts["baseline"]
-    stats = None
-    if isinstance(baseline, str) and baseline in ("mean", "median"):
-        stats = model_._encode_all(full, opts["batch_size"])["z"]  # over all input cells
-    base_name, base_values = ablation.resolve_baseline(baseline, stats, cfg.n_latent)
-    if opts["refit"]:
-        refit_.check_baseline(base_values, idx, model_.latent_names, config=cfg)
-    dtype = np.dtype(model_.dtype)
-    n_dev = len(devices)
-    size = opts["batch_size"] or ablation.choose_batch_size(
-        data.n_obs, cfg.n_input, len(idx), dtype.itemsize
-    )
-    size = int(-(-size // n_dev) * n_dev)  # a multiple of the device count
-    n, a = data.n_obs, len(idx)
-    shapes: dict[str, tuple[tuple[int, ...], Any]] = {
-        "delta_nll": ((n, a), dtype),
-        "delta_l1": ((n, a), dtype),
-        "latent": ((n, cfg.n_latent), dtype),
-    }
-    if opts["n_samples"]:
-        shapes["delta_nll_se"] = ((n, a), dtype)
-    if opts["refit"]:
-        shapes.update(refit_.score_shapes(n, a, dtype))
-    with contextlib.ExitStack() as stack:
-        if output is None:
-            sink = {k: np.empty(shape, dt) for k, (shape, dt) in shapes.items()}
-        else:
-            tmp = stack.enter_context(atomic_path(output, overwrite=overwrite, directory=False))
-            stream = results.H5adStream(tmp, shapes)
-            stack.callback(lambda: stream.file.close() if stream.file.id.valid else None)
-            sink = stream.arrays
-        nll = np.empty(n, dtype)
-        bar = None
-        if opts["progress"]:
-            from tqdm.auto import tqdm
-
-            bar = stack.enter_context(tqdm(total=n, unit="cells", desc="ablate"))
-        with model_.precision():
-            sweep = ablation.Sweep(
-                model_.params,
-                data,
-                config=cfg,
-                baseline=base_values,
-                latents=idx,
-                mode=opts["mode"],
-                library=opts["library"],
-                n_samples=opts["n_samples"],
-                seed=opts["seed"],
-                batch_size=size,
-                dtype=dtype,
-                devices=devices,
-            )
-            for start, n_valid, arrays in sweep:
-                nll[start : start + n_valid] = arrays.pop("nll")
-                if not opts["n_samples"]:
-                    arrays.pop("delta_nll_se")
-                for key, value in arrays.items():
-                    sink[key][start : start + n_valid] = value
-                if bar is not None:
-                    bar.update(n_valid)
-            refit_settings = {"refit": False}
-            if opts["refit"]:
-                optimizer, steps, tol = opts["refit"]
-                refit_settings = refit_.run(
-                    model_.params,
-                    data,
-                    sink,
-                    config=cfg,
-                    baseline=base_values,
-                    latents=idx,
-                    library=opts["library"],
-                    optimizer=optimizer,
-                    steps=steps,
-                    tol=tol,
-                    devices=devices,
-                    progress=opts["progress"],
-                )
-        if output is not None:
-            stream.file.flush()
-            sink = {k: results._mapped(tmp, ds) for k, ds in sink.items()}
-        assert sweep.lfc_sum is not None
-        names = [model_.latent_names[i] for i in idx]
-        settings = {
-            "baseline": base_name,
-            "baseline_values": np.asarray(base_values, dtype=np.float64),
-            "mode": opts["mode"],
-            "latents": idx.astype(np.int64),
-            "latent_names": names,
-            "library": opts["library"],
-            "n_samples": opts["n_samples"],
-            "seed": opts["seed"],
-            "dtype": str(dtype),
-            "batch_size": size,
-            "n_devices": n_dev,
-            "groupby": groupby or "",
-            "shard": np.asarray(shard or (0, 1), dtype=np.int64),
-            "rows": np.asarray([lo, hi], dtype=np.int64),
-            "n_obs_total": full.n_obs,
-            "versions": _versions(),
-            "source_model": model_.path or "",
-            "source_scvi_version": str(model_.spec.source.get("scvi_version") or ""),
-            "model_fingerprint": model_fingerprint(model_),
-            **refit_settings,
-        }
-        obs = adata.obs.iloc[lo:hi].copy()
-        groups = None
-        if groupby is not None:
-            groups = results.group_tables(sink["delta_nll"], obs[groupby].to_numpy(), names)
-        result = AblationResult(
-            delta_nll=sink["delta_nll"],
-            delta_l1=sink["delta_l1"],
-            latent=sink["latent"],
-            nll=nll,
-            mean_lfc=sweep.lfc_sum / n,
-            loadings=np.asarray(model_.get_affine_decoder().scale.loadings),
-            obs=obs,
-            var_names=model_.var_names,
-            settings=settings,
-            embeddings={k: v[lo:hi] for k, v in _embeddings(adata).items()},
-            delta_nll_se=sink.get("delta_nll_se"),
-            groups=groups,
-            **{k: sink[k] for k in refit_.SCORE_FIELDS if k in sink},
-        )
-        if output is not None:
-            stream.finish(result)
-    if output is not None:
-        return AblationResult.read(output)
-    return result
+        return run.ablate(model_, adata, opts, output=output, overwrite=overwrite)

@@ -109,3 +109,20 @@ def load(path: str | os.PathLike) -> tuple[LDVAEParams, ModelSpec]:
         msg = f"Could not restore the parameters in {path / PARAMS_DIR}: {err}"
         raise CheckpointFormatError(msg) from err
     return from_flat(_flatten(restored), spec.model), spec
+
+
+def fingerprint(params: LDVAEParams, spec: ModelSpec) -> str:
+    """sha256 over the architecture, the data registry and every parameter (as float32).
+
+    Identifies a model across shards and processes: the same weights converted to two places, or
+    loaded in float32 and float64, give the same fingerprint (the provenance in ``spec.source``,
+    such as the checkpoint's path, is left out).
+    """
+    import hashlib
+
+    described = {"model": spec.model.to_dict(), "data": spec.data.to_dict()}
+    digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode())
+    for key, value in sorted(to_flat(params).items()):
+        digest.update(key.encode())
+        digest.update(np.ascontiguousarray(value, dtype=np.float32).tobytes())
+    return digest.hexdigest()

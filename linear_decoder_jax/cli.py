@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from linear_decoder_jax import options
 from linear_decoder_jax._version import __version__
 
 EXIT_ERROR = 1
@@ -60,7 +61,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _parse_baseline(value: str):
     import numpy as np
 
-    if value in ("zero", "mean", "median"):
+    if value in options.BASELINES:
         return value
     if value.endswith(".npy"):
         from linear_decoder_jax.errors import ConfigError
@@ -199,14 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--baseline",
         type=_parse_baseline,
-        default="zero",
+        default=options.DEFAULT_BASELINE,
         help="zero | mean | median | VALUE | FILE.npy (one value per latent)",
     )
-    p.add_argument("--mode", choices=("drop", "keep"), default="drop")
+    p.add_argument("--mode", choices=options.MODES, default=options.DEFAULT_MODE)
     p.add_argument("--latents", type=_parse_latents, help="comma-separated indices, e.g. 0,3")
     p.add_argument("--groupby", help="obs column for group summaries")
     p.add_argument("--batch-size", type=int, help="cells per minibatch (default: automatic)")
-    p.add_argument("--library", choices=("model", "observed"), default="model")
+    p.add_argument("--library", choices=options.LIBRARIES, default=options.DEFAULT_LIBRARY)
     p.add_argument(
         "--n-samples",
         type=int,
@@ -228,13 +229,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="also score unique contributions: re-fit the other latents per cell (slower)",
     )
     p.add_argument(
-        "--refit-steps", type=int, help="step budget per fit (default: 100 lbfgs, 2000 adam)"
+        "--refit-steps",
+        type=int,
+        help="step budget per fit (default: "
+        + ", ".join(f"{n} {o}" for o, n in options.DEFAULT_REFIT_STEPS.items())
+        + ")",
     )
     p.add_argument(
-        "--refit-tol", type=float, default=1e-3, help="gradient-norm tolerance (default 1e-3)"
+        "--refit-tol",
+        type=float,
+        default=options.DEFAULT_REFIT_TOL,
+        help=f"gradient-norm tolerance (default {options.DEFAULT_REFIT_TOL:g})",
     )
     p.add_argument(
-        "--optimizer", choices=("lbfgs", "adam"), default="lbfgs", help="refit optimiser"
+        "--optimizer",
+        choices=options.OPTIMIZERS,
+        default=options.DEFAULT_OPTIMIZER,
+        help="refit optimiser",
     )
     p.add_argument(
         "--shard",

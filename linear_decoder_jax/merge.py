@@ -15,15 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from linear_decoder_jax import schema
 from linear_decoder_jax._atomic import atomic_path, check_destination
 from linear_decoder_jax.errors import IncompatibleDataError
-from linear_decoder_jax.results import (
-    _REFIT_KEYS,
-    AblationResult,
-    H5adStream,
-    _mapped,
-    group_tables,
-)
+from linear_decoder_jax.results import AblationResult, H5adStream, group_tables
 
 # Settings that may differ between parts (how each part was run, not what it computed).
 _PER_PART = {"shard", "rows", "batch_size", "n_devices", "versions", "source_model"}
@@ -79,23 +74,27 @@ def merge_parts(
     _check(parts)
     results = [p for _, p in parts]
     first = results[0]
-    n = sum(len(r.delta_nll) for r in results)
+    counts = [len(r.obs) for r in results]
+    n = sum(counts)
+    present = [f for f in schema.FIELDS if first.arrays.get(f.name) is not None]
     shapes = {
-        key: ((n, *getattr(first, key).shape[1:]), getattr(first, key).dtype)
-        for key in ("delta_nll", "delta_l1", "latent", "delta_nll_se", *_REFIT_KEYS)
-        if getattr(first, key) is not None
+        f.name: ((n, *first.arrays[f.name].shape[1:]), first.arrays[f.name].dtype)
+        for f in present
+        if f.per_cell
     }
     with atomic_path(output, overwrite=overwrite, directory=False) as tmp:
         stream = H5adStream(tmp, shapes)
         try:
             start = 0
-            for part in results:
-                rows = slice(start, start + len(part.delta_nll))
+            for part, count in zip(results, counts, strict=True):
                 for key in shapes:
-                    stream.arrays[key][rows] = getattr(part, key)
-                start = rows.stop
-            stream.file.flush()
-            arrays = {k: _mapped(tmp, ds) for k, ds in stream.arrays.items()}
+                    stream.arrays[key][start : start + count] = part.arrays[key]
+                start += count
+            arrays = stream.read_back()
+            for f in present:
+                if f.reduce == "mean":  # means over each part's cells, weighted by cell counts
+                    total = sum(r.arrays[f.name] * c for r, c in zip(results, counts, strict=True))
+                    arrays[f.name] = np.asarray(total / n)
             settings = dict(first.settings)
             settings.update(
                 shard=np.asarray([0, 1]),
@@ -106,11 +105,7 @@ def merge_parts(
             obs = pd.concat([r.obs for r in results])
             groupby = settings.get("groupby") or None
             merged = AblationResult(
-                delta_nll=arrays["delta_nll"],
-                delta_l1=arrays["delta_l1"],
-                latent=arrays["latent"],
-                nll=np.concatenate([r.nll for r in results]),
-                mean_lfc=np.asarray(sum(r.mean_lfc * len(r.delta_nll) for r in results) / n),
+                arrays=arrays,
                 loadings=first.loadings,
                 obs=obs,
                 var_names=first.var_names,
@@ -118,8 +113,6 @@ def merge_parts(
                 embeddings={
                     k: np.concatenate([r.embeddings[k] for r in results]) for k in first.embeddings
                 },
-                delta_nll_se=arrays.get("delta_nll_se"),
-                **{k: arrays[k] for k in _REFIT_KEYS if k in arrays},
                 groups=None
                 if groupby is None
                 else group_tables(
@@ -128,6 +121,5 @@ def merge_parts(
             )
             stream.finish(merged)
         finally:
-            if stream.file.id.valid:
-                stream.file.close()
+            stream.close()
     return AblationResult.read(Path(output))

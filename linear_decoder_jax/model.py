@@ -86,9 +86,9 @@ def library(
     return posterior.ql_m
 
 
-def sample_z(qz_m: Array, qz_v: Array, *, key: Array) -> Array:
-    """One reparameterised draw z ~ N(qz_m, qz_v) (encoder space; see :func:`z_transformation`)."""
-    return qz_m + jnp.sqrt(qz_v) * jax.random.normal(key, qz_m.shape, qz_m.dtype)
+def sample_gaussian(mean: Array, var: Array, *, key: Array) -> Array:
+    """One reparameterised draw from N(mean, var), e.g. z ~ q(z|x) in encoder space."""
+    return mean + jnp.sqrt(var) * jax.random.normal(key, mean.shape, mean.dtype)
 
 
 def affine_head(head: Layer, *, config: LDVAEConfig) -> AffineDecoder:

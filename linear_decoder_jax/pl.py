@@ -34,7 +34,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.lines import Line2D
 
-from linear_decoder_jax import results
+from linear_decoder_jax import results, schema
 from linear_decoder_jax.errors import ConfigError, IncompatibleDataError
 
 Latent = str | int
@@ -43,7 +43,6 @@ DIVERGING = "RdBu_r"
 MINOR_SIDE = 0.1  # both signs get a diverging map once the smaller side reaches this fraction
 SAVE_DPI = 150
 # obsm entries of a result h5ad that are scores, not embeddings
-_SCORE_KEYS = ("delta_nll", "delta_l1", "latent", "delta_nll_se")
 _MAX_DOT = 260.0  # marker area (points^2) of a dot for a fraction of 1 in group_heatmap
 
 
@@ -135,7 +134,7 @@ def _from_anndata(adata: Any) -> ResultView:
     embeddings = {
         k: np.asarray(v)
         for k, v in adata.obsm.items()
-        if k not in _SCORE_KEYS and _is_embedding(v, adata.n_obs)
+        if k not in schema.obsm_keys() and _is_embedding(v, adata.n_obs)
     }
     return ResultView(
         delta_nll=np.asarray(adata.obsm["delta_nll"]),

@@ -23,7 +23,7 @@ in the plain sweep). Every fit is a *lane*: one (cell, latent) problem in ``n_la
 solved by an optax optimiser (default ``optax.lbfgs`` with its zoom line search) inside a
 ``jax.lax.while_loop`` with a step budget and early stopping on the gradient norm. All lanes of a
 call run in one ``jit`` over a per-lane solve (``vmap`` on accelerators, ``lax.map`` on CPU, where
-it measured 2.4x faster: see :func:`vectorize_default`):
+it measured 2.4x faster: the run's ``Plan.vectorize``):
 
 1. full fits, one lane per cell, from the encoder mean ``qz_m``;
 2. constrained fits, one call per ablated latent k with one lane per cell, from the full optimum
@@ -49,33 +49,26 @@ from __future__ import annotations
 
 import functools
 import numbers
-from collections.abc import Iterator
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from linear_decoder_jax import anndata_io, model
+from linear_decoder_jax import model
+from linear_decoder_jax._text import preview
 from linear_decoder_jax.config import LDVAEConfig
 from linear_decoder_jax.distributions import log_prob_constant, log_prob_varying
 from linear_decoder_jax.errors import ConfigError
+from linear_decoder_jax.options import DEFAULT_REFIT_STEPS, OPTIMIZERS, Optimizer
 from linear_decoder_jax.params import LDVAEParams
+from linear_decoder_jax.run import Batch, Plan
 
-Optimizer = Literal["lbfgs", "adam"]
-OPTIMIZERS = ("lbfgs", "adam")
-DEFAULT_STEPS = {"lbfgs": 100, "adam": 2000}
-DEFAULT_TOL = 1e-3  # gradient norm of J, nats per unit of z
 LBFGS_MEMORY = 10  # optax.lbfgs default
 MAX_LINESEARCH_STEPS = 20  # optax.lbfgs default zoom linesearch budget
 ADAM_LEARNING_RATE = 0.05  # decaying 10x every ADAM_DECAY_STEPS steps: a constant rate jitters
 ADAM_DECAY_STEPS = 500  # around the optimum with gradient norm ~ curvature * rate
-
-# Cells per minibatch from a budget for the (lanes, n_vars) float64 temporaries of one call.
-_LANE_BYTES = {"cpu": 16 * 2**20}
-_LANE_BYTES_ACCELERATOR = 1024 * 2**20
-_TEMPORARIES = 12
 
 
 class Heads(NamedTuple):
@@ -107,7 +100,7 @@ class Fit(NamedTuple):
 
 
 class RefitScores(NamedTuple):
-    """Refit results of one minibatch (numpy, valid rows only)."""
+    """Refit results of one minibatch (numpy, one row per minibatch row, padding included)."""
 
     unique_delta_nll: np.ndarray  # (n_valid, n_ablated)
     refit_grad_norm: np.ndarray  # (n_valid, n_ablated) max of the full and the constrained fit
@@ -120,10 +113,10 @@ class RefitScores(NamedTuple):
 def check_options(*, optimizer: Any, steps: Any, tol: Any, mode: str) -> int:
     """Validate the refit options; returns the step budget (the optimiser's default for None)."""
     if optimizer not in OPTIMIZERS:
-        msg = f"Expected optimizer 'lbfgs' or 'adam', got {optimizer!r} instead."
+        msg = f"Expected optimizer one of {OPTIMIZERS}, got {optimizer!r} instead."
         raise ConfigError(msg)
     if steps is None:
-        steps = DEFAULT_STEPS[optimizer]
+        steps = DEFAULT_REFIT_STEPS[optimizer]
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
         raise ConfigError(f"Expected refit_steps >= 0 (an integer), got {steps!r} instead.")
     if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not float(tol) >= 0:
@@ -146,23 +139,13 @@ def check_baseline(
         return
     bad = [int(k) for k in latents if config.n_latent == 1 or not 0.0 < baseline[k] < 1.0]
     if bad:
-        got = anndata_io._preview(f"{names[k]}={baseline[k]:g}" for k in bad)
+        got = preview(f"{names[k]}={baseline[k]:g}" for k in bad)
         msg = (
             f'refit=True on a latent_distribution="ln" model holds softmax(u)_k at the baseline, '
             f"which needs 0 < baseline < 1 (and at least two latents); got {got}. "
             f'Use baseline="mean" or a value in (0, 1).'
         )
         raise ConfigError(msg)
-
-
-def choose_batch_size(n_obs: int, n_vars: int) -> int:
-    """Cells per refit minibatch (= lanes per fitting call): a power of two whose float64
-    temporaries fit the budget."""
-    budget = _LANE_BYTES.get(jax.default_backend(), _LANE_BYTES_ACCELERATOR)
-    per_cell = n_vars * 8 * _TEMPORARIES
-    size = 2 ** int(np.floor(np.log2(max(1, budget // per_cell))))
-    size = int(np.clip(size, 8, 4096))
-    return int(min(size, max(8, -(-n_obs // 8) * 8)))
 
 
 # -- the objective, for one lane -------------------------------------------------------------------
@@ -174,11 +157,6 @@ def complete(v: jax.Array, mask: jax.Array, baseline: jax.Array, *, config: LDVA
         return jnp.where(mask, baseline, v)
     free = jax.nn.logsumexp(jnp.where(mask, -jnp.inf, v))
     return jnp.where(mask, jnp.log(baseline) - jnp.log1p(-baseline) + free, v)
-
-
-def decoder_input(u: jax.Array, *, config: LDVAEConfig) -> jax.Array:
-    """Decoder input of a full-problem point: ``z``, or ``softmax(u)`` for "ln"."""
-    return jax.nn.softmax(u) if config.latent_distribution == "ln" else u
 
 
 def _log_prob(w: jax.Array, lane: Lanes, heads: Heads, *, config: LDVAEConfig) -> jax.Array:
@@ -198,7 +176,7 @@ def objective(
     """J at the completed point ``u = complete(v)`` minus a per-cell constant:
     ``-sum_g (log p_g(u) - reference_g) + 0.5 * ||u||^2``."""
     u = complete(v, lane.mask, baseline, config=config)
-    lp = _log_prob(decoder_input(u, config=config), lane, heads, config=config)
+    lp = _log_prob(model.z_transformation(u, config=config), lane, heads, config=config)
     return -jnp.sum(lp - lane.reference) + 0.5 * jnp.sum(u * u)
 
 
@@ -252,17 +230,6 @@ def solve(
     return jax.lax.while_loop(cond, body, init)[-1]
 
 
-def vectorize_default() -> bool:
-    """vmap the lanes on accelerators; run them one after the other on CPU.
-
-    Under ``vmap`` every lane waits for the slowest in each loop, and the zoom line search's
-    ``lax.cond`` (search or zoom) evaluates both branches, each with a value and gradient. On CPU,
-    where a lane's gene axis already fills the vector units, ``lax.map`` over lanes measured 2.4x
-    faster (NB, 2,000 genes: 6.3 ms vs 15.8 ms per 32 lanes; ZINB 19.7 vs 46.8 ms).
-    """
-    return jax.default_backend() != "cpu"
-
-
 @functools.partial(jax.jit, static_argnames=("config", "optimizer", "mesh", "vectorize"))
 def fit_lanes(
     heads: Heads,
@@ -278,7 +245,7 @@ def fit_lanes(
     vectorize: bool = True,
 ) -> Fit:
     """Solve every lane: ``v0`` (lanes, n_latent), ``max_steps`` (lanes,) int32 (0 skips one);
-    ``vectorize``: ``vmap`` over lanes, else ``lax.map`` (see :func:`vectorize_default`). The
+    ``vectorize``: ``vmap`` over lanes, else ``lax.map`` (see :class:`RefitScorer`). The
     returned points are completed (:func:`complete`): points of the full problem."""
 
     def one(lane: Lanes, v: jax.Array, steps: jax.Array) -> Fit:
@@ -305,13 +272,10 @@ class _Cells(NamedTuple):
     constant: jax.Array  # (batch,) J = objective + constant (all lgamma terms included)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "library"))
-def _prepare(params, x, batch, label, baseline, *, config: LDVAEConfig, library) -> _Cells:
-    post = model.inference(params, x, config=config)
-    if library == "observed":
-        log_library = jnp.log(x.sum(axis=-1))
-    else:
-        log_library = model.library(post, x, config=config)[:, 0]
+@functools.partial(jax.jit, static_argnames=("config",))
+def _prepare(params, x, log_library, qz_m, batch, label, *, config: LDVAEConfig) -> _Cells:
+    """Lanes of one encoded minibatch (the run's posterior and library, in float64)."""
+    x, log_library, qz_m = (a.astype(jnp.float64) for a in (x, log_library, qz_m))
     scale = model.affine_head(params.decoder.factor, config=config)
     heads = Heads(scale.loadings, None)
     zi_offset = None
@@ -320,10 +284,10 @@ def _prepare(params, x, batch, label, baseline, *, config: LDVAEConfig, library)
         heads = Heads(scale.loadings, zi.loadings)
         zi_offset = zi.offsets[batch] + zi.intercept[None, :]
     theta = model.dispersion(params, batch, label, config=config)
-    n, k = post.qz_m.shape
+    n, k = qz_m.shape
     lanes = Lanes(
         x=x,
-        log_library=log_library,
+        log_library=log_library[:, 0],
         offset=scale.offsets[batch] + scale.intercept[None, :],
         zi_offset=zi_offset,
         theta=theta,
@@ -332,13 +296,13 @@ def _prepare(params, x, batch, label, baseline, *, config: LDVAEConfig, library)
     )
 
     def reference(lane: Lanes, v: jax.Array) -> jax.Array:
-        return _log_prob(decoder_input(v, config=config), lane, heads, config=config)
+        return _log_prob(model.z_transformation(v, config=config), lane, heads, config=config)
 
-    ref = jax.vmap(reference)(lanes, post.qz_m)
+    ref = jax.vmap(reference)(lanes, qz_m)
     lanes = lanes._replace(reference=ref)
     lik = config.gene_likelihood
     constant = -(ref.sum(-1) + log_prob_constant(x, theta, likelihood=lik).sum(-1))
-    return _Cells(lanes, heads, post.qz_m, constant)
+    return _Cells(lanes, heads, qz_m, constant)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -351,7 +315,7 @@ def _constrained_start(lanes: Lanes, full_v, baseline, k, *, config: LDVAEConfig
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def _full_objective(heads: Heads, lanes: Lanes, v: jax.Array, baseline: jax.Array, *, config):
+def full_objective(heads: Heads, lanes: Lanes, v: jax.Array, baseline: jax.Array, *, config):
     """The full problem's objective at completed constrained end points ``v`` (lanes, n_latent)."""
     free = lanes._replace(mask=jnp.zeros_like(lanes.mask))
     fun = functools.partial(objective, heads=heads, baseline=baseline, config=config)
@@ -365,8 +329,13 @@ def _pick(better: np.ndarray, new: Fit, old: Fit) -> Fit:
     return jax.tree.map(one, new, old)
 
 
-class RefitSweep:
-    """Iterate ``(start, n_valid, RefitScores)`` per minibatch in obs order.
+SCORE_FIELDS = ("unique_delta_nll", "refit_grad_norm", "refit_converged")
+
+
+class RefitScorer:
+    """The refit as a scorer of the run pipeline (``run.execute``): per cell and ablated latent
+    ``unique_delta_nll``, ``refit_grad_norm`` and ``refit_converged``, from the run's encoded
+    minibatch (no second read or encode; the posterior mean is the full fit's start point).
 
     Every fit runs in float64 whatever the model's dtype (x64 is switched on inside these calls
     only): in float32 the objective's rounding noise, about 1e-3 nats for 2,000 genes, makes line
@@ -374,53 +343,54 @@ class RefitSweep:
     third of the lanes unconverged at ``tol=1e-3``).
     """
 
+    fields = SCORE_FIELDS
+    needs_key = False
+
     def __init__(
         self,
         params: LDVAEParams,
-        data: anndata_io.CellData,
+        plan: Plan,
         *,
         config: LDVAEConfig,
-        baseline: np.ndarray,
-        latents: np.ndarray,
-        library: str,
         optimizer: Optimizer,
         steps: int,
         tol: float,
-        batch_size: int,
-        devices: list[Any] | None = None,
-        vectorize: bool | None = None,
+        mesh: jax.sharding.Mesh | None = None,
     ):
-        self.data, self.config = data, config
-        self.latents, self.library = np.asarray(latents, np.int32), library
+        self.config, self.plan, self.mesh = config, plan, mesh
         self.optimizer, self.steps, self.tol = optimizer, int(steps), float(tol)
+        self.latents = np.asarray(plan.latents, np.int32)
         with jax.enable_x64(True):
             self.params = jax.tree.map(lambda a: jnp.asarray(np.asarray(a), jnp.float64), params)
-            self.baseline = jnp.asarray(np.asarray(baseline, np.float64))
-        devices = list(jax.local_devices() if devices is None else devices)
-        self.mesh = None
-        if len(devices) > 1:
-            self.mesh = jax.sharding.Mesh(np.asarray(devices), ("lanes",))
-        self.n_devices = len(devices)
-        self.batch_size = -(-batch_size // self.n_devices) * self.n_devices
-        self.n_restarted = 0
-        self.vectorize = vectorize_default() if vectorize is None else bool(vectorize)
+            self.baseline = jnp.asarray(np.asarray(plan.baseline, np.float64))
 
-    def minibatch(self, mb: anndata_io.Minibatch) -> RefitScores:
+    def init(self) -> None:
+        return None
+
+    def score(self, batch: Batch, totals: None, key: jax.Array) -> tuple[dict[str, Any], None]:
         with jax.enable_x64(True):
-            return self._minibatch(mb)
+            scores = self.minibatch(batch)
+        rows = {k: getattr(scores, k) for k in SCORE_FIELDS}
+        return rows, totals
 
-    def _minibatch(self, mb: anndata_io.Minibatch) -> RefitScores:
+    def finish(self, totals: None, n_obs: int) -> dict[str, np.ndarray]:
+        return {}
+
+    def settings(self) -> dict[str, Any]:
+        """What to record in ``uns["ablation"]``."""
+        return {
+            "refit": True,
+            "refit_optimizer": self.optimizer,
+            "refit_steps": self.steps,
+            "refit_tol": self.tol,
+            "refit_objective": "NLL + 0.5 * ||z||^2 (||u||^2 for ln), float64",
+        }
+
+    def minibatch(self, mb: Batch) -> RefitScores:
+        """Refit scores of every row of ``mb`` (padding rows included; call under x64)."""
         cfg, base, steps = self.config, self.baseline, self.steps
-        n = len(mb.x)
-        cells = _prepare(
-            self.params,
-            jnp.asarray(mb.x, jnp.float64),
-            jnp.asarray(mb.batch),
-            jnp.asarray(mb.label),
-            base,
-            config=cfg,
-            library=self.library,
-        )
+        n = mb.x.shape[0]
+        cells = _prepare(self.params, mb.x, mb.log_library, mb.qz_m, mb.batch, mb.label, config=cfg)
         tol = jnp.asarray(self.tol, jnp.float64)
 
         def fit(lanes: Lanes, v0: jax.Array, budget: np.ndarray) -> Fit:
@@ -434,10 +404,10 @@ class RefitSweep:
                 config=cfg,
                 optimizer=self.optimizer,
                 mesh=self.mesh,
-                vectorize=self.vectorize,
+                vectorize=self.plan.vectorize,
             )
 
-        valid = np.arange(n) < mb.n_valid
+        valid = np.asarray(mb.valid) > 0
         budget = np.where(valid, steps, 0)
         full = fit(cells.lanes, cells.v0, budget)
 
@@ -457,12 +427,11 @@ class RefitSweep:
             # stopped in a worse local minimum. Restart it from there, then re-run that cell's
             # constrained fits from the new optimum and keep the better ends.
             at = np.stack(
-                [_full_objective(cells.heads, ln, f.v, base, config=cfg) for ln, f in runs]
+                [full_objective(cells.heads, ln, f.v, base, config=cfg) for ln, f in runs]
             )  # (a, n)
             margin = 0.5 * self.tol**2  # within the full fit's own tolerance
             restart = valid & (at.min(0) < np.asarray(full.value) - margin)
         if restart.any():
-            self.n_restarted += int(restart.sum())
             best = np.stack([np.asarray(f.v) for f in con])[at.argmin(0), np.arange(n)]
             again = fit(cells.lanes, jnp.asarray(best), np.where(restart, steps, 0))
             moved = restart & (np.asarray(again.value) < np.asarray(full.value))
@@ -479,83 +448,11 @@ class RefitSweep:
             # every constrained point is feasible for the full problem: min_z J <= min_k J_k
             full_value = np.minimum(full_value, con_value.min(1))
         grad = np.maximum(con_grad, np.asarray(full.grad_norm)[:, None])
-        m = mb.n_valid
         return RefitScores(
-            unique_delta_nll=(con_value - full_value[:, None])[:m],
-            refit_grad_norm=grad[:m],
-            refit_converged=(grad <= self.tol)[:m],
-            objective=(full_value + np.asarray(cells.constant))[:m],
-            v=np.asarray(full.v)[:m],
-            restarted=restart[:m],
+            unique_delta_nll=con_value - full_value[:, None],
+            refit_grad_norm=grad,
+            refit_converged=grad <= self.tol,
+            objective=full_value + np.asarray(cells.constant),
+            v=np.asarray(full.v),
+            restarted=restart,
         )
-
-    def __iter__(self) -> Iterator[tuple[int, int, RefitScores]]:
-        for mb in anndata_io.minibatches(self.data, self.batch_size):
-            yield mb.start, mb.n_valid, self.minibatch(mb)
-
-
-SCORE_FIELDS = ("unique_delta_nll", "refit_grad_norm", "refit_converged")
-
-
-def score_shapes(n_obs: int, n_ablated: int, dtype: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
-    """Shapes and dtypes of the per-cell refit arrays (``obsm`` keys of the result)."""
-    shape = (n_obs, n_ablated)
-    return {
-        "unique_delta_nll": (shape, dtype),
-        "refit_grad_norm": (shape, dtype),
-        "refit_converged": (shape, np.dtype(bool)),
-    }
-
-
-def run(
-    params: LDVAEParams,
-    data: anndata_io.CellData,
-    sink: dict[str, Any],
-    *,
-    config: LDVAEConfig,
-    baseline: np.ndarray,
-    latents: np.ndarray,
-    library: str,
-    optimizer: Optimizer,
-    steps: int,
-    tol: float,
-    devices: list[Any] | None = None,
-    progress: bool = False,
-) -> dict[str, Any]:
-    """Fill ``sink[field][rows]`` (arrays or on-disk datasets, ``score_shapes``) minibatch by
-    minibatch; returns the settings to record in ``uns["ablation"]``."""
-    size = choose_batch_size(data.n_obs, config.n_input)
-    sweep = RefitSweep(
-        params,
-        data,
-        config=config,
-        baseline=baseline,
-        latents=latents,
-        library=library,
-        optimizer=optimizer,
-        steps=steps,
-        tol=tol,
-        batch_size=size,
-        devices=devices,
-    )
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=data.n_obs, unit="cells", desc="refit")
-    try:
-        for start, n_valid, scores in sweep:
-            for key in SCORE_FIELDS:
-                sink[key][start : start + n_valid] = getattr(scores, key)
-            if bar is not None:
-                bar.update(n_valid)
-    finally:
-        if bar is not None:
-            bar.close()
-    return {
-        "refit": True,
-        "refit_optimizer": optimizer,
-        "refit_steps": int(steps),
-        "refit_tol": float(tol),
-        "refit_objective": "NLL + 0.5 * ||z||^2 (||u||^2 for ln), float64",
-    }

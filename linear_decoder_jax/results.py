@@ -1,17 +1,10 @@
-"""``AblationResult``: the scores of a sweep, group summaries, and the result h5ad schema.
+"""``AblationResult``: the scores of a run, group summaries, and the result h5ad.
 
-Schema of ``to_anndata()`` / ``write()`` (n_obs cells, n_vars genes, K latents, A ablated latents):
-
-* ``obs``: the input's obs columns, same obs_names in the same order; ``obs["nll"]`` full NLL.
-* ``obsm["delta_nll"]`` (n_obs, A), ``obsm["delta_l1"]`` (n_obs, A), ``obsm["latent"]`` (n_obs, K)
-  decoder input; ``obsm["delta_nll_se"]`` (n_obs, A) when ``n_samples > 0``; the input's 2-D
-  embeddings (``X_umap`` ...) carried over. With ``refit=True``: ``obsm["unique_delta_nll"]``,
-  ``obsm["refit_grad_norm"]`` (n_obs, A) and ``obsm["refit_converged"]`` (n_obs, A) bool.
-* ``varm["mean_lfc"]`` (n_vars, A), ``varm["loadings"]`` (n_vars, K) effective loadings.
-* ``uns["ablation"]``: settings and provenance; ``uns["ablation_groups"]`` (with ``groupby``):
-  DataFrames groups x ablated latents ``mean``, ``median``, ``frac_positive`` and ``n_cells``;
-  ``uns["ablation_top_cells"]``: the cells with the largest delta_nll per ablated latent.
-* ``X`` is empty (all zeros, sparse): no count matrix is copied.
+The file's layout is ``schema.FIELDS`` (one row per array: slot, dimensions, dtype, when present,
+meaning); the in-memory writer (:meth:`AblationResult.to_anndata`), the streamed writer
+(:class:`H5adStream`) and the reader (:meth:`AblationResult.read`) all iterate over it. Besides the
+scorers' fields: ``varm["loadings"]``, the input's obs columns and 2-D embeddings, and ``uns``
+(settings, group tables, top cells). ``X`` is empty (all zeros, sparse): no counts are copied.
 """
 
 from __future__ import annotations
@@ -23,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
+from linear_decoder_jax import schema
 from linear_decoder_jax._atomic import atomic_path
 from linear_decoder_jax.errors import IncompatibleDataError
 
 TOP_CELLS = 10
-_REFIT_KEYS = ("unique_delta_nll", "refit_grad_norm", "refit_converged")
 
 
 def group_tables(delta: np.ndarray, groups: np.ndarray, latent_names: list[str]) -> dict[str, Any]:
@@ -68,23 +61,22 @@ def top_cells(
 
 @dataclass
 class AblationResult:
-    """Scores of ``ldj.ablate``; arrays are numpy, cells in input obs order."""
+    """Scores of ``ldj.ablate``; arrays are numpy (or read-only memory maps), cells in input obs
+    order. Every field of ``schema.FIELDS`` is an attribute (``result.delta_nll``, ...), None when
+    the run did not compute it."""
 
-    delta_nll: np.ndarray  # (n_obs, A)
-    delta_l1: np.ndarray  # (n_obs, A)
-    latent: np.ndarray  # (n_obs, K)
-    nll: np.ndarray  # (n_obs,)
-    mean_lfc: np.ndarray  # (n_vars, A)
+    arrays: dict[str, np.ndarray]  # schema fields present, by name
     loadings: np.ndarray  # (n_vars, K)
     obs: Any  # pandas DataFrame indexed by obs_names (input obs columns)
     var_names: list[str]
     settings: dict[str, Any]
     embeddings: dict[str, np.ndarray] = field(default_factory=dict)
-    delta_nll_se: np.ndarray | None = None
     groups: dict[str, Any] | None = None
-    unique_delta_nll: np.ndarray | None = None  # (n_obs, A), refit=True only
-    refit_grad_norm: np.ndarray | None = None  # (n_obs, A)
-    refit_converged: np.ndarray | None = None  # (n_obs, A) bool
+
+    def __getattr__(self, name: str) -> Any:
+        if name in schema.BY_NAME and "arrays" in self.__dict__:
+            return self.__dict__["arrays"].get(name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def latent_names(self) -> list[str]:
@@ -127,36 +119,33 @@ class AblationResult:
         return "\n".join(lines)
 
     def to_anndata(self):
-        """The result as AnnData (schema in this module's docstring); readable by scanpy."""
+        """The result as AnnData (layout: ``schema.FIELDS``); readable by scanpy."""
         import anndata
         import pandas as pd
         import scipy.sparse as sp
 
-        n, g = len(self.delta_nll), len(self.var_names)
-        obs = self.obs.copy()
-        obs["nll"] = self.nll
+        n, g = len(self.obs), len(self.var_names)
         adata = anndata.AnnData(
             X=sp.csr_matrix((n, g), dtype=np.float32),
-            obs=obs,
+            obs=self.obs.copy(),
             var=pd.DataFrame(index=pd.Index(self.var_names, name=None)),
         )
-        adata.obsm["delta_nll"] = self.delta_nll
-        adata.obsm["delta_l1"] = self.delta_l1
-        adata.obsm["latent"] = self.latent
-        if self.delta_nll_se is not None:
-            adata.obsm["delta_nll_se"] = self.delta_nll_se
-        for key in _REFIT_KEYS:
-            if getattr(self, key) is not None:
-                adata.obsm[key] = getattr(self, key)
+        for f in schema.FIELDS:
+            value = self.arrays.get(f.name)
+            if value is not None:
+                getattr(adata, f.slot)[f.name] = np.asarray(value)
         for key, value in self.embeddings.items():
             adata.obsm[key] = value
-        adata.varm["mean_lfc"] = self.mean_lfc
-        adata.varm["loadings"] = self.loadings
-        adata.uns["ablation"] = dict(self.settings)
-        if self.groups is not None:
-            adata.uns["ablation_groups"] = dict(self.groups)
-        adata.uns["ablation_top_cells"] = self.top_cells()
+        adata.varm[schema.LOADINGS.name] = self.loadings
+        adata.uns.update(self._uns())
         return adata
+
+    def _uns(self) -> dict[str, Any]:
+        uns: dict[str, Any] = {"ablation": dict(self.settings)}
+        if self.groups is not None:
+            uns["ablation_groups"] = dict(self.groups)
+        uns["ablation_top_cells"] = self.top_cells()
+        return uns
 
     def write(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the result h5ad atomically; an existing ``path`` needs ``overwrite=True``."""
@@ -188,34 +177,38 @@ class AblationResult:
             raise IncompatibleDataError(f"{path}: no such file.")
         with h5py.File(path, "r") as f:
             obs = read_elem(f["obs"])
-            nll = obs.pop("nll").to_numpy()
             uns = read_elem(f["uns"])
-            arrays = {}
-            for key in ("delta_nll", "delta_l1", "latent", "delta_nll_se", *_REFIT_KEYS):
-                if key in f["obsm"]:
-                    arrays[key] = _mapped(path, f["obsm"][key]) if memmap else f["obsm"][key][...]
-            embeddings = {k: np.asarray(v[...]) for k, v in f["obsm"].items() if k not in arrays}
-            varm = {k: np.asarray(v[...]) for k, v in f["varm"].items()}
+            arrays: dict[str, np.ndarray] = {}
+            for fld in schema.FIELDS:
+                if fld.slot == "obs" and fld.name in obs:
+                    arrays[fld.name] = obs.pop(fld.name).to_numpy()
+                elif fld.slot != "obs" and fld.name in f[fld.slot]:
+                    node = f[fld.slot][fld.name]
+                    arrays[fld.name] = (
+                        mapped(path, node) if memmap and fld.per_cell else np.asarray(node[...])
+                    )
+            embeddings = {
+                k: np.asarray(v[...]) for k, v in f["obsm"].items() if k not in schema.obsm_keys()
+            }
+            loadings = np.asarray(f["varm"][schema.LOADINGS.name][...])
             var_names = list(read_elem(f["var"]).index)
-        settings = dict(uns["ablation"])
+        missing = [
+            x.name for x in schema.FIELDS if x.when == schema.ALWAYS and x.name not in arrays
+        ]
+        if missing:
+            raise IncompatibleDataError(f"{path} lacks the result fields {missing}.")
         return cls(
-            delta_nll=arrays["delta_nll"],
-            delta_l1=arrays["delta_l1"],
-            latent=arrays["latent"],
-            nll=nll,
-            mean_lfc=varm["mean_lfc"],
-            loadings=varm["loadings"],
+            arrays=arrays,
+            loadings=loadings,
             obs=obs,
             var_names=var_names,
-            settings=settings,
+            settings=dict(uns["ablation"]),
             embeddings=embeddings,
-            delta_nll_se=arrays.get("delta_nll_se"),
             groups=uns.get("ablation_groups"),
-            **{k: arrays[k] for k in _REFIT_KEYS if k in arrays},
         )
 
 
-def _mapped(path: str | os.PathLike, dataset: Any) -> np.ndarray:
+def mapped(path: str | os.PathLike, dataset: Any) -> np.ndarray:
     """A read-only memmap of a contiguous, uncompressed HDF5 dataset (else it is read)."""
     offset = dataset.id.get_offset()
     if offset is None or dataset.chunks is not None or dataset.compression is not None:
@@ -224,12 +217,14 @@ def _mapped(path: str | os.PathLike, dataset: Any) -> np.ndarray:
 
 
 class H5adStream:
-    """Write a result h5ad while the sweep runs: the (n_obs, ...) obsm arrays are contiguous
+    """Write a result h5ad while the sweep runs: the per-cell ``obsm`` fields are contiguous
     on-disk datasets filled minibatch by minibatch, so no full copy is held in memory; the rest of
     the schema is written by :meth:`finish`. Used inside :func:`_atomic.atomic_path`.
     """
 
     def __init__(self, path: Path, shapes: dict[str, tuple[tuple[int, ...], Any]]):
+        """``shapes``: (shape, dtype) of each per-cell field to stream; ``obs`` fields are kept
+        in memory (one value per cell) and written with obs."""
         import h5py
 
         self.path = path
@@ -239,6 +234,9 @@ class H5adStream:
         obsm.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
         self.arrays: dict[str, Any] = {}
         for key, (shape, dtype) in shapes.items():
+            if schema.BY_NAME[key].slot == "obs":
+                self.arrays[key] = np.empty(shape, dtype)
+                continue
             dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
             dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
             space = h5py.h5s.create_simple(shape)
@@ -249,8 +247,20 @@ class H5adStream:
             ds.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
             self.arrays[key] = ds
 
+    def close(self) -> None:
+        if self.file.id.valid:
+            self.file.close()
+
+    def read_back(self) -> dict[str, np.ndarray]:
+        """The streamed fields, flushed and read back as memory maps (obs fields as they are)."""
+        self.file.flush()
+        return {
+            k: v if isinstance(v, np.ndarray) else mapped(self.path, v)
+            for k, v in self.arrays.items()
+        }
+
     def finish(self, result: AblationResult) -> None:
-        """Write obs, var, varm, uns and an empty X; ``result`` arrays may be these datasets."""
+        """Write obs, var, varm, uns, the non-streamed fields and an empty X, then close."""
         import pandas as pd
         import scipy.sparse as sp
         from anndata.io import write_elem
@@ -258,18 +268,24 @@ class H5adStream:
         f = self.file
         n, g = len(result.obs), len(result.var_names)
         obs = result.obs.copy()
-        obs["nll"] = np.asarray(result.nll)
+        varm: dict[str, Any] = {schema.LOADINGS.name: result.loadings}
+        for fld in schema.FIELDS:
+            value = result.arrays.get(fld.name)
+            if value is None:
+                continue
+            if fld.slot == "obs":
+                obs[fld.name] = np.asarray(value)
+            elif fld.slot == "varm":
+                varm[fld.name] = np.asarray(value)
+            elif fld.name not in f["obsm"]:
+                write_elem(f["obsm"], fld.name, np.asarray(value))
         write_elem(f, "obs", obs)
         write_elem(f, "var", pd.DataFrame(index=pd.Index(result.var_names)))
         write_elem(f, "X", sp.csr_matrix((n, g), dtype=np.float32))
         for key, value in result.embeddings.items():
             write_elem(f["obsm"], key, value)
-        write_elem(f, "varm", {"mean_lfc": result.mean_lfc, "loadings": result.loadings})
-        uns: dict[str, Any] = {"ablation": dict(result.settings)}
-        if result.groups is not None:
-            uns["ablation_groups"] = dict(result.groups)
-        uns["ablation_top_cells"] = result.top_cells()
-        write_elem(f, "uns", uns)
+        write_elem(f, "varm", varm)
+        write_elem(f, "uns", result._uns())
         for key in ("layers", "obsp", "varp"):
             write_elem(f, key, {})
         f.close()

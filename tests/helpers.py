@@ -47,3 +47,27 @@ def random_adata(model: ldj.LinearSCVI, n_obs: int = 37, seed: int = 1, zero_cel
     obs["label"] = pd.Categorical(rng.choice(list(d.label_categories), n_obs))
     obs["group"] = pd.Categorical(rng.choice(["A", "B", "C"], n_obs))
     return anndata.AnnData(X=x, obs=obs, var=pd.DataFrame(index=list(d.var_names)))
+
+
+def plan_for(model: ldj.LinearSCVI, n_obs: int, baseline, **overrides):
+    """A ``run.Plan`` over all latents and cells on one device (for tests that drive scorers)."""
+    from linear_decoder_jax import run
+
+    fields = {
+        "latents": tuple(range(model.n_latent)),
+        "baseline_name": "values",
+        "baseline": tuple(float(b) for b in baseline),
+        "mode": "drop",
+        "library": "model",
+        "n_samples": 0,
+        "seed": 0,
+        "batch_size": run.choose_batch_size(
+            n_obs, model.config.n_input, model.n_latent, itemsize=4, vectorize=False
+        ),
+        "dtype": model.dtype,
+        "devices": tuple(jax.local_devices()[:1]),
+        "rows": (0, n_obs),
+        "vectorize": False,
+        **overrides,
+    }
+    return run.Plan(**fields)

@@ -21,7 +21,7 @@ def brute_force(model, adata, *, baseline, mode="drop", latents=None, library="m
     if library == "observed":
         lib = np.log(x.sum(1))
     else:
-        lib = model._encode_all(data, None)["library"][:, 0]
+        lib = model.encode(data)["library"][:, 0]
 
     def nll(zz):
         dec = model.decode(zz, batch_index=data.batch, label_index=data.label, library=lib)

@@ -28,7 +28,7 @@ def _check(folder: Path) -> dict[str, float]:
     ref = dict(np.load(folder / "expected.npz"))
     data = model.prepare(adata)
     z = model.get_latent_representation(adata)
-    lib = model._encode_all(data, None)["library"]
+    lib = model.encode(data)["library"]
     dec = model.decode(z, batch_index=data.batch, library=lib[:, 0])
     z0 = z.copy()
     z0[:, 0] = 0.0

@@ -23,7 +23,7 @@ def _ours(model: ldj.LinearSCVI, adata, ref: dict) -> dict[str, np.ndarray]:
     data = model.prepare(adata)
     z = model.get_latent_representation(adata)
     qz_m, qz_v = model.get_latent_representation(adata, return_dist=True)
-    enc = model._encode_all(data, None)
+    enc = model.encode(data)
     decoded = model.decode(
         z, batch_index=data.batch, label_index=data.label, library=enc["library"][:, 0]
     )

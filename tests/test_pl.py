@@ -59,14 +59,10 @@ def _subset(result: ldj.AblationResult, latents: list[int]) -> ldj.AblationResul
     settings = dict(result.settings)
     settings["latents"] = np.asarray(latents)
     settings["latent_names"] = [f"Z_{k}" for k in latents]
-    return dataclasses.replace(
-        result,
-        delta_nll=result.delta_nll[:, latents],
-        delta_l1=result.delta_l1[:, latents],
-        mean_lfc=result.mean_lfc[:, latents],
-        settings=settings,
-        groups=None,
-    )
+    arrays = dict(result.arrays)
+    for key in ("delta_nll", "delta_l1", "mean_lfc"):
+        arrays[key] = arrays[key][:, latents]
+    return dataclasses.replace(result, arrays=arrays, settings=settings, groups=None)
 
 
 def _bare_axes() -> plt.Axes:

@@ -9,13 +9,14 @@ import sys
 import textwrap
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
-from helpers import random_adata, random_model
+from helpers import plan_for, random_adata, random_model
 from scipy import optimize, special
 
 import linear_decoder_jax as ldj
-from linear_decoder_jax import refit
+from linear_decoder_jax import refit, run
 from linear_decoder_jax.cli import main
 from linear_decoder_jax.config import ModelSpec
 
@@ -55,7 +56,7 @@ class Cell:
         dec = model.get_affine_decoder()
         b = int(data.batch[c])
         self.x = np.asarray(data.rows(c, c + 1)[0], np.float64)
-        self.lib = float(model._encode_all(data, None)["library"][c, 0])
+        self.lib = float(model.encode(data)["library"][c, 0])
         self.L = dec.scale.loadings.astype(np.float64)
         self.o = (dec.scale.offsets[b] + dec.scale.intercept).astype(np.float64)
         self.Lz = self.oz = None
@@ -150,21 +151,20 @@ LIKELIHOODS = [
 ]
 
 
-def refit_sweep(model, adata, baseline):
-    """The API's refit sweep for ``baseline`` values, to read the full optimum values."""
+def refit_sweep(model, adata, baseline, *, vectorize=False):
+    """The refit scorer's scores per minibatch (valid rows), to read the full optimum values."""
     data = model.prepare(adata)
-    return refit.RefitSweep(
-        model.params,
-        data,
-        config=model.config,
-        baseline=baseline,
-        latents=np.arange(model.n_latent),
-        library="model",
-        optimizer="lbfgs",
-        steps=100,
-        tol=1e-6,
-        batch_size=refit.choose_batch_size(data.n_obs, model.config.n_input),
+    plan = plan_for(model, data.n_obs, baseline, vectorize=vectorize)
+    scorer = refit.RefitScorer(
+        model.params, plan, config=model.config, optimizer="lbfgs", steps=100, tol=1e-6
     )
+    out = []
+    with model.precision():
+        for _, n_valid, batch in run.batches(model.params, data, plan, config=model.config):
+            with jax.enable_x64(True):
+                scores = scorer.minibatch(batch)
+            out.append(refit.RefitScores(*(a[:n_valid] for a in scores)))
+    return out
 
 
 @pytest.fixture(scope="module", params=LIKELIHOODS, ids=lambda c: c["gene_likelihood"])
@@ -173,26 +173,24 @@ def refitted(request):
     model = random_model(seed=3, dtype="float64", **request.param)
     adata = random_adata(model, n_obs=N_OBS, seed=4)
     res = ldj.ablate(model, adata, refit=True, refit_tol=1e-6)
-    sweep = refit_sweep(model, adata, np.zeros(model.n_latent))
-    scores = [s for _, _, s in sweep]
+    scores = refit_sweep(model, adata, np.zeros(model.n_latent))
     objective = np.concatenate([s.objective for s in scores])
-    return model, adata, res, objective, sweep
+    return model, adata, res, objective
 
 
 def test_vmapped_lanes_match_mapped_lanes(refitted):
-    """Accelerators vmap the lanes; CPU runs them in sequence (``refit.vectorize_default``)."""
-    model, adata, res, objective, sweep = refitted
+    """The accelerator path (lanes vmapped, ``Plan.vectorize``) equals the CPU one (lax.map)."""
+    model, adata, res, objective = refitted
     if model.config.gene_likelihood != "zinb":
         pytest.skip("one likelihood is enough (it compiles the solver once more)")
-    sweep.vectorize = not sweep.vectorize
-    other = [s for _, _, s in sweep]
+    other = refit_sweep(model, adata, np.zeros(model.n_latent), vectorize=True)
     np.testing.assert_allclose(np.concatenate([s.objective for s in other]), objective, rtol=1e-12)
     unique = np.concatenate([s.unique_delta_nll for s in other])
     np.testing.assert_allclose(unique, res.unique_delta_nll, atol=1e-9)
 
 
 def test_matches_scipy(refitted):
-    model, adata, res, objective, _ = refitted
+    model, adata, res, objective = refitted
     k = model.n_latent
     worst_full = worst_con = worst_unique = 0.0
     for c in range(N_SCIPY):
@@ -241,7 +239,7 @@ def ln_refitted(request):
     for baseline in LN_BASELINES:
         res = ldj.ablate(model, adata, baseline=baseline, refit=True, refit_tol=1e-6)
         sweep = refit_sweep(model, adata, res.settings["baseline_values"])
-        out[baseline] = res, np.concatenate([s.objective for _, _, s in sweep])
+        out[baseline] = res, np.concatenate([s.objective for s in sweep])
     return model, adata, out
 
 
@@ -278,7 +276,7 @@ def test_ln_constraint_holds_at_end_points(ln_refitted, monkeypatch):
 
     def recording(heads, lanes, v0, baseline, *args, **kwargs):
         fit = fit_lanes(heads, lanes, v0, baseline, *args, **kwargs)
-        at = refit._full_objective(heads, lanes, fit.v, baseline, config=kwargs["config"])
+        at = refit.full_objective(heads, lanes, fit.v, baseline, config=kwargs["config"])
         records.append([np.asarray(a) for a in (lanes.mask, fit.v, fit.value, at)])
         return fit
 

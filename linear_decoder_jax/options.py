@@ -1,0 +1,26 @@
+"""The run options' choices and defaults, in one jax-free place.
+
+The engines (``run``, ``ablation``, ``refit``), the facade's validation and the CLI's ``choices``
+and defaults all read these, so the CLI can build its parser without importing jax.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+Mode = Literal["drop", "keep"]
+LibraryChoice = Literal["model", "observed"]
+Baseline = Literal["zero", "mean", "median"]
+Optimizer = Literal["lbfgs", "adam"]
+
+MODES: tuple[Mode, ...] = get_args(Mode)
+LIBRARIES: tuple[LibraryChoice, ...] = get_args(LibraryChoice)
+BASELINES: tuple[Baseline, ...] = get_args(Baseline)
+OPTIMIZERS: tuple[Optimizer, ...] = get_args(Optimizer)
+
+DEFAULT_MODE: Mode = "drop"
+DEFAULT_LIBRARY: LibraryChoice = "model"
+DEFAULT_BASELINE: Baseline = "zero"
+DEFAULT_OPTIMIZER: Optimizer = "lbfgs"
+DEFAULT_REFIT_STEPS: dict[Optimizer, int] = {"lbfgs": 100, "adam": 2000}
+DEFAULT_REFIT_TOL = 1e-3  # gradient norm of J, nats per unit of z

@@ -1,0 +1,511 @@
+"""One run: read each minibatch once, encode and place it once, feed every scorer.
+
+A run is a frozen :class:`Plan` (everything resolved and validated before the first minibatch)
+and a list of scorers. :func:`execute` is the only loop over the data: it reads minibatches on a
+background thread (``prefetch``), places them on the devices (a 1-D mesh over cells when there are
+several), encodes them once (:func:`encode`: the posterior, the decoder input at its mean and the
+log library, shared by every scorer), splits the PRNG key, calls each scorer and writes their
+per-cell rows into a sink (numpy arrays, or datasets of the streamed h5ad). Scorers keep running
+totals (plain sums over cells) that :func:`execute` hands back to them at the end.
+
+A scorer (the plain sweep ``ablation.SweepScorer``, the refit ``refit.RefitScorer``) declares the
+schema fields it fills (``schema.FIELDS``) and implements ``init``, ``score`` and ``finish``
+(:class:`Scorer`). Adding a score means one scorer plus its schema rows: the driver, the writers,
+the reader and the facade do not change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import numpy as np
+
+from linear_decoder_jax import anndata_io, model
+from linear_decoder_jax.config import LDVAEConfig
+from linear_decoder_jax.errors import ConfigError
+from linear_decoder_jax.options import LibraryChoice, Mode
+from linear_decoder_jax.params import LDVAEParams
+
+# Budget for the sweep temporaries of one minibatch. On CPU the latents run one after another on
+# (batch, n_vars) arrays that should stay in cache (measured at 20k x 2000 x 10 NB: 64-128 cells
+# per minibatch fastest, 1024 about 2x slower); accelerators vmap over the latents and want large
+# minibatches.
+_SWEEP_BYTES_CPU = 6 * 2**20
+_SWEEP_BYTES_ACCELERATOR = 1024 * 2**20
+_TEMPORARIES = 6
+
+
+def latent_names(n_latent: int) -> list[str]:
+    """``Z_0 ... Z_{K-1}``: the column names scvi-tools' ``get_loadings`` uses."""
+    return [f"Z_{i}" for i in range(n_latent)]
+
+
+def vectorize_default(devices: Sequence[Any]) -> bool:
+    """Batch the latents (``vmap``) on accelerators; run them one after another on CPU.
+
+    XLA:CPU compiles the per-latent body, a loop over (batch, n_vars) arrays, several times faster
+    than the batched body (measured); accelerators want the batched one.
+    """
+    return any(d.platform != "cpu" for d in devices)
+
+
+def choose_batch_size(
+    n_obs: int, n_vars: int, n_ablated: int, *, itemsize: int, vectorize: bool
+) -> int:
+    """Largest power-of-two minibatch whose sweep temporaries fit the memory budget."""
+    budget = _SWEEP_BYTES_ACCELERATOR if vectorize else _SWEEP_BYTES_CPU
+    per_cell = n_vars * itemsize * _TEMPORARIES
+    if vectorize:  # vmapped latents: all of them at once
+        per_cell *= max(1, n_ablated)
+    size = 2 ** int(np.floor(np.log2(max(1, budget // per_cell))))
+    size = int(np.clip(size, 8, 4096))
+    return int(min(size, max(8, -(-n_obs // 8) * 8)))
+
+
+def resolve_devices(devices: int | None) -> list[Any]:
+    """The first ``devices`` local devices (all by default)."""
+    available = jax.local_devices()
+    if devices is None:
+        return available
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+        raise ConfigError(f"Expected devices >= 1, got {devices!r} instead.")
+    if devices > len(available):
+        msg = f"Asked for {devices} devices but only {len(available)} are visible ({available})."
+        raise ConfigError(msg)
+    return available[:devices]
+
+
+def shard_rows(shard: tuple[int, int] | None, n_obs: int) -> tuple[int, int]:
+    """Row range ``[lo, hi)`` of shard ``(i, n)``: the i-th of n equal ranges."""
+    if shard is None:
+        return 0, n_obs
+    i, n = shard
+    if not (isinstance(i, int) and isinstance(n, int) and 0 <= i < n):
+        raise ConfigError(f"Expected shard (i, n) with 0 <= i < n, got {shard!r} instead.")
+    return i * n_obs // n, (i + 1) * n_obs // n
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A run, resolved: which latents, against which baseline, how, over which rows."""
+
+    latents: tuple[int, ...]  # ablated latents, result column order
+    baseline_name: str  # "zero", "mean", "median", "value" or "values"
+    baseline: tuple[float, ...]  # (n_latent,) decoder-input baseline values
+    mode: Mode
+    library: LibraryChoice
+    n_samples: int
+    seed: int
+    batch_size: int  # cells per minibatch, a multiple of the device count
+    dtype: str  # "float32" or "float64"
+    devices: tuple[Any, ...]
+    rows: tuple[int, int]  # [lo, hi) of the input's cells
+    vectorize: bool  # vmap over latents / lanes (accelerators) or lax.map (CPU)
+
+    @property
+    def n_obs(self) -> int:
+        return self.rows[1] - self.rows[0]
+
+
+class Batch(NamedTuple):
+    """One placed, encoded minibatch: what every scorer receives (rows past n_valid are padding)."""
+
+    x: jax.Array  # (b, n_vars) counts in the model's dtype
+    nz_index: jax.Array  # (b, width) int32 genes of the non-zero counts
+    nz_count: jax.Array  # (b, width) the counts there (0 in padding)
+    batch: jax.Array  # (b,) int32
+    label: jax.Array  # (b,) int32
+    valid: jax.Array  # (b,) 1.0 for cells, 0.0 for padding
+    group: jax.Array  # (b,) int32 group code, -1: no group
+    qz_m: jax.Array  # (b, n_latent) posterior mean (encoder space)
+    qz_v: jax.Array  # (b, n_latent) posterior variance
+    z: jax.Array  # (b, n_latent) decoder input at the posterior mean
+    log_library: jax.Array  # (b, 1) per the plan's library choice
+
+
+class Scorer(Protocol):
+    """A score computed per minibatch from a :class:`Batch`.
+
+    ``fields``: the ``schema.FIELDS`` names of the per-cell rows ``score`` returns (padded
+    minibatch rows; the driver writes the valid ones). ``init`` returns the running totals (a
+    pytree, e.g. zeros), ``score`` returns the rows and the updated totals, ``finish`` turns the
+    final totals over ``n_obs`` cells into the non-per-cell fields (e.g. ``mean_lfc``).
+    """
+
+    fields: tuple[str, ...]
+    needs_key: bool
+
+    def init(self) -> Any: ...
+
+    def score(self, batch: Batch, totals: Any, key: jax.Array) -> tuple[dict[str, Any], Any]: ...
+
+    def finish(self, totals: Any, n_obs: int) -> dict[str, np.ndarray]: ...
+
+
+@functools.partial(jax.jit, static_argnames=("config", "library"))
+def encode(
+    params: LDVAEParams,
+    x: jax.Array,
+    *,
+    config: LDVAEConfig,
+    library: LibraryChoice = "model",
+) -> tuple[model.Posterior, jax.Array, jax.Array]:
+    """(posterior, decoder input at its mean, log library) of counts ``x`` (n_obs, n_vars)."""
+    post = model.inference(params, x, config=config)
+    z = model.z_transformation(post.qz_m, config=config)
+    return post, z, model.library(post, x, config=config, choice=library)
+
+
+class Placement(NamedTuple):
+    """How arrays go to the devices: split over cells, or replicated."""
+
+    cells: Any  # host array -> device array split over the cell axis
+    replicated: Any  # pytree -> replicated device arrays
+    mesh: jax.sharding.Mesh | None  # the 1-D mesh ("cells",) when several devices are used
+
+
+def placement(devices: Sequence[Any]) -> Placement:
+    """A 1-D mesh over the cell axis when several devices are used (parameters replicated), else
+    plain device arrays on the one device (``device_put``: one transfer per host array)."""
+    if len(devices) <= 1:
+        device = devices[0] if devices else None
+        put = functools.partial(jax.device_put, device=device)
+        return Placement(put, put, None)
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.asarray(devices), ("cells",))
+    cells = NamedSharding(mesh, PartitionSpec("cells"))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return Placement(
+        lambda a: jax.device_put(a, cells),
+        lambda tree: jax.device_put(tree, replicated),
+        mesh,
+    )
+
+
+def prefetch(it: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """Run ``it`` on a background thread, ``depth`` items ahead (reading overlaps compute)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def worker() -> None:
+        try:
+            for item in it:
+                if stop.is_set():
+                    return
+                q.put(item)
+        except BaseException as err:  # re-raised in the consumer
+            q.put(err)
+            return
+        q.put(done)
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.05)
+
+
+def batches(
+    params: LDVAEParams,
+    data: anndata_io.CellData,
+    plan: Plan,
+    *,
+    config: LDVAEConfig,
+    groups: np.ndarray | None = None,
+    place: Placement | None = None,
+) -> Iterator[tuple[int, int, Batch]]:
+    """``(start, n_valid, Batch)`` per minibatch of ``data`` in obs order: read on a background
+    thread, placed and encoded once. ``groups``: (n_obs,) int32 codes, -1 for none."""
+    place = place or placement(plan.devices)
+    dtype = np.dtype(plan.dtype)
+    for mb in prefetch(anndata_io.minibatches(data, plan.batch_size)):
+        size = len(mb.x)
+        group = np.full(size, -1, np.int32)
+        if groups is not None:
+            group[: mb.n_valid] = groups[mb.start : mb.start + mb.n_valid]
+        x = place.cells(mb.x.astype(dtype, copy=False))
+        post, z, log_library = encode(params, x, config=config, library=plan.library)
+        yield (
+            mb.start,
+            mb.n_valid,
+            Batch(
+                x=x,
+                nz_index=place.cells(mb.nz_index),
+                nz_count=place.cells(mb.nz_count.astype(dtype, copy=False)),
+                batch=place.cells(mb.batch),
+                label=place.cells(mb.label),
+                valid=place.cells((np.arange(size) < mb.n_valid).astype(dtype)),
+                group=place.cells(group),
+                qz_m=post.qz_m,
+                qz_v=post.qz_v,
+                z=z,
+                log_library=log_library,
+            ),
+        )
+
+
+def execute(
+    params: LDVAEParams,
+    data: anndata_io.CellData,
+    plan: Plan,
+    scorers: Sequence[Scorer],
+    sink: dict[str, Any],
+    *,
+    config: LDVAEConfig,
+    groups: np.ndarray | None = None,
+    place: Placement | None = None,
+    progress: bool = False,
+) -> dict[str, np.ndarray]:
+    """Run every scorer over ``data`` (the plan's rows), writing per-cell rows into ``sink[name]``
+    (arrays or datasets of ``n_obs`` rows); returns the scorers' finished totals.
+
+    Dispatch runs one minibatch ahead of the host copy, and reading runs on a thread, so the device
+    waits for neither.
+    """
+    place = place or placement(plan.devices)
+    params = place.replicated(params)
+    key = jax.random.key(plan.seed)
+    need_key = any(s.needs_key for s in scorers)
+    totals = [s.init() for s in scorers]
+    pending: list[tuple[int, int, list[dict[str, Any]]]] = []
+
+    def write(start: int, n_valid: int, outs: list[dict[str, Any]]) -> None:
+        for rows in outs:
+            for name, value in rows.items():
+                sink[name][start : start + n_valid] = np.asarray(value)[:n_valid]
+        if bar is not None:
+            bar.update(n_valid)
+
+    with contextlib.ExitStack() as stack:
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = stack.enter_context(tqdm(total=data.n_obs, unit="cells", desc="ablate"))
+        for start, n_valid, batch in batches(
+            params, data, plan, config=config, groups=groups, place=place
+        ):
+            if need_key:  # else the key is unused: skip a dispatch per minibatch
+                key, sub = jax.random.split(key)
+            else:
+                sub = key
+            outs = []
+            for i, scorer in enumerate(scorers):
+                rows, totals[i] = scorer.score(batch, totals[i], sub)
+                outs.append(rows)
+            pending.append((start, n_valid, outs))
+            if len(pending) > 1:
+                write(*pending.pop(0))
+        for item in pending:
+            write(*item)
+    finished: dict[str, np.ndarray] = {}
+    for scorer, total in zip(scorers, totals, strict=True):
+        finished.update(scorer.finish(total, data.n_obs))
+    return finished
+
+
+# -- a whole ablation run: resolve, plan, execute, assemble -----------------------------------------
+def decoder_inputs(
+    params: LDVAEParams, data: anndata_io.CellData, plan: Plan, *, config: LDVAEConfig
+) -> np.ndarray:
+    """Decoder input at the posterior mean of every cell of ``data`` (n_obs, n_latent), host."""
+    out = np.empty((data.n_obs, config.n_latent), np.dtype(plan.dtype))
+    place = placement(plan.devices)
+    for start, n_valid, batch in batches(place.replicated(params), data, plan, config=config):
+        out[start : start + n_valid] = np.asarray(batch.z)[:n_valid]
+    return out
+
+
+def versions() -> dict[str, str]:
+    """Versions recorded in a result's provenance."""
+    from importlib.metadata import version
+
+    from linear_decoder_jax._version import __version__
+
+    return {
+        "linear_decoder_jax": __version__,
+        "jax": jax.__version__,
+        "numpy": np.__version__,
+        "anndata": version("anndata"),
+    }
+
+
+def embeddings(adata: Any) -> dict[str, np.ndarray]:
+    """The input's 2-D embeddings (obsm entries with two columns, e.g. ``X_umap``)."""
+    out = {}
+    for key in adata.obsm.keys():
+        value = adata.obsm[key]
+        if isinstance(value, np.ndarray) and value.ndim == 2 and value.shape[1] == 2:
+            out[key] = np.asarray(value)
+    return out
+
+
+class Options(NamedTuple):
+    """The user's options of an ablation run, validated by the facade (``api.ablate``)."""
+
+    latents: Sequence[int] | None
+    baseline: Any  # ablation.BaselineSpec
+    mode: Mode
+    groupby: str | None
+    batch_size: int | None
+    library: LibraryChoice
+    n_samples: int
+    seed: int
+    allow_non_integer: bool
+    progress: bool
+    devices: list[Any]
+    shard: tuple[int, int] | None
+    refit: tuple[str, int, float] | None  # (optimizer, steps, tol)
+
+
+def ablate(model_: Any, adata: Any, opts: Options, *, output: Any, overwrite: bool) -> Any:
+    """Resolve ``opts`` into a :class:`Plan`, run the scorers over ``adata`` and assemble the
+    ``AblationResult`` (in memory, or streamed into ``output`` and read back memory-mapped)."""
+    from linear_decoder_jax import ablation, refit, results, schema
+    from linear_decoder_jax._atomic import atomic_path
+    from linear_decoder_jax.errors import IncompatibleDataError
+
+    cfg = model_.config
+    groupby = opts.groupby
+    if groupby is not None and groupby not in adata.obs:
+        raise IncompatibleDataError(f"groupby column {groupby!r} is not in adata.obs.")
+    full = model_.prepare(adata, allow_non_integer=opts.allow_non_integer)
+    lo, hi = shard_rows(opts.shard, full.n_obs)
+    data = full.restrict(lo, hi)
+    if data.n_obs == 0:
+        raise ConfigError(f"Shard {opts.shard} of {full.n_obs} cells is empty; use fewer shards.")
+    idx = ablation.resolve_latents(opts.latents, cfg.n_latent)
+    dtype = np.dtype(model_.dtype)
+    n_dev = len(opts.devices)
+    vectorize = vectorize_default(opts.devices)
+    size = opts.batch_size or choose_batch_size(
+        data.n_obs, cfg.n_input, len(idx), itemsize=dtype.itemsize, vectorize=vectorize
+    )
+    size = int(-(-size // n_dev) * n_dev)  # a multiple of the device count
+
+    def make_plan(baseline: np.ndarray, name: str, rows: tuple[int, int]) -> Plan:
+        return Plan(
+            latents=tuple(int(i) for i in idx),
+            baseline_name=name,
+            baseline=tuple(float(b) for b in baseline),
+            mode=opts.mode,
+            library=opts.library,
+            n_samples=opts.n_samples,
+            seed=opts.seed,
+            batch_size=size,
+            dtype=str(dtype),
+            devices=tuple(opts.devices),
+            rows=rows,
+            vectorize=vectorize,
+        )
+
+    with model_.precision():
+        params = model_.params
+        stats = None
+        if isinstance(opts.baseline, str) and opts.baseline in ("mean", "median"):
+            stats_plan = make_plan(np.zeros(cfg.n_latent), "zero", (0, full.n_obs))
+            stats = decoder_inputs(params, full, stats_plan, config=cfg)  # over all input cells
+        base_name, base_values = ablation.resolve_baseline(opts.baseline, stats, cfg.n_latent)
+        if opts.refit:
+            refit.check_baseline(base_values, idx, model_.latent_names, config=cfg)
+        plan = make_plan(base_values, base_name, (lo, hi))
+        place = placement(plan.devices)
+        scorers: list[Any] = [ablation.SweepScorer(params, plan, config=cfg, place=place)]
+        refit_settings: dict[str, Any] = {"refit": False}
+        if opts.refit:
+            optimizer, steps, tol = opts.refit
+            scorer = refit.RefitScorer(
+                params,
+                plan,
+                config=cfg,
+                optimizer=optimizer,  # type: ignore[arg-type]
+                steps=steps,
+                tol=tol,
+                mesh=place.mesh,
+            )
+            refit_settings = scorer.settings()
+            scorers.append(scorer)
+        sizes = {"obs": data.n_obs, "ablated": len(idx), "latent": cfg.n_latent}
+        shapes = {}
+        for s in scorers:
+            for name in s.fields:
+                f = schema.BY_NAME[name]
+                shapes[name] = (
+                    schema.shape(f, sizes),
+                    np.dtype(bool if f.dtype == "bool" else dtype),
+                )
+        with contextlib.ExitStack() as stack:
+            stream = None
+            if output is None:
+                sink: dict[str, Any] = {k: np.empty(sh, dt) for k, (sh, dt) in shapes.items()}
+            else:
+                tmp = stack.enter_context(atomic_path(output, overwrite=overwrite, directory=False))
+                stream = results.H5adStream(tmp, shapes)
+                stack.callback(stream.close)
+                sink = stream.arrays
+            totals = execute(
+                params, data, plan, scorers, sink, config=cfg, place=place, progress=opts.progress
+            )
+            arrays = {**(sink if stream is None else stream.read_back()), **totals}
+            names = [model_.latent_names[i] for i in idx]
+            settings = {
+                "baseline": base_name,
+                "baseline_values": np.asarray(base_values, dtype=np.float64),
+                "mode": opts.mode,
+                "latents": idx.astype(np.int64),
+                "latent_names": names,
+                "library": opts.library,
+                "n_samples": opts.n_samples,
+                "seed": opts.seed,
+                "dtype": str(dtype),
+                "batch_size": size,
+                "n_devices": n_dev,
+                "groupby": groupby or "",
+                "shard": np.asarray(opts.shard or (0, 1), dtype=np.int64),
+                "rows": np.asarray([lo, hi], dtype=np.int64),
+                "n_obs_total": full.n_obs,
+                "versions": versions(),
+                "source_model": model_.path or "",
+                "source_scvi_version": str(model_.spec.source.get("scvi_version") or ""),
+                "model_fingerprint": model_.fingerprint(),
+                **refit_settings,
+            }
+            obs = adata.obs.iloc[lo:hi].copy()
+            groups = None
+            if groupby is not None:
+                groups = results.group_tables(arrays["delta_nll"], obs[groupby].to_numpy(), names)
+            result = results.AblationResult(
+                arrays=arrays,
+                loadings=np.asarray(model_.get_affine_decoder().scale.loadings),
+                obs=obs,
+                var_names=model_.var_names,
+                settings=settings,
+                embeddings={k: v[lo:hi] for k, v in embeddings(adata).items()},
+                groups=groups,
+            )
+            if stream is not None:
+                stream.finish(result)
+    if output is not None:
+        return results.AblationResult.read(output)
+    return result

@@ -1,0 +1,199 @@
+"""The result h5ad's schema: one table from which every writer, reader and view derives.
+
+Each :class:`Field` is one array of a result: where it lives in the AnnData (``slot``), its
+dimensions, its dtype, when it is present and what it means. The in-memory writer
+(``AblationResult.to_anndata``), the streamed writer (``results.H5adStream``), the reader
+(``AblationResult.read``), ``ldj merge``, ``ldj.pl`` and ``ldj report`` iterate over :data:`FIELDS`;
+the README's and the docs' schema tables are generated from it (:func:`markdown_table`, checked by
+``tests/test_schema.py``). A new score is one scorer (``run.py``) plus its rows here.
+
+Dimension names: ``obs`` cells, ``vars`` genes, ``latent`` all K latents, ``ablated`` the A ablated
+latents (result column order).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Slot = Literal["obs", "obsm", "varm"]
+DType = Literal["float", "bool"]
+Reduce = Literal["rows", "mean"]
+
+
+@dataclass(frozen=True)
+class Field:
+    """One array of a result.
+
+    ``reduce`` says how parts of a run combine (shards, processes): ``"rows"``, one row per cell,
+    concatenated in obs order; ``"mean"``, a mean over cells, combined weighted by cell counts.
+    ``dtype="float"`` is the model's dtype.
+    """
+
+    name: str
+    slot: Slot
+    dims: tuple[str, ...]
+    dtype: DType
+    when: str
+    doc: str
+    reduce: Reduce = "rows"
+
+    @property
+    def per_cell(self) -> bool:
+        return self.reduce == "rows"
+
+
+ALWAYS = "always"
+
+FIELDS: tuple[Field, ...] = (
+    Field("nll", "obs", ("obs",), "float", ALWAYS, "full NLL at the posterior mean (nats)"),
+    Field(
+        "delta_nll",
+        "obsm",
+        ("obs", "ablated"),
+        "float",
+        ALWAYS,
+        "NLL with the latent replaced minus the full NLL (nats); > 0: the cell needed it",
+    ),
+    Field(
+        "delta_l1",
+        "obsm",
+        ("obs", "ablated"),
+        "float",
+        ALWAYS,
+        "`sum_g abs(rho_ablated - rho)`: how far the expression profile moves",
+    ),
+    Field(
+        "latent",
+        "obsm",
+        ("obs", "latent"),
+        "float",
+        ALWAYS,
+        "decoder input z at the posterior mean",
+    ),
+    Field(
+        "delta_nll_se",
+        "obsm",
+        ("obs", "ablated"),
+        "float",
+        "n_samples > 0",
+        "Monte-Carlo standard error of delta_nll",
+    ),
+    Field(
+        "unique_delta_nll",
+        "obsm",
+        ("obs", "ablated"),
+        "float",
+        "refit=True",
+        "unique contribution: MAP objective lost when the other latents are re-fitted",
+    ),
+    Field(
+        "refit_grad_norm",
+        "obsm",
+        ("obs", "ablated"),
+        "float",
+        "refit=True",
+        "largest gradient norm at the end of the full and the constrained fit",
+    ),
+    Field(
+        "refit_converged",
+        "obsm",
+        ("obs", "ablated"),
+        "bool",
+        "refit=True",
+        "the fits reached `refit_tol` within `refit_steps`",
+    ),
+    Field(
+        "mean_lfc",
+        "varm",
+        ("vars", "ablated"),
+        "float",
+        ALWAYS,
+        "mean over cells of `ln rho_ablated - ln rho`",
+        reduce="mean",
+    ),
+)
+
+BY_NAME: dict[str, Field] = {f.name: f for f in FIELDS}
+
+# Written from the model, not from a scorer (varm); uns entries (settings, group tables, top cells)
+# are listed in :data:`UNS`.
+LOADINGS = Field(
+    "loadings", "varm", ("vars", "latent"), "float", ALWAYS, "effective loadings, BatchNorm folded"
+)
+UNS: tuple[tuple[str, str, str], ...] = (
+    (
+        "ablation",
+        ALWAYS,
+        "settings and provenance: baseline, baseline_values (reuse them in another run or shard), "
+        "mode, latents, latent_names, library, n_samples, seed, dtype, batch_size, n_devices, "
+        "groupby, shard, rows, n_obs_total, versions, source_model, model_fingerprint; refit, and "
+        "with it refit_optimizer, refit_steps, refit_tol, refit_objective",
+    ),
+    (
+        "ablation_groups",
+        "groupby",
+        "DataFrames groups x ablated latents `mean`, `median`, `frac_positive`, and `n_cells`",
+    ),
+    ("ablation_top_cells", ALWAYS, "the 10 cells with the largest delta_nll per ablated latent"),
+)
+
+
+def fields(slot: Slot) -> tuple[Field, ...]:
+    """The fields stored in ``slot``."""
+    return tuple(f for f in FIELDS if f.slot == slot)
+
+
+def obsm_keys() -> frozenset[str]:
+    """Every ``obsm`` key a scorer may write: never an input embedding carried over."""
+    return frozenset(f.name for f in fields("obsm"))
+
+
+def shape(f: Field, sizes: dict[str, int]) -> tuple[int, ...]:
+    """The field's shape for dimension sizes such as ``{"obs": n, "ablated": a, ...}``."""
+    return tuple(sizes[d] for d in f.dims)
+
+
+_DIM_TEXT = {"obs": "n_obs", "vars": "n_vars", "latent": "K", "ablated": "A"}
+
+
+def markdown_table() -> str:
+    """The schema as a Markdown table (README and docs/result-schema.md embed this text)."""
+    rows = ["| field | shape | present | content |", "| --- | --- | --- | --- |"]
+    rows.append("| `obs` | n_obs | always | the input's obs columns, same obs_names and order |")
+    for f in (*FIELDS, LOADINGS):
+        where = f'{f.slot}["{f.name}"]'
+        dims = " x ".join(_DIM_TEXT[d] for d in f.dims)
+        kind = " bool" if f.dtype == "bool" else ""
+        rows.append(f"| `{where}` | {dims}{kind} | {f.when} | {f.doc} |")
+    rows.append(
+        '| `obsm["X_umap"]`, ... | n_obs x 2 | input has it | the input\'s 2-D embeddings, carried over |'
+    )
+    for name, when, doc in UNS:
+        rows.append(f'| `uns["{name}"]` | | {when} | {doc} |')
+    rows.append(
+        "| `X` | n_obs x n_vars | always | empty (sparse, all zeros): no counts are copied |"
+    )
+    return "\n".join(rows)
+
+
+BEGIN, END = (
+    "<!-- schema table: generated by linear_decoder_jax.schema -->",
+    "<!-- end schema table -->",
+)
+
+
+def embed(text: str) -> str:
+    """``text`` with the table between the :data:`BEGIN` and :data:`END` markers regenerated."""
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{BEGIN}\n{markdown_table()}\n{END}{tail}"
+
+
+if __name__ == "__main__":  # python -m linear_decoder_jax.schema FILE...: regenerate the tables
+    import sys
+    from pathlib import Path
+
+    for name in sys.argv[1:]:
+        path = Path(name)
+        path.write_text(embed(path.read_text()))
