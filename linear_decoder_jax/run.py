@@ -108,6 +108,7 @@ class Plan:
     devices: tuple[Any, ...]
     rows: tuple[int, int]  # [lo, hi) of the input's cells
     vectorize: bool  # vmap over latents / lanes (accelerators) or lax.map (CPU)
+    group_names: tuple[str, ...] = ()  # categories of ``groupby``; Batch.group indexes them
 
     @property
     def n_obs(self) -> int:
@@ -404,6 +405,16 @@ def ablate(model_: Any, adata: Any, opts: Options, *, output: Any, overwrite: bo
     )
     size = int(-(-size // n_dev) * n_dev)  # a multiple of the device count
 
+    obs = adata.obs.iloc[lo:hi].copy()
+    group_names: tuple[str, ...] = ()
+    codes = None
+    if groupby is not None:
+        import pandas as pd
+
+        cats = pd.Categorical(obs[groupby].to_numpy())
+        group_names = tuple(str(c) for c in cats.categories)
+        codes = np.asarray(cats.codes, np.int32)  # -1: no group (NaN)
+
     def make_plan(baseline: np.ndarray, name: str, rows: tuple[int, int]) -> Plan:
         return Plan(
             latents=tuple(int(i) for i in idx),
@@ -418,6 +429,7 @@ def ablate(model_: Any, adata: Any, opts: Options, *, output: Any, overwrite: bo
             devices=tuple(opts.devices),
             rows=rows,
             vectorize=vectorize,
+            group_names=group_names,
         )
 
     with model_.precision():
@@ -465,7 +477,15 @@ def ablate(model_: Any, adata: Any, opts: Options, *, output: Any, overwrite: bo
                 stack.callback(stream.close)
                 sink = stream.arrays
             totals = execute(
-                params, data, plan, scorers, sink, config=cfg, place=place, progress=opts.progress
+                params,
+                data,
+                plan,
+                scorers,
+                sink,
+                config=cfg,
+                groups=codes,
+                place=place,
+                progress=opts.progress,
             )
             arrays = {**(sink if stream is None else stream.read_back()), **totals}
             names = [model_.latent_names[i] for i in idx]
@@ -491,7 +511,6 @@ def ablate(model_: Any, adata: Any, opts: Options, *, output: Any, overwrite: bo
                 "model_fingerprint": model_.fingerprint(),
                 **refit_settings,
             }
-            obs = adata.obs.iloc[lo:hi].copy()
             groups = None
             if groupby is not None:
                 groups = results.group_tables(arrays["delta_nll"], obs[groupby].to_numpy(), names)
