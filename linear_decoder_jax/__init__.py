@@ -24,6 +24,7 @@ _EXPORTS = {
     "ConfigError": "errors",
     "DataRegistry": "config",
     "Decoded": "model",
+    "GeneSetError": "errors",
     "IncompatibleDataError": "errors",
     "LDJError": "errors",
     "LDVAEConfig": "config",
@@ -32,8 +33,11 @@ _EXPORTS = {
     "OutputExistsError": "errors",
     "Posterior": "model",
     "ablate": "api",
+    "compare": "compare",
     "convert": "api",
     "enable_compilation_cache": "_cache",
+    "enrichment": "enrichment",
+    "read_gmt": "enrichment",
     "load": "api",
 }
 
@@ -61,10 +65,13 @@ if TYPE_CHECKING:
     from linear_decoder_jax import pl
     from linear_decoder_jax._cache import enable_compilation_cache
     from linear_decoder_jax.api import AffineDecoders, LinearSCVI, ablate, convert, load
+    from linear_decoder_jax.compare import compare
     from linear_decoder_jax.config import DataRegistry, LDVAEConfig, ModelSpec
+    from linear_decoder_jax.enrichment import enrichment, read_gmt
     from linear_decoder_jax.errors import (
         CheckpointFormatError,
         ConfigError,
+        GeneSetError,
         IncompatibleDataError,
         LDJError,
         OutputExistsError,
