@@ -33,11 +33,11 @@ _EXPORTS = {
     "OutputExistsError": "errors",
     "Posterior": "model",
     "ablate": "api",
-    "compare": "compare",
+    "compare": "matching",
     "convert": "api",
     "enable_compilation_cache": "_cache",
-    "enrichment": "enrichment",
-    "read_gmt": "enrichment",
+    "enrichment": "genesets",
+    "read_gmt": "genesets",
     "load": "api",
 }
 
@@ -65,9 +65,7 @@ if TYPE_CHECKING:
     from linear_decoder_jax import pl
     from linear_decoder_jax._cache import enable_compilation_cache
     from linear_decoder_jax.api import AffineDecoders, LinearSCVI, ablate, convert, load
-    from linear_decoder_jax.compare import compare
     from linear_decoder_jax.config import DataRegistry, LDVAEConfig, ModelSpec
-    from linear_decoder_jax.enrichment import enrichment, read_gmt
     from linear_decoder_jax.errors import (
         CheckpointFormatError,
         ConfigError,
@@ -76,5 +74,7 @@ if TYPE_CHECKING:
         LDJError,
         OutputExistsError,
     )
+    from linear_decoder_jax.genesets import enrichment, read_gmt
+    from linear_decoder_jax.matching import compare
     from linear_decoder_jax.model import AffineDecoder, Decoded, Posterior
     from linear_decoder_jax.results import AblationResult

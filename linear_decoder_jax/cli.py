@@ -1,4 +1,5 @@
-"""The ``ldj`` command line: ``convert``, ``info``, ``ablate``, ``report`` and ``demo``.
+"""The ``ldj`` command line: ``convert``, ``info``, ``ablate``, ``report``, ``demo``, ``enrich``
+and ``compare``.
 
 ``main(argv) -> int`` is testable; ``console_main`` is the console-script entry point. jax and the
 converter are imported inside each command, so ``ldj --help`` answers at once. A user error prints
@@ -156,6 +157,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         top=args.top,
         data=args.data,
         png_dir=args.png_dir,
+        gene_sets=args.gene_sets,
         overwrite=args.overwrite,
     )
     print(f"wrote {path}")
@@ -319,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=3, help="latents listed per group (default 3)")
     p.add_argument("--data", help="the ablated input .h5ad, for obs columns and embeddings")
     p.add_argument("--png-dir", help="folder that also receives the figures as PNG files")
+    p.add_argument("--gene-sets", help="GMT file: add the gene-set enrichment of every latent")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(func=_cmd_report)
 

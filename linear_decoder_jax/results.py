@@ -115,7 +115,7 @@ class AblationResult:
             lines.append(f"top latents per {self.settings['groupby']}:")
             table = self.groups["mean"]
             tests = stats.group_stats(self)
-            mark = dict(zip(zip(tests["group"], tests["latent"]), stats.significant_marks(tests)))
+            mark = stats.significant_marks(tests)
             for group, row in table.iterrows():
                 best = row.sort_values(ascending=False).head(n_top)
                 frac = self.groups["frac_positive"].loc[group]
@@ -123,7 +123,9 @@ class AblationResult:
                     f"{k}{mark[str(group), k]} {v:.2f} ({frac[k]:.0%}>0)" for k, v in best.items()
                 )
                 lines.append(f"  {group}: {items}")
-            lines.append(f"  * higher in the group than in the other cells (BH padj < {stats.ALPHA})")
+            lines.append(
+                f"  * higher in the group than in the other cells (BH padj < {stats.ALPHA})"
+            )
         if self.unique_delta_nll is not None and self.refit_converged is not None:
             unique = np.asarray(self.unique_delta_nll).mean(axis=0)
             lines.append(

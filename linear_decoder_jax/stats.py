@@ -259,9 +259,13 @@ def _covariates(result: Any, data: Any) -> pd.DataFrame:
     return obs
 
 
+def is_numeric(series: pd.Series) -> bool:
+    """Whether a covariate is tested as numeric (Spearman): numbers, not booleans."""
+    return bool(pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series))
+
+
 def _kind(series: pd.Series) -> Literal["numeric", "categorical"]:
-    numeric = pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series)
-    return "numeric" if numeric else "categorical"
+    return "numeric" if is_numeric(series) else "categorical"
 
 
 def _auto_columns(obs: pd.DataFrame) -> list[str]:
@@ -362,8 +366,9 @@ def associations(
     return table
 
 
-def significant_marks(table: pd.DataFrame, alpha: float = ALPHA) -> pd.Series:
-    """``"*"`` where a group_stats row has ``padj < alpha`` and AUROC above 0.5, else ``""``."""
+def significant_marks(table: pd.DataFrame, alpha: float = ALPHA) -> dict[tuple[str, str], str]:
+    """``"*"`` per (group, latent) of a group_stats table with ``padj < alpha`` and AUROC above
+    0.5 (the latent scores higher in the group than in the other cells), else ``""``."""
     hit = (table["padj"] < alpha) & (table["auroc"] > 0.5)
-    return hit.map({True: "*", False: ""})
-
+    keys = zip(table["group"], table["latent"], strict=True)
+    return {key: "*" if h else "" for key, h in zip(keys, hit, strict=True)}

@@ -12,9 +12,9 @@ from helpers import random_adata, random_model
 
 import linear_decoder_jax as ldj
 from linear_decoder_jax.cli import main
-from linear_decoder_jax.compare import correlation
 from linear_decoder_jax.demo import demo_files
 from linear_decoder_jax.errors import ConfigError, IncompatibleDataError
+from linear_decoder_jax.matching import correlation
 
 PERM = np.array([2, 0, 5, 1, 4, 3])  # latent k of the copy is latent PERM[k] of the original
 FLIP = np.array([1.0, -1.0, 1.0, 1.0, -1.0, 1.0])  # two latents negated
@@ -175,3 +175,22 @@ def test_cli_compare_writes_the_table(tmp_path, capsys):
     assert err.startswith("ldj: error:") and "missing.h5ad" in err and "\n" not in err
     assert main(["compare", str(a), str(b), str(demo_files() / "counts.h5ad"), "-o", str(out)]) == 1
     assert "already exists" in capsys.readouterr().err
+
+
+def test_pl_latent_correlation_draws_the_matrix_in_matched_order():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from linear_decoder_jax import pl
+
+    model, adata = demo()
+    table = ldj.compare(model, permuted(model, PERM, FLIP), adata)
+    ax = pl.latent_correlation(table, ax=Figure().add_subplot())
+    shown = ax.get_images()[0].get_array()
+    np.testing.assert_allclose(np.abs(np.diag(shown)), 1.0, atol=1e-5)
+    assert [t.get_text() for t in ax.get_yticklabels()] == list(table["latent_a"])
+    assert [t.get_text() for t in ax.get_xticklabels()] == list(table["latent_b"])
+    with pytest.raises(ConfigError, match="table returned by ldj.compare"):
+        pl.latent_correlation(pd.DataFrame({"latent_a": []}))

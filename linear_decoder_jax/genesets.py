@@ -116,7 +116,9 @@ def _scores(
         raise ConfigError(msg)
     genes = list(source.var_names)
     names = list(source.latent_names)
-    columns = [table(name, group=group)[score].reindex(genes).to_numpy(np.float64) for name in names]
+    columns = [
+        table(name, group=group)[score].reindex(genes).to_numpy(np.float64) for name in names
+    ]
     return np.stack(columns, axis=1), genes, names
 
 
