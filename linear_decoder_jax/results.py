@@ -78,6 +78,15 @@ class AblationResult:
             return self.__dict__["arrays"].get(name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
+    def replace(self, **changes: Any) -> AblationResult:
+        """A copy with some attributes replaced; schema fields (``delta_nll=``, ...) included."""
+        import dataclasses
+
+        arrays = dict(changes.pop("arrays", self.arrays))
+        for name in [k for k in changes if k in schema.BY_NAME]:
+            arrays[name] = changes.pop(name)
+        return dataclasses.replace(self, arrays=arrays, **changes)
+
     @property
     def latent_names(self) -> list[str]:
         return list(self.settings["latent_names"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 
@@ -134,7 +133,7 @@ def test_group_gene_scores_rank_the_genes_when_present():
     scored = _WithGeneScores(result)
     table = ldj.enrichment(scored, sets, score="delta_nll", group="planted", direction="positive")
     # ranked by |loading|: the same as the loadings ranking of a result with |loadings|
-    unsigned = dataclasses.replace(result, loadings=np.abs(result.loadings))
+    unsigned = result.replace(loadings=np.abs(result.loadings))
     expected = ldj.enrichment(unsigned, sets, direction="positive")
     np.testing.assert_allclose(
         table.sort_values("latent")["pval"], expected.sort_values("latent")["pval"]

@@ -36,7 +36,7 @@ def planted():
 
 def test_report_statistics_enrichment_and_associations(tmp_path, planted):
     _, adata, result = demo_result()
-    grouped = dataclasses.replace(result, settings={**result.settings, "groupby": "group"})
+    grouped = result.replace(settings={**result.settings, "groupby": "group"})
     data = adata.copy()
     data.obs["depth"] = np.log(np.asarray(adata.X.sum(1)).ravel())
     sets = gene_sets(list(result.var_names), planted["genes"])
@@ -73,9 +73,7 @@ def test_report_statistics_enrichment_and_associations(tmp_path, planted):
 
 def test_report_without_groups_or_numeric_columns_says_so(tmp_path):
     _, _, result = demo_result()
-    bare = dataclasses.replace(
-        result, obs=result.obs[["batch"]], settings={**result.settings, "groupby": ""}
-    )
+    bare = result.replace(obs=result.obs[["batch"]], settings={**result.settings, "groupby": ""})
     text = report.write_report(bare, tmp_path / "r.html").read_text(encoding="utf-8")
     assert "Group statistics need groups: pass --groupby." in text
     assert "The result has no numeric obs columns" in text

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import anndata
@@ -27,7 +26,7 @@ def _with(result: ldj.AblationResult, **obs_columns) -> ldj.AblationResult:
     obs = result.obs.copy()
     for key, value in obs_columns.items():
         obs[key] = value
-    return dataclasses.replace(result, obs=obs)
+    return result.replace(obs=obs)
 
 
 def test_group_stats_against_scipy():
@@ -83,7 +82,7 @@ def test_single_cell_group_and_constant_inactive_latent():
     groups = np.where(np.arange(len(result.obs)) == 5, "alone", "rest")
     delta = np.array(result.delta_nll, dtype=np.float64)
     delta[:, 2] = 0.0  # a latent that changes nothing anywhere
-    result = dataclasses.replace(_with(result, g=groups), delta_nll=delta)
+    result = _with(result, g=groups).replace(delta_nll=delta)
     table = result.group_stats("g")
     alone = table[table["group"] == "alone"].set_index("latent")
     assert (alone["n_cells"] == 1).all()
@@ -106,7 +105,7 @@ def test_group_stats_refusals():
         result.group_stats(score="nope")  # type: ignore[arg-type]
     with pytest.raises(IncompatibleDataError, match="'nope' is not in the result's obs"):
         result.group_stats("nope")
-    bare = dataclasses.replace(result, settings={**result.settings, "groupby": ""})
+    bare = result.replace(settings={**result.settings, "groupby": ""})
     with pytest.raises(ConfigError, match="without groupby; pass groupby="):
         bare.group_stats()
     # one group of all cells: no "other" cells to compare with
@@ -117,9 +116,7 @@ def test_group_stats_refusals():
 def test_unique_delta_nll_score_is_used_when_present():
     result = demo_result()
     unique = np.asarray(result.delta_nll) * 0.5 + 1.0
-    table = dataclasses.replace(result, unique_delta_nll=unique).group_stats(
-        score="unique_delta_nll"
-    )
+    table = result.replace(unique_delta_nll=unique).group_stats(score="unique_delta_nll")
     plain = result.group_stats()
     np.testing.assert_allclose(table["mean"], plain["mean"] * 0.5 + 1.0, rtol=1e-6)
     np.testing.assert_allclose(table["auroc"], plain["auroc"])
@@ -164,7 +161,7 @@ def test_associations_against_scipy():
 
 def test_associations_default_columns_and_data():
     result = demo_result()
-    bare = dataclasses.replace(result, obs=result.obs[["batch"]])
+    bare = result.replace(obs=result.obs[["batch"]])
     adata = anndata.read_h5ad(demo_files() / "counts.h5ad")
     adata.obs["score"] = np.arange(adata.n_obs, dtype=float)
     adata.obs["barcode"] = adata.obs_names.astype(str)  # one level per cell: skipped
