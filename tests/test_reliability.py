@@ -632,8 +632,10 @@ def test_layer_the_model_reads_is_missing(demo_model, demo_adata) -> None:
     model = ldj.LinearSCVI(demo_model.host_params, spec)
     adata = demo_adata.copy()
     adata.layers["raw"] = adata.X.copy()
-    with pytest.raises(IncompatibleDataError, match=r"layer 'counts', .* \(layers: 'raw'\)"):
-        ldj.ablate(model, adata, batch_size=16)
+    with pytest.raises(IncompatibleDataError, match=r"lacks layer 'counts' \(layers: 'raw'\)"):
+        ldj.ablate(model, adata, batch_size=16, layer="counts")
+    with pytest.warns(UserWarning, match="layer 'counts', which this AnnData lacks; reading .* X"):
+        assert np.isfinite(ldj.ablate(model, adata, batch_size=16).delta_nll).all()
     adata.layers["counts"] = adata.X.copy()
     adata.X = adata.X * 0.5  # the model must read the layer, not X
     assert np.isfinite(ldj.ablate(model, adata, batch_size=16).delta_nll).all()
@@ -645,10 +647,10 @@ def test_files_that_are_not_h5ad(demo_model, tmp_path: Path) -> None:
     other_hdf5 = tmp_path / "other.h5"
     with h5py.File(other_hdf5, "w") as f:
         f["matrix"] = np.zeros((3, 3))
-    for path in (text, other_hdf5, DEMO_MODEL, GOLDEN.parent / "counts.npz"):
+    for path in (text, other_hdf5, DEMO_MODEL, GOLDEN.parent / "counts.npz", tmp_path):
         with pytest.raises(IncompatibleDataError, match="is not a readable h5ad file"):
             ldj.ablate(demo_model, str(path))
-    for path in (tmp_path / "missing.h5ad", tmp_path):
+    for path in (tmp_path / "missing.h5ad", tmp_path / "missing.zarr"):
         with pytest.raises(IncompatibleDataError, match="no such file"):
             ldj.ablate(demo_model, str(path))
 
@@ -959,8 +961,8 @@ def test_cli_layer_and_file_errors(demo_adata, converted: Path, tmp_path: Path, 
         converted, tmp_path / "model", lambda c: c["data"].update(layer="counts")
     )
     out = tmp_path / "result.h5ad"
-    code, _, err = run_cli(capsys, "ablate", model, DEMO_DATA, "-o", out)
-    assert_one_line(code, err, "layer 'counts'", "lacks", "Store the raw counts there")
+    code, _, err = run_cli(capsys, "ablate", model, DEMO_DATA, "-o", out, "--layer", "counts")
+    assert_one_line(code, err, "lacks layer 'counts'", "--layer", "--use-raw")
     for data in (GOLDEN, tmp_path / "missing.h5ad"):
         code, _, err = run_cli(capsys, "ablate", converted, data, "-o", out)
         assert_one_line(code, err, str(data))
