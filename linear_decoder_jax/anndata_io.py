@@ -518,7 +518,9 @@ class BackedAnnData:
             self.var_names = read_elem(self._root["var"]).index
             self.obsm: dict[str, np.ndarray] = {}
             if "obsm" in self._root:
-                for key, node in self._root["obsm"].items():
+                group = self._root["obsm"]
+                for key in group:  # zarr groups have no .items()
+                    node = group[key]
                     if hasattr(node, "shape") and len(node.shape) == 2 and node.shape[1] == 2:
                         self.obsm[key] = np.asarray(node[...])
         except Exception as err:  # h5py/zarr/anndata raise many types for a foreign file
