@@ -63,21 +63,23 @@ class CellData:
             offset=self.offset + start,
         )
 
-    def rows(self, start: int, stop: int) -> np.ndarray:
-        """Dense float counts of rows [start, stop) in model gene order, validated."""
+    def csr(self, start: int, stop: int) -> Any:
+        """Counts of rows [start, stop) in model gene order as a validated ``scipy.sparse``
+        CSR matrix (float32, sorted indices, no stored zeros).
+
+        Sparse inputs stay sparse (CSC is converted per block) and dense ones are compressed
+        once, so the count checks and the non-zero scan run on the stored values only: at 20k x
+        2,000 with 10 % non-zeros the checks take 0.5 ms per 4,096 rows instead of 11 ms on the
+        dense block (measured).
+        """
+        import scipy.sparse as sp
+
         first, last = self.offset + start, self.offset + stop
         try:
             block = self.counts[first:last]
-            if _is_sparse(block):
-                block = block.tocsr()
-                if self.gene_index is not None:
-                    block = block[:, self.gene_index]
-                dense = np.asarray(block.toarray())
-            else:
-                dense = np.asarray(block)
-                if self.gene_index is not None:
-                    dense = dense[:, self.gene_index]
-            dense = dense.astype(np.float32, copy=False)
+            block = block.tocsr() if _is_sparse(block) else sp.csr_matrix(np.asarray(block))
+            if self.gene_index is not None:
+                block = block[:, self.gene_index]
         except (OSError, KeyError, ValueError, TypeError, IndexError, RuntimeError) as err:
             # h5py and anndata raise these for a damaged file or a count matrix of another kind
             msg = (
@@ -86,44 +88,72 @@ class CellData:
             )
             raise IncompatibleDataError(msg) from err
         check_counts(
-            dense,
-            allow_non_integer=self.allow_non_integer,
-            first_row=self.offset + start,
-            where=self.where,
+            block, allow_non_integer=self.allow_non_integer, first_row=first, where=self.where
         )
-        return dense
+        if block.dtype != np.float32:
+            block = block.astype(np.float32)
+        if not block.has_sorted_indices:
+            block = block.sorted_indices()
+        if not block.data.all():
+            block.eliminate_zeros()
+        return block
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Dense float32 counts of rows [start, stop) in model gene order, validated."""
+        return np.asarray(self.csr(start, stop).toarray())
 
 
-def check_counts(
-    x: np.ndarray, *, allow_non_integer: bool, first_row: int = 0, where: str = "X"
-) -> None:
-    """Raise ``IncompatibleDataError`` for NaN, infinite, negative or (by default) fractional counts."""
-    bad = ~np.isfinite(x)
+def check_counts(x: Any, *, allow_non_integer: bool, first_row: int = 0, where: str = "X") -> None:
+    """Raise ``IncompatibleDataError`` for NaN, infinite, negative or (by default) fractional
+    counts, naming the first such cell. ``x``: a dense array or a CSR matrix, whose stored values
+    only are checked (absent entries are zeros)."""
+    if _is_sparse(x):
+        values, indptr = np.asarray(x.data), np.asarray(x.indptr)
+
+        def cell(i: int) -> int:
+            return first_row + int(np.searchsorted(indptr, i, side="right")) - 1
+    else:
+        dense = np.asarray(x)
+        values = dense.reshape(-1)
+        width = max(dense.shape[1], 1) if dense.ndim == 2 else 1
+
+        def cell(i: int) -> int:
+            return first_row + i // width
+
+    if not np.issubdtype(values.dtype, np.floating):
+        if np.issubdtype(values.dtype, np.signedinteger) and (values < 0).any():
+            _raise_negative(cell(int(np.flatnonzero(values < 0)[0])), where)
+        return
+    bad = ~np.isfinite(values)
     if bad.any():
-        row = first_row + int(np.argwhere(bad)[0][0])
         msg = (
-            f"Counts in {where} contain NaN or infinite values (first in cell {row}): the model "
-            "expects raw counts. Point it at the raw counts, or drop the cells whose counts are "
-            "missing."
+            f"Counts in {where} contain NaN or infinite values (first in cell "
+            f"{cell(int(np.argmax(bad)))}): the model expects raw counts. Point it at the raw "
+            "counts, or drop the cells whose counts are missing."
         )
         raise IncompatibleDataError(msg)
-    if (x < 0).any():
-        row = first_row + int(np.argwhere(x < 0)[0][0])
-        msg = (
-            f"Counts in {where} contain negative values (first in cell {row}): the model expects "
-            "raw counts. Point it at the raw counts (not scaled or corrected values)."
-        )
-        raise IncompatibleDataError(msg)
-    if not allow_non_integer and (x != np.round(x)).any():
-        row = first_row + int(np.argwhere(x != np.round(x))[0][0])
-        msg = (
-            f"Counts in {where} contain non-integer values (first in cell {row}): the model "
-            "expects raw counts. Point it at them with layer= (CLI: --layer) or use_raw=True "
-            "(CLI: --use-raw); pass allow_non_integer=True (CLI: --allow-non-integer) only for "
-            "counts that are fractional by nature (e.g. ambient-corrected), never for "
-            "log-normalised values."
-        )
-        raise IncompatibleDataError(msg)
+    negative = values < 0
+    if negative.any():
+        _raise_negative(cell(int(np.argmax(negative))), where)
+    if not allow_non_integer:
+        fractional = values != np.round(values)
+        if fractional.any():
+            msg = (
+                f"Counts in {where} contain non-integer values (first in cell "
+                f"{cell(int(np.argmax(fractional)))}): the model expects raw counts. Point it at "
+                "them with layer= (CLI: --layer) or use_raw=True (CLI: --use-raw); pass "
+                "allow_non_integer=True (CLI: --allow-non-integer) only for counts that are "
+                "fractional by nature (e.g. ambient-corrected), never for log-normalised values."
+            )
+            raise IncompatibleDataError(msg)
+
+
+def _raise_negative(row: int, where: str) -> None:
+    msg = (
+        f"Counts in {where} contain negative values (first in cell {row}): the model expects "
+        "raw counts. Point it at the raw counts (not scaled or corrected values)."
+    )
+    raise IncompatibleDataError(msg)
 
 
 # ``layer=`` default: the layer the model was set up with when the data has it, else X.
@@ -430,48 +460,99 @@ def check_obs_writable(obs: Any, *, n_rows: int = 16) -> None:
                 raise IncompatibleDataError(msg) from err
 
 
+# Rows read per call of the count matrix: one h5py read per minibatch of 128 rows costs ~20x
+# the bytes it reads (20k x 2,000 CSR: 0.44 s in 128-row reads, 0.05 s in 4,096-row reads,
+# measured), so reads are this budget of dense-equivalent bytes (4,096 rows at 2,000 genes),
+# split into compute minibatches; memory stays flat in the number of cells.
+_READ_BYTES = 32 * 2**20
+_MAX_READ_ROWS = 8192
+
+
 @dataclass
 class Minibatch:
-    """A padded minibatch: arrays have ``size`` rows, of which the first ``n_valid`` are cells."""
+    """A padded minibatch: arrays have ``size`` rows, of which the first ``n_valid`` are cells.
+
+    The counts are kept as their row-wise non-zeros only; ``x`` densifies them on demand (the
+    run pipeline scatters them on the device instead of copying the dense block there).
+    """
 
     start: int
     n_valid: int
-    x: np.ndarray  # (size, n_vars) float32
+    n_vars: int
     batch: np.ndarray  # (size,) int32
     label: np.ndarray  # (size,) int32
-    nz_index: np.ndarray  # (size, n_nonzero) int32: gene of each non-zero count, row by row
-    nz_count: np.ndarray  # (size, n_nonzero) float32: the count there; padding has count 0
+    nz_index: np.ndarray  # (size, width) int32: gene of each non-zero count, row by row
+    nz_count: np.ndarray  # (size, width): the count there; padding has count 0
+
+    @property
+    def x(self) -> np.ndarray:
+        """Dense (size, n_vars) float32 counts."""
+        x = np.zeros((len(self.nz_index), self.n_vars), np.float32)
+        rows, pos = np.nonzero(self.nz_count)  # not the padding: it points at gene 0
+        x[rows, self.nz_index[rows, pos]] = self.nz_count[rows, pos]
+        return x
 
 
-def nonzeros(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Row-wise non-zero entries of ``x`` padded to a power-of-two width (few distinct shapes)."""
-    mask = x != 0
-    # nonzero of a bool mask, flattened, is ~8x faster than np.nonzero of the floats (measured)
-    rows, cols = np.divmod(np.flatnonzero(mask), max(x.shape[1], 1))
-    per_row = mask.sum(axis=1)
-    width = int(2 ** np.ceil(np.log2(max(8, per_row.max(initial=0)))))
-    width = min(width, max(x.shape[1], 1))
-    index = np.zeros((len(x), width), dtype=np.int32)
-    count = np.zeros((len(x), width), dtype=np.float32)
-    pos = np.arange(len(rows)) - np.repeat(np.cumsum(per_row) - per_row, per_row)
-    index[rows, pos] = cols
-    count[rows, pos] = x[rows, cols]
+def nz_width(max_per_row: int, n_vars: int) -> int:
+    """Padded non-zero width: a power of two (>= 8, <= n_vars), so few shapes compile."""
+    width = int(2 ** np.ceil(np.log2(max(8, max_per_row))))
+    return min(width, max(n_vars, 1))
+
+
+def nonzeros(csr: Any, size: int, dtype: Any = np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """Row-wise non-zero entries of a CSR matrix with sorted indices and no stored zeros, as
+    (size, width) gene indices and counts padded with (0, 0) (rows past ``csr``'s too).
+
+    Read off the CSR structure directly: no dense block, no scan over zeros.
+    """
+    indptr = np.asarray(csr.indptr)
+    per_row = np.diff(indptr)
+    width = nz_width(int(per_row.max(initial=0)), csr.shape[1])
+    index = np.zeros((size, width), dtype=np.int32)
+    count = np.zeros((size, width), dtype=dtype)
+    rows = np.repeat(np.arange(len(per_row)), per_row)
+    pos = np.arange(indptr[-1] - indptr[0]) - (indptr[:-1] - indptr[0])[rows]
+    index[rows, pos] = csr.indices[indptr[0] : indptr[-1]]
+    count[rows, pos] = csr.data[indptr[0] : indptr[-1]]
     return index, count
 
 
-def minibatches(data: CellData, batch_size: int) -> Iterator[Minibatch]:
-    """Fixed-shape minibatches in obs order; the last is zero-padded so nothing recompiles."""
+def read_rows(n_vars: int, batch_size: int) -> int:
+    """Rows per read of the count matrix: a multiple of ``batch_size`` within ``_READ_BYTES``."""
+    budget = min(_MAX_READ_ROWS, _READ_BYTES // (4 * max(n_vars, 1)))
+    return max(batch_size, budget // batch_size * batch_size)
+
+
+def minibatches(
+    data: CellData, batch_size: int, *, dtype: Any = np.float32, n_vars: int | None = None
+) -> Iterator[Minibatch]:
+    """Fixed-shape minibatches in obs order; the last is zero-padded so nothing recompiles.
+
+    Counts are read in blocks of :func:`read_rows` rows and split; ``nz_count`` has ``dtype``
+    (the model's, so nothing is converted later).
+    """
     n = data.n_obs
-    for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
-        x = data.rows(start, stop)
-        pad = batch_size - (stop - start)
-        batch, label = data.batch[start:stop], data.label[start:stop]
-        if pad:
-            x = np.pad(x, ((0, pad), (0, 0)))
-            batch = np.pad(batch, (0, pad))
-            label = np.pad(label, (0, pad))
-        yield Minibatch(start, stop - start, x, batch, label, *nonzeros(x))
+    n_vars = n_vars if n_vars is not None else _n_vars(data)
+    step = read_rows(n_vars, batch_size)
+    for first in range(0, n, step):
+        block = data.csr(first, min(first + step, n))
+        for start in range(first, min(first + step, n), batch_size):
+            stop = min(start + batch_size, n)
+            pad = batch_size - (stop - start)
+            batch, label = data.batch[start:stop], data.label[start:stop]
+            if pad:
+                batch = np.pad(batch, (0, pad))
+                label = np.pad(label, (0, pad))
+            rows = block[start - first : stop - first]
+            yield Minibatch(
+                start, stop - start, n_vars, batch, label, *nonzeros(rows, batch_size, dtype)
+            )
+
+
+def _n_vars(data: CellData) -> int:
+    if data.gene_index is not None:
+        return len(data.gene_index)
+    return int(data.counts.shape[1])
 
 
 class BackedRaw(NamedTuple):

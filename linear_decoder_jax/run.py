@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from linear_decoder_jax import anndata_io, model
@@ -227,6 +228,26 @@ def prefetch(it: Iterator[Any], depth: int = 2) -> Iterator[Any]:
                 thread.join(timeout=0.05)
 
 
+@functools.partial(jax.jit, static_argnames=("config", "library"))
+def encode_counts(
+    params: LDVAEParams,
+    nz_index: jax.Array,
+    nz_count: jax.Array,
+    *,
+    config: LDVAEConfig,
+    library: LibraryChoice = "model",
+) -> tuple[jax.Array, model.Posterior, jax.Array, jax.Array]:
+    """(dense counts, posterior, decoder input, log library) of a minibatch given by its row-wise
+    non-zeros: the dense block is scattered on the device, so only the non-zeros cross from the
+    host (at 10 % non-zeros 5x fewer bytes; the dense copies took 0.46 s of a 2.5 s streamed run
+    at 20k x 2,000, measured)."""
+    rows = jnp.arange(nz_index.shape[0])[:, None]
+    x = jnp.zeros((nz_index.shape[0], config.n_input), nz_count.dtype)
+    x = x.at[rows, nz_index].add(nz_count)  # padding adds 0 at gene 0
+    post, z, log_library = encode(params, x, config=config, library=library)
+    return x, post, z, log_library
+
+
 def batches(
     params: LDVAEParams,
     data: anndata_io.CellData,
@@ -236,34 +257,106 @@ def batches(
     groups: np.ndarray | None = None,
     place: Placement | None = None,
 ) -> Iterator[tuple[int, int, Batch]]:
-    """``(start, n_valid, Batch)`` per minibatch of ``data`` in obs order: read on a background
-    thread, placed and encoded once. ``groups``: (n_obs,) int32 codes, -1 for none."""
+    """``(start, n_valid, Batch)`` per minibatch of ``data`` in obs order, placed and encoded once.
+    ``groups``: (n_obs,) int32 codes, -1 for none.
+
+    Reading, the non-zero scan and the host-to-device copy (one ``device_put`` of all of a
+    minibatch's arrays) run on a background thread, so this thread only dispatches compute.
+    """
     place = place or placement(plan.devices)
     dtype = np.dtype(plan.dtype)
-    for mb in prefetch(anndata_io.minibatches(data, plan.batch_size)):
-        size = len(mb.x)
-        group = np.full(size, -1, np.int32)
-        if groups is not None:
-            group[: mb.n_valid] = groups[mb.start : mb.start + mb.n_valid]
-        x = place.cells(mb.x.astype(dtype, copy=False))
-        post, z, log_library = encode(params, x, config=config, library=plan.library)
+    x64 = dtype == np.float64
+
+    def placed() -> Iterator[tuple[int, int, tuple[jax.Array, ...]]]:
+        with jax.enable_x64(x64):  # the caller's precision context is thread-local
+            for mb in anndata_io.minibatches(
+                data, plan.batch_size, dtype=dtype, n_vars=config.n_input
+            ):
+                size = len(mb.batch)
+                group = np.full(size, -1, np.int32)
+                if groups is not None:
+                    group[: mb.n_valid] = groups[mb.start : mb.start + mb.n_valid]
+                valid = (np.arange(size) < mb.n_valid).astype(dtype)
+                arrays = (mb.nz_index, mb.nz_count, mb.batch, mb.label, valid, group)
+                yield mb.start, mb.n_valid, place.cells(arrays)
+
+    for start, n_valid, (nz_index, nz_count, batch, label, valid, group) in prefetch(placed()):
+        x, post, z, log_library = encode_counts(
+            params, nz_index, nz_count, config=config, library=plan.library
+        )
         yield (
-            mb.start,
-            mb.n_valid,
+            start,
+            n_valid,
             Batch(
                 x=x,
-                nz_index=place.cells(mb.nz_index),
-                nz_count=place.cells(mb.nz_count.astype(dtype, copy=False)),
-                batch=place.cells(mb.batch),
-                label=place.cells(mb.label),
-                valid=place.cells((np.arange(size) < mb.n_valid).astype(dtype)),
-                group=place.cells(group),
+                nz_index=nz_index,
+                nz_count=nz_count,
+                batch=batch,
+                label=label,
+                valid=valid,
+                group=group,
                 qz_m=post.qz_m,
                 qz_v=post.qz_v,
                 z=z,
                 log_library=log_library,
             ),
         )
+
+
+class _Writer:
+    """Copies each minibatch's per-cell rows to the host and into the sink on its own thread,
+    so the dispatching thread never waits for a result; rows go into the sink in blocks of
+    ``block`` cells (one h5py write per field and block instead of one per minibatch).
+
+    ``depth`` minibatches may be in flight: it bounds the memory of results not yet written.
+    """
+
+    def __init__(self, sink: dict[str, Any], block: int, bar: Any, depth: int = 4):
+        self.sink, self.block, self.bar = sink, block, bar
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def put(self, start: int, n_valid: int, rows: dict[str, Any]) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((start, n_valid, rows))
+
+    def close(self) -> None:
+        """Write what is left and wait; re-raises the writer's error."""
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        buffered: dict[str, list[np.ndarray]] = {}
+        first = n_buffered = 0
+        try:
+            while (item := self.queue.get()) is not None:
+                start, n_valid, rows = item
+                if not buffered:
+                    first = start
+                for name, value in jax.device_get(rows).items():
+                    buffered.setdefault(name, []).append(np.asarray(value)[:n_valid])
+                n_buffered += n_valid
+                if n_buffered >= self.block:
+                    self._flush(first, buffered)
+                    buffered, n_buffered = {}, 0
+                if self.bar is not None:
+                    self.bar.update(n_valid)
+            if buffered:
+                self._flush(first, buffered)
+        except BaseException as err:  # re-raised in the dispatching thread
+            self.error = err
+            while self.queue.get() is not None:  # unblock the producer until close()
+                pass
+
+    def _flush(self, first: int, buffered: dict[str, list[np.ndarray]]) -> None:
+        for name, parts in buffered.items():
+            block = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            self.sink[name][first : first + len(block)] = block
 
 
 def execute(
@@ -281,22 +374,14 @@ def execute(
     """Run every scorer over ``data`` (the plan's rows), writing per-cell rows into ``sink[name]``
     (arrays or datasets of ``n_obs`` rows); returns the scorers' finished totals.
 
-    Dispatch runs one minibatch ahead of the host copy, and reading runs on a thread, so the device
-    waits for neither.
+    Three threads: reading and placement (``batches``), dispatch (this one), and the copy of the
+    results to the host and the sink (``_Writer``), so the device waits for neither end.
     """
     place = place or placement(plan.devices)
     params = place.replicated(params)
     key = jax.random.key(plan.seed)
     need_key = any(s.needs_key for s in scorers)
     totals = [s.init() for s in scorers]
-    pending: list[tuple[int, int, list[dict[str, Any]]]] = []
-
-    def write(start: int, n_valid: int, outs: list[dict[str, Any]]) -> None:
-        for rows in outs:
-            for name, value in rows.items():
-                sink[name][start : start + n_valid] = np.asarray(value)[:n_valid]
-        if bar is not None:
-            bar.update(n_valid)
 
     with contextlib.ExitStack() as stack:
         bar = None
@@ -304,22 +389,23 @@ def execute(
             from tqdm.auto import tqdm
 
             bar = stack.enter_context(tqdm(total=data.n_obs, unit="cells", desc="ablate"))
-        for start, n_valid, batch in batches(
-            params, data, plan, config=config, groups=groups, place=place
-        ):
-            if need_key:  # else the key is unused: skip a dispatch per minibatch
-                key, sub = jax.random.split(key)
-            else:
-                sub = key
-            outs = []
-            for i, scorer in enumerate(scorers):
-                rows, totals[i] = scorer.score(batch, totals[i], sub)
-                outs.append(rows)
-            pending.append((start, n_valid, outs))
-            if len(pending) > 1:
-                write(*pending.pop(0))
-        for item in pending:
-            write(*item)
+        block = anndata_io.read_rows(config.n_input, plan.batch_size)
+        writer = _Writer(sink, block, bar)
+        try:
+            for start, n_valid, batch in batches(
+                params, data, plan, config=config, groups=groups, place=place
+            ):
+                if need_key:  # else the key is unused: skip a dispatch per minibatch
+                    key, sub = jax.random.split(key)
+                else:
+                    sub = key
+                rows: dict[str, Any] = {}
+                for i, scorer in enumerate(scorers):
+                    out, totals[i] = scorer.score(batch, totals[i], sub)
+                    rows.update(out)
+                writer.put(start, n_valid, rows)
+        finally:
+            writer.close()
     finished: dict[str, np.ndarray] = {}
     for scorer, total in zip(scorers, totals, strict=True):
         finished.update(scorer.finish(total, data.n_obs))
