@@ -544,6 +544,11 @@ def ablate(
     refit_steps: int | None = None,
     refit_tol: float = options.DEFAULT_REFIT_TOL,
     optimizer: options.Optimizer = options.DEFAULT_OPTIMIZER,
+    distributed: bool = False,
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    timeout: float = options.DEFAULT_DISTRIBUTED_TIMEOUT,
 ) -> AblationResult:
     """Score every latent for every cell: how much worse the reconstruction gets without it.
 
@@ -594,12 +599,20 @@ def ablate(
     refit_steps, refit_tol, optimizer
         Step budget per fit (default 100 for "lbfgs", 2000 for "adam"), gradient-norm tolerance
         for early stopping, and the optax optimiser: "lbfgs" (zoom line search) or "adam".
+    distributed, coordinator, num_processes, process_id, timeout
+        Run as one process of a multi-process job (``linear_decoder_jax.distributed``): every
+        process calls this with the same arguments; ``jax.distributed`` joins them (explicit
+        ``coordinator="HOST:PORT"``, ``num_processes``, ``process_id``, or its auto-detection on
+        Slurm, Open MPI and TPU pods); each scores its own rows and process 0 writes ``output``
+        (required). A process silent for ``timeout`` seconds, or any failure, ends every process
+        with a one-line error and no output. Must be called before any other JAX computation.
 
     Returns
     -------
     AblationResult
         AblationResult with ``delta_nll`` (n_obs, n_ablated) in nats; positive means the latent was
-        needed to explain the cell.
+        needed to explain the cell. In a distributed run every process returns the whole result,
+        read from ``output`` (shared storage) once process 0 has written it.
     """
     if mode not in options.MODES:
         raise ConfigError(f"Expected mode one of {options.MODES}, got {mode!r} instead.")
@@ -620,6 +633,22 @@ def ablate(
     if output is not None:
         h5ad_name(output)
         check_destination(output, overwrite=overwrite)
+    cluster = None
+    if distributed:
+        if output is None or shard is not None:
+            msg = (
+                "A distributed run writes one output and splits the rows itself: pass output= "
+                "(CLI: -o) and no shard= (CLI: --shard)."
+            )
+            raise ConfigError(msg)
+        from linear_decoder_jax import distributed as distributed_
+
+        cluster = distributed_.initialize(
+            coordinator=coordinator,
+            num_processes=num_processes,
+            process_id=process_id,
+            timeout=timeout,
+        )
     opts = run.Options(
         latents=latents,
         baseline=baseline,
@@ -642,4 +671,11 @@ def ablate(
         if isinstance(adata, str | os.PathLike):
             adata = stack.enter_context(anndata_io.BackedAnnData(adata))
         anndata_io.check_obs_writable(adata.obs)
+        if cluster is not None:
+            from linear_decoder_jax import distributed as distributed_
+
+            assert output is not None  # checked above
+            return distributed_.ablate(
+                model_, adata, opts, output=output, cluster=cluster, overwrite=overwrite
+            )
         return run.ablate(model_, adata, opts, output=output, overwrite=overwrite)

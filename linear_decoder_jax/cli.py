@@ -114,6 +114,15 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     import linear_decoder_jax as ldj
 
     _compilation_cache()
+    if args.distributed:  # before anything starts jax's backend (restoring the model does)
+        from linear_decoder_jax import distributed
+
+        distributed.initialize(
+            coordinator=args.coordinator,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+            timeout=args.timeout,
+        )
     model = ldj.load(args.model, prefix=args.prefix, dtype="float64" if args.float64 else "float32")
     result = ldj.ablate(  # streams DATA from disk and writes OUT as it goes
         model,
@@ -139,10 +148,23 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
         refit_steps=args.refit_steps,
         refit_tol=args.refit_tol,
         optimizer=args.optimizer,
+        distributed=args.distributed,
+        coordinator=args.coordinator,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+        timeout=args.timeout,
     )
+    if args.distributed and result.settings.get("n_processes") and not _is_process_zero():
+        return 0  # process 0 reports the distributed run
     print(result.summary())
     print(f"wrote {Path(args.output).absolute()}")
     return 0
+
+
+def _is_process_zero() -> bool:
+    import jax
+
+    return jax.process_index() == 0
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
@@ -347,6 +369,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--shard",
         type=_parse_shard,
         help="I/N: score only the I-th of N row ranges; join parts with `ldj merge`",
+    )
+    d = p.add_argument_group(
+        "distributed", "one command on every process of a cluster (jax.distributed); one OUT"
+    )
+    d.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join a multi-process run (auto-detected on Slurm, Open MPI, TPU pods)",
+    )
+    d.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address")
+    d.add_argument("--num-processes", type=int, metavar="N", help="processes in the run")
+    d.add_argument("--process-id", type=int, metavar="I", help="this process, 0 <= I < N")
+    d.add_argument(
+        "--timeout",
+        type=float,
+        default=options.DEFAULT_DISTRIBUTED_TIMEOUT,
+        help="seconds a process may be silent before every process stops "
+        f"(default {options.DEFAULT_DISTRIBUTED_TIMEOUT:g})",
     )
     p.set_defaults(func=_cmd_ablate)
 

@@ -29,3 +29,7 @@ class ConfigError(LDJError, ValueError):
 
 class GeneSetError(LDJError, ValueError):
     """A gene-set file or collection is malformed, or no set fits the model's genes."""
+
+
+class DistributedError(LDJError, RuntimeError):
+    """A multi-process run could not start or lost a process (``distributed=True``)."""

@@ -69,9 +69,14 @@ def _check(parts: list[tuple[str, AblationResult]]) -> None:
 
 
 def merge_parts(
-    paths: Sequence[str | os.PathLike], output: str | os.PathLike, *, overwrite: bool = False
+    paths: Sequence[str | os.PathLike],
+    output: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    settings: dict[str, Any] | None = None,
 ) -> AblationResult:
-    """Merge shard results into ``output`` (atomic; refuses to overwrite unless asked)."""
+    """Merge shard results into ``output`` (atomic; refuses to overwrite unless asked);
+    ``settings`` are recorded in the merged ``uns["ablation"]`` on top of the parts' own."""
     import pandas as pd
 
     check_destination(output, overwrite=overwrite)
@@ -101,6 +106,7 @@ def merge_parts(
                 if f.reduce == "mean":  # means over each part's cells, weighted by cell counts
                     total = sum(r.arrays[f.name] * c for r, c in zip(results, counts, strict=True))
                     arrays[f.name] = np.asarray(total / n)
+            extra = dict(settings or {})
             settings = dict(first.settings)
             settings.update(
                 shard=np.asarray([0, 1]),
@@ -108,6 +114,7 @@ def merge_parts(
                 merged_parts=len(results),
                 n_devices=max(int(r.settings["n_devices"]) for r in results),
             )
+            settings.update(extra)
             obs = pd.concat([r.obs for r in results])
             groupby = settings.get("groupby") or None
             merged = AblationResult(

@@ -25,3 +25,4 @@ DEFAULT_OPTIMIZER: Optimizer = "lbfgs"
 DEFAULT_REFIT_STEPS: dict[Optimizer, int] = {"lbfgs": 100, "adam": 2000}
 DEFAULT_REFIT_TOL = 1e-3  # gradient norm of J, nats per unit of z
 DEFAULT_GROUPBY_MAX = 50  # distinct values of a numeric groupby column before it is refused
+DEFAULT_DISTRIBUTED_TIMEOUT = 300.0  # seconds a process may be silent in a distributed run

@@ -20,7 +20,7 @@ import contextlib
 import functools
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
@@ -467,6 +467,9 @@ class Options(NamedTuple):
     groupby_max: int = 50  # options.DEFAULT_GROUPBY_MAX
     layer: str | None = anndata_io.AUTO  # where the counts are (anndata_io.choose_counts)
     use_raw: bool = False
+    # distributed runs: the decoder inputs of this process's rows -> those of every process, in
+    # row order (``distributed.gather_array``), so "mean"/"median" cover all input cells
+    gather: Callable[[np.ndarray], np.ndarray] | None = None
 
 
 def ablate(model_: Any, adata: Any, opts: Options, *, output: Any, overwrite: bool) -> Any:
@@ -522,8 +525,12 @@ def ablate(model_: Any, adata: Any, opts: Options, *, output: Any, overwrite: bo
         params = model_.params
         stats = None
         if isinstance(opts.baseline, str) and opts.baseline in ("mean", "median"):
-            stats_plan = make_plan(np.zeros(cfg.n_latent), "zero", (0, full.n_obs))
-            stats = decoder_inputs(params, full, stats_plan, config=cfg)  # over all input cells
+            if opts.gather is None:  # over all input cells, shards too
+                stats_plan = make_plan(np.zeros(cfg.n_latent), "zero", (0, full.n_obs))
+                stats = decoder_inputs(params, full, stats_plan, config=cfg)
+            else:  # each process its own rows, then all of them
+                stats_plan = make_plan(np.zeros(cfg.n_latent), "zero", (lo, hi))
+                stats = opts.gather(decoder_inputs(params, data, stats_plan, config=cfg))
         base_name, base_values = ablation.resolve_baseline(opts.baseline, stats, cfg.n_latent)
         if opts.refit:
             refit.check_baseline(base_values, idx, model_.latent_names, config=cfg)

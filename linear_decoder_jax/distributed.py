@@ -1,0 +1,333 @@
+"""Many hosts on JAX's multi-process runtime: one ``ldj ablate`` command across a cluster.
+
+Every process runs the same command on the same (shared-storage) data. ``jax.distributed``
+joins them (explicit coordinator, or its auto-detection: Slurm, Open MPI, TPU pods); process i
+scores its own row range ``run.shard_rows((i, n))`` on its local devices and streams it to a hidden
+part next to the output; process 0 then assembles the one output atomically with the merge code
+and removes the parts. Cells are independent, so the sweep itself needs no traffic between hosts:
+the processes meet only through the distributed runtime's key-value store, where every wait has a
+deadline:
+
+* settings: each process publishes a digest of the model fingerprint, the data's shape and the run
+  options; any difference is a one-line error naming the processes that differ;
+* global baselines: "mean" and "median" are taken over every process's rows (each publishes the
+  decoder inputs of its cells; the statistics are then exactly those of a one-process run);
+* liveness: each process bumps a heartbeat counter every second, and a watchdog thread in every
+  process ends it with a one-line message naming the process that failed (an error it published,
+  a heartbeat that stopped for ``timeout`` seconds, or a coordinator that is gone). No output
+  appears unless every part arrived; an existing output is untouched.
+
+Group tables, ``mean_lfc`` and every per-cell field of the assembled output equal a one-process
+run (the merge recomputes group tables over all cells and weights means by cell counts).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from linear_decoder_jax.errors import DistributedError
+from linear_decoder_jax.options import DEFAULT_DISTRIBUTED_TIMEOUT as DEFAULT_TIMEOUT
+
+_POLL = 0.5  # seconds between checks of the key-value store
+_GRACE = 3.0  # seconds process 0 keeps the service up after a failure (watchdogs poll each 1 s)
+_PREFIX = "ldj"
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """This process's place in the run: ``process_id`` of ``num_processes``."""
+
+    process_id: int
+    num_processes: int
+    timeout: float
+    client: Any  # jax's DistributedRuntimeClient (its key-value store)
+
+    @property
+    def is_coordinator(self) -> bool:
+        return self.process_id == 0
+
+
+def _kill(message: str) -> None:
+    """End this process at once with a one-line error: other threads may be blocked in the
+    runtime, and the runtime's own shutdown would wait for the failed process."""
+    sys.stderr.write(f"ldj: error: {message}\n")
+    sys.stderr.flush()
+    os._exit(1)
+
+
+def initialize(
+    *,
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> Cluster:
+    """Join the run through ``jax.distributed.initialize`` (its auto-detection when the three
+    values are None) within ``timeout`` seconds; a wrong process count or an unreachable
+    coordinator is a :class:`DistributedError`, not a hang."""
+    import jax
+    from jax._src import distributed as jax_distributed
+
+    explicit = (coordinator, num_processes, process_id)
+    if any(v is not None for v in explicit) and any(v is None for v in explicit):
+        msg = (
+            "Pass all of coordinator, num_processes and process_id (CLI: --coordinator, "
+            "--num-processes, --process-id), or none of them for auto-detection."
+        )
+        raise DistributedError(msg)
+    if num_processes is not None and process_id is not None:
+        if num_processes < 1 or not 0 <= process_id < num_processes:
+            msg = f"Expected 0 <= process_id < num_processes, got {process_id} of {num_processes}."
+            raise DistributedError(msg)
+    if not timeout > 0:
+        raise DistributedError(f"Expected timeout > 0 seconds, got {timeout!r} instead.")
+    if jax_distributed.global_state.client is None:
+        where = coordinator or "the auto-detected coordinator"
+        advice = (
+            "Check that every process was started with the same --coordinator and "
+            "--num-processes, and that the coordinator (process 0) is reachable."
+        )
+        # the runtime aborts the process (a stack trace) when its own deadline passes: ours comes
+        # first and says what to check
+        joined = threading.Event()
+
+        def deadline() -> None:
+            if not joined.wait(timeout):
+                _kill(
+                    f"Could not join the distributed run at {where} within {timeout:g} s. {advice}"
+                )
+
+        threading.Thread(target=deadline, daemon=True).start()
+        try:
+            jax.distributed.initialize(
+                coordinator_address=coordinator,
+                num_processes=num_processes,
+                process_id=process_id,
+                initialization_timeout=int(timeout) + 60,
+                # the runtime's own failure detector aborts with a stack trace: ours (Watchdog)
+                # runs first and names the process that failed
+                heartbeat_timeout_seconds=max(10, int(4 * timeout)),
+                shutdown_timeout_seconds=max(1, int(timeout)),
+            )
+        except Exception as err:  # jax raises RuntimeError/ValueError/XlaRuntimeError
+            first = str(err).splitlines()[0] if str(err) else ""
+            msg = f"Could not join the distributed run at {where} ({type(err).__name__}: {first}). {advice}"
+            raise DistributedError(msg) from err
+        finally:
+            joined.set()
+    state = jax_distributed.global_state
+    return Cluster(int(state.process_id), int(state.num_processes), float(timeout), state.client)
+
+
+class Watchdog:
+    """Heartbeats and failure detection for one process (a daemon thread)."""
+
+    def __init__(self, cluster: Cluster, *, on_failure: Callable[[], None] | None = None):
+        self.cluster = cluster
+        self.on_failure = on_failure
+        self.stopped = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def start(self) -> Watchdog:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+    def _loop(self) -> None:
+        c = self.cluster
+        beat = 0
+        seen = {p: (-1, time.monotonic()) for p in range(c.num_processes) if p != c.process_id}
+        while not self.stopped.is_set():
+            try:
+                c.client.key_value_set_bytes(f"{_PREFIX}/alive/{c.process_id}", b"%d" % beat, True)
+                beat += 1
+                for p, (last, since) in seen.items():
+                    error = _try_get(c, f"{_PREFIX}/error/{p}")
+                    if error is not None:
+                        self._fail(error.decode(errors="replace"))  # it names the process
+                    now = _try_get(c, f"{_PREFIX}/alive/{p}")
+                    value = -1 if now is None else int(now)
+                    if value != last:
+                        seen[p] = (value, time.monotonic())
+                    elif time.monotonic() - since > c.timeout:
+                        if _try_get(c, f"{_PREFIX}/finished/{p}") is None:
+                            self._fail(f"process {p} stopped answering for {c.timeout:g} s")
+            except Exception as err:  # the runtime is gone: the coordinator died
+                if self.stopped.is_set():
+                    return
+                self._fail(f"lost the coordinator, process 0 ({type(err).__name__})")
+            self.stopped.wait(1.0)
+
+    def _fail(self, reason: str) -> None:
+        if self.on_failure is not None:
+            self.on_failure()
+        stop(self.cluster, reason)
+
+
+def _try_get(cluster: Cluster, key: str) -> bytes | None:
+    """The value of ``key``, or None when it is not set yet; other errors of the runtime (the
+    coordinator is gone) propagate."""
+    try:
+        return cluster.client.key_value_try_get_bytes(key)
+    except Exception as err:
+        if "NOT_FOUND" in str(err):
+            return None
+        raise
+
+
+def gather_bytes(cluster: Cluster, name: str, value: bytes) -> list[bytes]:
+    """Every process's ``value`` for ``name``, in process order (waits; the watchdog bounds it)."""
+    cluster.client.key_value_set_bytes(f"{_PREFIX}/{name}/{cluster.process_id}", value)
+    out: list[bytes | None] = [None] * cluster.num_processes
+    while any(v is None for v in out):
+        for p in range(cluster.num_processes):
+            if out[p] is None:
+                out[p] = _try_get(cluster, f"{_PREFIX}/{name}/{p}")
+        if any(v is None for v in out):
+            time.sleep(_POLL)
+    return [v for v in out if v is not None]
+
+
+def gather_array(cluster: Cluster, name: str, array: np.ndarray) -> list[np.ndarray]:
+    """Every process's ``array`` (any shapes, one dtype), in process order."""
+    parts = gather_bytes(cluster, name, np.ascontiguousarray(array).tobytes())
+    tail = array.shape[1:]
+    return [np.frombuffer(p, dtype=array.dtype).reshape(-1, *tail) for p in parts]
+
+
+def check_same(cluster: Cluster, described: dict[str, Any]) -> None:
+    """Refuse a run whose processes differ in model, data or options (one line, naming them)."""
+    digest = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).digest()
+    digests = gather_bytes(cluster, "settings", digest)
+    differ = [p for p, d in enumerate(digests) if d != digests[0]]
+    if differ:
+        msg = (
+            f"Processes {differ} were started with another model, data or options than process 0: "
+            "run the same command on every process."
+        )
+        raise DistributedError(msg)
+
+
+def publish_error(cluster: Cluster, err: BaseException) -> None:
+    """Tell the other processes why this one stops (their watchdogs end them)."""
+    try:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        key = f"{_PREFIX}/error/{cluster.process_id}"
+        cluster.client.key_value_set_bytes(key, first.encode(), True)
+    except Exception:  # noqa: BLE001 - the runtime may be gone already; we exit anyway
+        pass
+
+
+def stop(cluster: Cluster, reason: str) -> None:
+    """Publish ``reason`` (it names the failed process) for the others and end this process.
+    Process 0 hosts the runtime's service: it waits a moment first, so that the others read the
+    reason and stop with it rather than with the runtime's own abort when the service goes away."""
+    publish_error(cluster, RuntimeError(reason))
+    if cluster.is_coordinator:
+        time.sleep(_GRACE)
+    _kill(f"{reason}; process {cluster.process_id} stops, no output written.")
+
+
+def parts_folder(output: str | os.PathLike) -> Path:
+    """The hidden folder next to ``output`` where the processes write their parts."""
+    out = Path(output).absolute()
+    return out.parent / f".{out.name}.ldj-parts"
+
+
+def wait_for(cluster: Cluster, key: str, processes: list[int]) -> None:
+    """Wait until every process in ``processes`` has set ``key`` (the watchdog bounds it)."""
+    pending = set(processes)
+    while pending:
+        pending = {p for p in pending if _try_get(cluster, f"{_PREFIX}/{key}/{p}") is None}
+        if pending:
+            time.sleep(_POLL)
+
+
+def mark(cluster: Cluster, key: str) -> None:
+    cluster.client.key_value_set_bytes(f"{_PREFIX}/{key}/{cluster.process_id}", b"1")
+
+
+def remove_parts(output: str | os.PathLike) -> None:
+    shutil.rmtree(parts_folder(output), ignore_errors=True)
+
+
+def ablate(
+    model_: Any,
+    adata: Any,
+    opts: Any,
+    *,
+    output: str | os.PathLike,
+    cluster: Cluster,
+    overwrite: bool,
+) -> Any:
+    """This process's part of a distributed ``ldj.ablate``: its rows, global baselines, then (on
+    process 0) the one output. Every process returns the assembled result (read from the output
+    on shared storage). Any failure ends every process (one line on stderr, exit status 1), with no
+    output written."""
+    from linear_decoder_jax import merge, run
+    from linear_decoder_jax.results import AblationResult
+
+    pid, n = cluster.process_id, cluster.num_processes
+    folder = parts_folder(output)
+    target = Path(output).absolute()
+
+    def clean() -> None:
+        remove_parts(output)
+        for tmp in target.parent.glob(f".{target.name}.tmp-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    watchdog = Watchdog(cluster, on_failure=clean).start()
+    try:
+        described = {
+            "model": model_.fingerprint(),
+            "dtype": model_.dtype,
+            "n_obs": int(adata.n_obs),
+            "output": str(target),
+            **{
+                k: v
+                for k, v in opts._asdict().items()
+                if k not in ("devices", "progress", "gather")
+            },
+        }
+        check_same(cluster, described)
+        n_devices = gather_array(cluster, "devices", np.asarray([len(opts.devices)], np.int64))
+        folder.mkdir(exist_ok=True)
+        part = folder / f"part-{pid}-of-{n}.h5ad"
+        opts = opts._replace(
+            shard=(pid, n),
+            gather=lambda z: np.concatenate(gather_array(cluster, "latent", z)),
+        )
+        run.ablate(model_, adata, opts, output=part, overwrite=True)
+        mark(cluster, "done")
+        if cluster.is_coordinator:
+            wait_for(cluster, "done", list(range(n)))
+            parts = [folder / f"part-{p}-of-{n}.h5ad" for p in range(n)]
+            extra = {"n_processes": n, "n_devices": int(sum(int(d[0]) for d in n_devices))}
+            merge.merge_parts(parts, output, overwrite=overwrite, settings=extra)
+            remove_parts(output)
+            mark(cluster, "assembled")
+        else:
+            wait_for(cluster, "assembled", [0])
+        mark(cluster, "finished")
+        watchdog.stop()
+        return AblationResult.read(output)
+    except Exception as err:
+        watchdog.stop()
+        clean()
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        stop(cluster, f"process {pid} failed: {first}")
+        raise  # unreachable: stop exits

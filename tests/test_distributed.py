@@ -1,0 +1,182 @@
+"""Multi-process runs on localhost (jax.distributed): one-process results, clean failures."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import random_adata, random_model
+
+import linear_decoder_jax as ldj
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT = 8  # seconds a process may be silent in these tests
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(devices: int) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["LDJ_COMPILATION_CACHE"] = "0"
+    return env
+
+
+def _launch(model_dir, data, out, n, *extra, devices=1, port=None, ids=None):
+    port = port or _port()
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "linear_decoder_jax",
+                "ablate",
+                str(model_dir),
+                str(data),
+                "-o",
+                str(out),
+                "--float64",
+                "--distributed",
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                str(n),
+                "--process-id",
+                str(i),
+                "--timeout",
+                str(TIMEOUT),
+                *extra,
+            ],
+            env=_env(devices),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in (range(n) if ids is None else ids)
+    ]
+
+
+def _errors(stderr: str) -> list[str]:
+    """Our error lines on stderr (the runtime logs its own lines with a severity and a date)."""
+    return [line for line in stderr.splitlines() if line.startswith("ldj: error:")]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist")
+    model = random_model(seed=11, dtype="float64", n_input=40)
+    adata = random_adata(model, n_obs=301, seed=12)
+    adata.obs["group"] = np.where(np.arange(301) % 3 == 0, "a", "b")
+    adata.obs.loc[adata.obs.index[5], "group"] = None  # a cell without a group
+    model.save(tmp / "model")
+    adata.write_h5ad(tmp / "cells.h5ad")
+    return model, adata, tmp
+
+
+@pytest.mark.parametrize(("n", "devices"), [(2, 1), (2, 2), (3, 1), (3, 2)])
+def test_processes_give_the_one_process_result(setup, tmp_path, n, devices):
+    model, adata, tmp = setup
+    out = tmp_path / "out.h5ad"
+    extra = ["--baseline", "median", "--groupby", "group"]
+    procs = _launch(tmp / "model", tmp / "cells.h5ad", out, n, *extra, devices=devices)
+    outputs = [p.communicate(timeout=240) for p in procs]
+    for p, (_, stderr) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, stderr[-3000:]
+    assert "wrote" in outputs[0][0] and all("wrote" not in o for o, _ in outputs[1:])
+    got = ldj.AblationResult.read(out)
+    whole = ldj.ablate(model, adata, baseline="median", groupby="group")
+    assert list(got.obs_names) == list(adata.obs_names)
+    np.testing.assert_allclose(
+        got.settings["baseline_values"], whole.settings["baseline_values"], rtol=1e-6
+    )
+    for key in ("delta_nll", "delta_l1", "latent", "nll", "mean_lfc"):
+        np.testing.assert_allclose(getattr(got, key), getattr(whole, key), rtol=1e-9, atol=1e-9)
+    for key in ("mean", "median", "frac_positive"):
+        np.testing.assert_allclose(got.groups[key].to_numpy(), whole.groups[key].to_numpy())
+    assert int(got.groups["n_no_group"]) == 1 == int(whole.groups["n_no_group"])
+    assert got.settings["n_processes"] == n and got.settings["n_devices"] == n * devices
+    assert not any(tmp_path.glob(".*")), "parts or temporaries left behind"
+
+
+def test_refit_samples_and_mean_baseline(setup, tmp_path):
+    model, adata, tmp = setup
+    out = tmp_path / "out.h5ad"
+    extra = ["--baseline", "mean", "--refit", "--refit-steps", "20", "--n-samples", "2"]
+    procs = _launch(tmp / "model", tmp / "cells.h5ad", out, 2, *extra)
+    for p in procs:
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-3000:]
+    got = ldj.AblationResult.read(out)
+    whole = ldj.ablate(model, adata, baseline="mean", refit=True, refit_steps=20)
+    np.testing.assert_allclose(
+        got.settings["baseline_values"], whole.settings["baseline_values"], rtol=1e-9
+    )
+    # refit fits are per cell: equal to the one-process run; MC draws follow each process's keys
+    np.testing.assert_allclose(got.unique_delta_nll, whole.unique_delta_nll, rtol=1e-6, atol=1e-6)
+    assert got.delta_nll_se is not None and np.isfinite(got.delta_nll_se).all()
+
+
+def test_a_killed_process_stops_the_others(setup, tmp_path):
+    """SIGKILL of one process mid-run: the others exit non-zero within the timeout, naming it;
+    no output appears and an existing one is untouched; no parts are left."""
+    model, adata, tmp = setup
+    out = tmp_path / "out.h5ad"
+    out.write_bytes(b"old result")
+    extra = ["--overwrite", "--refit", "--refit-steps", "200", "--refit-tol", "0"]
+    procs = _launch(tmp / "model", tmp / "cells.h5ad", out, 3, *extra)
+    parts = tmp_path / ".out.h5ad.ldj-parts"
+    deadline = time.monotonic() + 120
+    while not parts.exists() and time.monotonic() < deadline:  # every process joined and checked
+        time.sleep(0.2)
+    assert parts.exists()
+    time.sleep(1.0)
+    procs[1].send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    for i in (0, 2):
+        _, err = procs[i].communicate(timeout=TIMEOUT * 6)
+        assert procs[i].returncode not in (0, None)
+        assert time.monotonic() - killed_at < TIMEOUT * 4
+        lines = _errors(err)
+        assert len(lines) == 1 and "process 1" in lines[0], err[-2000:]
+    procs[1].wait()
+    assert out.read_bytes() == b"old result"
+    assert not parts.exists() and not any(tmp_path.glob(".out.h5ad.tmp-*"))
+
+
+def test_unreachable_coordinator_and_mismatched_settings(setup, tmp_path):
+    model, adata, tmp = setup
+    out = tmp_path / "out.h5ad"
+    # process 1 of 2 alone: nobody answers at the coordinator's address
+    start = time.monotonic()
+    (lonely,) = _launch(tmp / "model", tmp / "cells.h5ad", out, 2, ids=[1])
+    _, err = lonely.communicate(timeout=TIMEOUT * 6)
+    assert lonely.returncode == 1 and time.monotonic() - start < TIMEOUT * 4
+    lines = _errors(err)
+    assert len(lines) == 1 and "Could not join the distributed run" in lines[0], err[-2000:]
+    # the same processes with different options: one line each, naming the processes
+    port = _port()
+    a = _launch(tmp / "model", tmp / "cells.h5ad", out, 2, "--mode", "keep", port=port, ids=[0])
+    b = _launch(tmp / "model", tmp / "cells.h5ad", out, 2, port=port, ids=[1])
+    for p in (*a, *b):
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 1
+        lines = _errors(err)
+        assert len(lines) == 1 and "process" in lines[0].lower(), err[-2000:]
+    assert not out.exists()
+
+
+def test_api_refuses_distributed_without_output(setup):
+    model, adata, _ = setup
+    with pytest.raises(ldj.ConfigError, match="writes one output"):
+        ldj.ablate(model, adata, distributed=True)
