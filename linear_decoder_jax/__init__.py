@@ -24,6 +24,7 @@ _EXPORTS = {
     "ConfigError": "errors",
     "DataRegistry": "config",
     "Decoded": "model",
+    "DistributedError": "errors",
     "GeneSetError": "errors",
     "IncompatibleDataError": "errors",
     "LDJError": "errors",
@@ -69,6 +70,7 @@ if TYPE_CHECKING:
     from linear_decoder_jax.errors import (
         CheckpointFormatError,
         ConfigError,
+        DistributedError,
         GeneSetError,
         IncompatibleDataError,
         LDJError,
