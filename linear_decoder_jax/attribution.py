@@ -49,7 +49,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -64,13 +64,11 @@ from linear_decoder_jax.distributions import (
     rate_term_change,
 )
 from linear_decoder_jax.errors import ConfigError
+from linear_decoder_jax.options import MAX_EXACT_SHAPLEY_LATENTS, SHAPLEY, Shapley
 from linear_decoder_jax.params import LDVAEParams
 from linear_decoder_jax.run import Batch
 
 Array = jax.Array
-Method = Literal["exact", "permutation"]
-METHODS: tuple[Method, ...] = ("exact", "permutation")
-MAX_EXACT_LATENTS = 12
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -186,8 +184,8 @@ def shapley_matrix(n_latent: int) -> np.ndarray:
 
 def check_shapley(method: str, n_latent: int, n_permutations: int, *, max_exact: int) -> None:
     """Validate the Shapley options (ConfigError naming the fix)."""
-    if method not in METHODS:
-        raise ConfigError(f"Expected shapley one of {METHODS} or None, got {method!r} instead.")
+    if method not in SHAPLEY:
+        raise ConfigError(f"Expected shapley one of {SHAPLEY} or None, got {method!r} instead.")
     if method == "exact" and n_latent > max_exact:
         msg = (
             f"Exact Shapley values enumerate 2^{n_latent} coalitions per cell (limit "
@@ -330,27 +328,6 @@ def shapley_permutation(
     return u[1] - u[0], phi.T, se.T
 
 
-def explained_shares(
-    gain: np.ndarray, phi: np.ndarray, groups: Any, latent_names: list[str]
-) -> Any:
-    """DataFrame groups x latents: share of each group's mean gain explained by each latent (S8),
-    plus an ``all cells`` row. ``groups``: per-cell labels (a categorical keeps its empty
-    categories; NaN: no group)."""
-    import pandas as pd
-
-    cats = pd.Categorical(groups)
-    names = [str(c) for c in cats.categories]
-    gain = np.asarray(gain, np.float64)
-    phi = np.asarray(phi, np.float64)
-    rows = []
-    for code in range(len(names)):
-        sel = cats.codes == code
-        with np.errstate(invalid="ignore", divide="ignore"):
-            rows.append(phi[sel].sum(0) / gain[sel].sum())
-    rows.append(phi.sum(0) / gain.sum())
-    return pd.DataFrame(np.asarray(rows), index=[*names, "all cells"], columns=latent_names)
-
-
 class ShapleyScorer:
     """Shapley values of the likelihood gain over all K latents, as a scorer of the run pipeline:
     per cell ``gain_nll`` and ``shapley_nll`` (plus ``shapley_nll_se`` in permutation mode)."""
@@ -362,10 +339,10 @@ class ShapleyScorer:
         *,
         config: LDVAEConfig,
         place: Any,
-        method: Method,
+        method: Shapley,
         n_permutations: int,
     ):
-        check_shapley(method, config.n_latent, n_permutations, max_exact=MAX_EXACT_LATENTS)
+        check_shapley(method, config.n_latent, n_permutations, max_exact=MAX_EXACT_SHAPLEY_LATENTS)
         self.params, self.plan, self.config = params, plan, config
         self.method, self.n_permutations = method, n_permutations
         self.baseline = place.replicated(np.asarray(plan.baseline, dtype=plan.dtype))

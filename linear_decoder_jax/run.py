@@ -378,12 +378,15 @@ class Options(NamedTuple):
     devices: list[Any]
     shard: tuple[int, int] | None
     refit: tuple[str, int, float] | None  # (optimizer, steps, tol)
+    gene_scores: bool = False
+    shapley: str | None = None  # "exact", "permutation" or None
+    n_permutations: int = 0
 
 
 def ablate(model_: Any, adata: Any, opts: Options, *, output: Any, overwrite: bool) -> Any:
     """Resolve ``opts`` into a :class:`Plan`, run the scorers over ``adata`` and assemble the
     ``AblationResult`` (in memory, or streamed into ``output`` and read back memory-mapped)."""
-    from linear_decoder_jax import ablation, refit, results, schema
+    from linear_decoder_jax import ablation, attribution, options, refit, results, schema
     from linear_decoder_jax._atomic import atomic_path
     from linear_decoder_jax.errors import IncompatibleDataError
 
@@ -397,6 +400,13 @@ def ablate(model_: Any, adata: Any, opts: Options, *, output: Any, overwrite: bo
     if data.n_obs == 0:
         raise ConfigError(f"Shard {opts.shard} of {full.n_obs} cells is empty; use fewer shards.")
     idx = ablation.resolve_latents(opts.latents, cfg.n_latent)
+    if opts.shapley is not None:
+        attribution.check_shapley(
+            opts.shapley,
+            cfg.n_latent,
+            opts.n_permutations,
+            max_exact=options.MAX_EXACT_SHAPLEY_LATENTS,
+        )
     dtype = np.dtype(model_.dtype)
     n_dev = len(opts.devices)
     vectorize = vectorize_default(opts.devices)
@@ -414,6 +424,10 @@ def ablate(model_: Any, adata: Any, opts: Options, *, output: Any, overwrite: bo
         cats = pd.Categorical(obs[groupby].to_numpy())
         group_names = tuple(str(c) for c in cats.categories)
         codes = np.asarray(cats.codes, np.int32)  # -1: no group (NaN)
+    if opts.gene_scores:
+        attribution.check_gene_budget(
+            len(group_names), len(idx), cfg.n_input, budget=options.GENE_SCORES_BUDGET
+        )
 
     def make_plan(baseline: np.ndarray, name: str, rows: tuple[int, int]) -> Plan:
         return Plan(
@@ -443,7 +457,22 @@ def ablate(model_: Any, adata: Any, opts: Options, *, output: Any, overwrite: bo
             refit.check_baseline(base_values, idx, model_.latent_names, config=cfg)
         plan = make_plan(base_values, base_name, (lo, hi))
         place = placement(plan.devices)
-        scorers: list[Any] = [ablation.SweepScorer(params, plan, config=cfg, place=place)]
+        scorers: list[Any] = [
+            ablation.SweepScorer(
+                params, plan, config=cfg, place=place, gene_scores=opts.gene_scores
+            )
+        ]
+        if opts.shapley is not None:
+            scorers.append(
+                attribution.ShapleyScorer(
+                    params,
+                    plan,
+                    config=cfg,
+                    place=place,
+                    method=opts.shapley,  # type: ignore[arg-type]
+                    n_permutations=opts.n_permutations,
+                )
+            )
         refit_settings: dict[str, Any] = {"refit": False}
         if opts.refit:
             optimizer, steps, tol = opts.refit
@@ -510,10 +539,19 @@ def ablate(model_: Any, adata: Any, opts: Options, *, output: Any, overwrite: bo
                 "source_scvi_version": str(model_.spec.source.get("scvi_version") or ""),
                 "model_fingerprint": model_.fingerprint(),
                 **refit_settings,
+                "gene_scores": bool(opts.gene_scores),
+                "shapley": opts.shapley or "",
+                "n_permutations": opts.n_permutations if opts.shapley == "permutation" else 0,
             }
-            groups = None
+            if opts.gene_scores:  # names of the gene tables' group rows
+                settings["gene_groups"] = [*group_names, schema.ALL_CELLS]
+            groups = explained = None
             if groupby is not None:
                 groups = results.group_tables(arrays["delta_nll"], obs[groupby].to_numpy(), names)
+                if opts.shapley is not None:
+                    explained = results.explained_shares(
+                        arrays["gain_nll"], arrays["shapley_nll"], obs[groupby], model_.latent_names
+                    )
             result = results.AblationResult(
                 arrays=arrays,
                 loadings=np.asarray(model_.get_affine_decoder().scale.loadings),
@@ -522,6 +560,7 @@ def ablate(model_: Any, adata: Any, opts: Options, *, output: Any, overwrite: bo
                 settings=settings,
                 embeddings={k: v[lo:hi] for k, v in embeddings(adata).items()},
                 groups=groups,
+                explained_table=explained,
             )
             if stream is not None:
                 stream.finish(result)

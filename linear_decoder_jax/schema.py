@@ -47,6 +47,7 @@ class Field:
 
 
 ALWAYS = "always"
+ALL_CELLS = "all cells"  # name of the last row of the per-group tables
 
 FIELDS: tuple[Field, ...] = (
     Field("nll", "obs", ("obs",), "float", ALWAYS, "full NLL at the posterior mean (nats)"),

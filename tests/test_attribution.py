@@ -13,7 +13,7 @@ import pytest
 from helpers import plan_for, random_adata, random_model
 from scipy.special import gammaln
 
-from linear_decoder_jax import ablation, attribution, run, schema
+from linear_decoder_jax import ablation, attribution, results, run, schema
 from linear_decoder_jax.errors import ConfigError
 
 EPS = 1e-8
@@ -358,7 +358,7 @@ def test_group_shares_sum_to_one():
     phi = rng.normal(size=(50, 4)) + 1.0
     gain = phi.sum(1)
     labels = pd.Categorical(rng.choice(["a", "b"], 50), categories=["a", "b", "c"])
-    table = attribution.explained_shares(gain, phi, labels, ["Z_0", "Z_1", "Z_2", "Z_3"])
+    table = results.explained_shares(gain, phi, labels, ["Z_0", "Z_1", "Z_2", "Z_3"])
     assert list(table.index) == ["a", "b", "c", "all cells"]
     np.testing.assert_allclose(table.loc[["a", "b", "all cells"]].sum(1), 1.0)
     assert table.loc["c"].isna().all()
