@@ -383,3 +383,82 @@ def test_permutation_key_reproducible():
     np.testing.assert_array_equal(a["shapley_nll"], b["shapley_nll"])
     assert not np.array_equal(a["shapley_nll"], c["shapley_nll"])
     assert jax.numpy.isfinite(a["shapley_nll_se"]).all()
+
+
+# -- through the pipeline: API, streaming, shards, CLI ---------------------------------------------
+def test_api_streamed_and_merged_shards_agree(tmp_path):
+    import linear_decoder_jax as ldj
+    from linear_decoder_jax.merge import merge_parts
+
+    model = random_model(seed=18, dtype="float64")
+    adata = random_adata(model, n_obs=30, seed=19)
+    kw = {"groupby": "group", "gene_scores": True, "shapley": "exact", "batch_size": 8}
+    whole = ldj.ablate(model, adata, **kw)
+    parts = [tmp_path / f"p{i}.h5ad" for i in range(3)]
+    for i, path in enumerate(parts):
+        ldj.ablate(model, adata, **kw, shard=(i, 3), output=path)
+    merged = merge_parts(parts, tmp_path / "m.h5ad")
+    for name in ("gene_delta_nll", "gene_lfc", "gene_n_cells", "gain_nll", "shapley_nll"):
+        np.testing.assert_allclose(getattr(merged, name), getattr(whole, name), rtol=1e-9)
+    pd.testing.assert_frame_equal(merged.explained(), whole.explained())
+    table = whole.gene_table("Z_1", group="A", n_top=4)
+    assert list(table.columns) == ["delta_nll", "lfc"] and len(table) == 4
+    assert table["delta_nll"].is_monotonic_decreasing
+    assert set(whole.gene_table(1).index) == set(adata.var_names)
+    np.testing.assert_allclose(whole.shapley.sum(1), whole.gain, rtol=1e-9, atol=1e-9)
+
+
+def test_api_refusals():
+    import linear_decoder_jax as ldj
+
+    model = random_model(seed=20, n_latent=13)
+    adata = random_adata(model, n_obs=10, seed=21)
+    with pytest.raises(ConfigError, match="shapley='permutation'"):
+        ldj.ablate(model, adata, shapley="exact")
+    with pytest.raises(ConfigError, match="n_samples=0"):
+        ldj.ablate(model, adata, gene_scores=True, n_samples=2)
+    res = ldj.ablate(model, adata)
+    with pytest.raises(ldj.IncompatibleDataError, match="gene_scores=True"):
+        res.gene_table(0)
+
+
+def test_cli_flags(tmp_path):
+    from linear_decoder_jax.cli import main
+
+    model = random_model(seed=22)
+    adata = random_adata(model, n_obs=16, seed=23)
+    model.save(tmp_path / "model")
+    adata.write_h5ad(tmp_path / "cells.h5ad")
+    out = tmp_path / "out.h5ad"
+    args = [str(tmp_path / "model"), str(tmp_path / "cells.h5ad"), "-o", str(out)]
+    flags = ["--groupby", "group", "--gene-scores", "--shapley", "permutation"]
+    assert main(["ablate", *args, *flags, "--n-permutations", "4"]) == 0
+    import linear_decoder_jax as ldj
+
+    res = ldj.AblationResult.read(out)
+    assert res.shapley_nll_se.shape == (16, model.n_latent)
+    assert res.gene_delta_nll.shape == (4, model.n_latent, model.config.n_input)
+    assert list(res.explained().index) == ["A", "B", "C", "all cells"]
+
+
+def test_plots_use_the_group_scores(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import anndata
+
+    import linear_decoder_jax as ldj
+
+    model = random_model(seed=24)
+    adata = random_adata(model, n_obs=24, seed=25)
+    res = ldj.ablate(model, adata, groupby="group", gene_scores=True, shapley="exact")
+    ax = ldj.pl.explained(res)
+    np.testing.assert_allclose(ax.images[0].get_array(), res.explained().to_numpy())
+    ax = ldj.pl.latent_genes(res, "Z_2", 5, group="B")
+    widths = [p.get_width() for p in ax.patches]
+    np.testing.assert_allclose(widths, res.gene_table(2, group="B", n_top=5)["delta_nll"])
+    res.write(tmp_path / "r.h5ad")
+    top = ldj.pl.top_genes(anndata.read_h5ad(tmp_path / "r.h5ad"), "Z_2", 5, group="B")
+    assert list(top["gene"]) == list(res.gene_table(2, group="B", n_top=5).index)
+    with pytest.raises(ConfigError, match="Unknown group"):
+        ldj.pl.latent_genes(res, "Z_2", group="nope")
