@@ -24,6 +24,7 @@ _EXPORTS = {
     "ConfigError": "errors",
     "DataRegistry": "config",
     "Decoded": "model",
+    "GeneSetError": "errors",
     "IncompatibleDataError": "errors",
     "LDJError": "errors",
     "LDVAEConfig": "config",
@@ -32,8 +33,11 @@ _EXPORTS = {
     "OutputExistsError": "errors",
     "Posterior": "model",
     "ablate": "api",
+    "compare": "matching",
     "convert": "api",
     "enable_compilation_cache": "_cache",
+    "enrichment": "genesets",
+    "read_gmt": "genesets",
     "load": "api",
 }
 
@@ -65,9 +69,12 @@ if TYPE_CHECKING:
     from linear_decoder_jax.errors import (
         CheckpointFormatError,
         ConfigError,
+        GeneSetError,
         IncompatibleDataError,
         LDJError,
         OutputExistsError,
     )
+    from linear_decoder_jax.genesets import enrichment, read_gmt
+    from linear_decoder_jax.matching import compare
     from linear_decoder_jax.model import AffineDecoder, Decoded, Posterior
     from linear_decoder_jax.results import AblationResult

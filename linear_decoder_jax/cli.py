@@ -1,4 +1,5 @@
-"""The ``ldj`` command line: ``convert``, ``info``, ``ablate``, ``report`` and ``demo``.
+"""The ``ldj`` command line: ``convert``, ``info``, ``ablate``, ``report``, ``demo``, ``enrich``
+and ``compare``.
 
 ``main(argv) -> int`` is testable; ``console_main`` is the console-script entry point. jax and the
 converter are imported inside each command, so ``ldj --help`` answers at once. A user error prints
@@ -160,6 +161,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         top=args.top,
         data=args.data,
         png_dir=args.png_dir,
+        gene_sets=args.gene_sets,
         overwrite=args.overwrite,
     )
     print(f"wrote {path}")
@@ -172,6 +174,69 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     _compilation_cache()
 
     return demo.run(out=args.out, overwrite=args.overwrite)
+
+
+def _write_csv(table, output: str, *, overwrite: bool) -> None:
+    """Write ``table`` to ``output`` atomically (an existing file needs ``overwrite``)."""
+    from linear_decoder_jax._atomic import atomic_path
+
+    with atomic_path(output, overwrite=overwrite, directory=False) as tmp:
+        table.to_csv(tmp, index=False)
+
+
+def _read_h5ad(path: str):
+    """The AnnData at ``path``; a missing or foreign file is a one-line error."""
+    import anndata
+
+    from linear_decoder_jax.errors import IncompatibleDataError
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file.")
+    try:
+        return anndata.read_h5ad(path)
+    except Exception as err:  # h5py/anndata raise many types for a foreign file
+        msg = f"{path} is not a readable h5ad file ({type(err).__name__}: {err})."
+        raise IncompatibleDataError(msg) from err
+
+
+def _cmd_enrich(args: argparse.Namespace) -> int:
+    import linear_decoder_jax as ldj
+    from linear_decoder_jax._atomic import check_destination
+
+    check_destination(args.output, overwrite=args.overwrite)
+    result = ldj.AblationResult.read(args.result)
+    table = ldj.enrichment(
+        result,
+        args.gene_sets,
+        score=args.score,
+        group=args.group,
+        direction=args.direction,
+        min_size=args.min_size,
+        max_size=args.max_size,
+    )
+    _write_csv(table, args.output, overwrite=args.overwrite)
+    with_cols = ["latent", "direction", "gene_set", "n_genes", "statistic", "padj"]
+    print(table[with_cols].head(args.top).to_string(index=False))
+    print(f"wrote {Path(args.output).absolute()} ({len(table)} tests)")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    import linear_decoder_jax as ldj
+
+    if args.output is not None:
+        from linear_decoder_jax._atomic import check_destination
+
+        check_destination(args.output, overwrite=args.overwrite)
+    _compilation_cache()
+    model_a = _model_source(args.model_a, args.prefix_a)
+    model_b = _model_source(args.model_b, args.prefix_b)
+    table = ldj.compare(model_a, model_b, _read_h5ad(args.data), genes=args.genes)
+    print(table.to_string(index=False))
+    if args.output is not None:
+        _write_csv(table, args.output, overwrite=args.overwrite)
+        print(f"wrote {Path(args.output).absolute()}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -287,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=3, help="latents listed per group (default 3)")
     p.add_argument("--data", help="the ablated input .h5ad, for obs columns and embeddings")
     p.add_argument("--png-dir", help="folder that also receives the figures as PNG files")
+    p.add_argument("--gene-sets", help="GMT file: add the gene-set enrichment of every latent")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(func=_cmd_report)
 
@@ -294,6 +360,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for the demo outputs (default: a new temporary folder)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("enrich", help="gene-set enrichment of every latent (rank-sum, BH)")
+    p.add_argument("result", help="result .h5ad written by ldj ablate")
+    p.add_argument("--gene-sets", required=True, help="gene sets as a GMT file")
+    p.add_argument("-o", "--output", required=True, help="CSV table to write")
+    p.add_argument(
+        "--score",
+        choices=("loadings", "delta_nll", "lfc"),
+        default="loadings",
+        help="gene ranking: signed loadings, or per-gene scores of --gene-scores runs",
+    )
+    p.add_argument("--group", help="group whose per-gene scores rank the genes")
+    p.add_argument("--direction", choices=("positive", "negative", "both"), default="both")
+    p.add_argument("--min-size", type=int, default=5, help="smallest set tested (default 5)")
+    p.add_argument("--max-size", type=int, default=500, help="largest set tested (default 500)")
+    p.add_argument("--top", type=int, default=10, help="rows printed (default 10)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_enrich)
+
+    p = sub.add_parser("compare", help="match the latents of two models on the same cells")
+    p.add_argument("model_a", help="first model (converted or scvi-tools directory)")
+    p.add_argument("model_b", help="second model")
+    p.add_argument("data", help="h5ad with the cells both models encode")
+    p.add_argument("-o", "--output", help="CSV table to write")
+    p.add_argument("--genes", choices=("same", "intersection"), default="same")
+    p.add_argument("--prefix-a", help="file-name prefix of a scvi-tools model A")
+    p.add_argument("--prefix-b", help="file-name prefix of a scvi-tools model B")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_compare)
     return parser
 
 

@@ -25,3 +25,7 @@ class OutputExistsError(LDJError, FileExistsError):
 
 class ConfigError(LDJError, ValueError):
     """A model configuration or an option value is not supported."""
+
+
+class GeneSetError(LDJError, ValueError):
+    """A gene-set file or collection is malformed, or no set fits the model's genes."""

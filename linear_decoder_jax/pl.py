@@ -864,3 +864,58 @@ def delta_distribution(
     ax.set_ylabel(f"delta_nll of {v.latent_names[j]} (nats)")
     ax.set_title(f"{v.latent_names[j]} delta_nll per {groupby or 'cell'}", fontsize="medium")
     return _finish(ax, show=show, save=save)
+
+
+def latent_correlation(
+    comparison: pd.DataFrame,
+    *,
+    on: Literal["cells", "loadings"] = "cells",
+    cmap: str = DIVERGING,
+    ax: Axes | None = None,
+    show: bool = False,
+    save: str | os.PathLike | None = None,
+) -> Axes:
+    """Heatmap of the correlations between two models' latents, in matched order.
+
+    Parameters
+    ----------
+    comparison
+        The table returned by ``ldj.compare`` (its ``attrs`` hold the correlation matrices).
+    on
+        ``"cells"`` (posterior means over the cells) or ``"loadings"`` (effective loadings).
+    cmap
+        Diverging colour map, limits fixed at -1 and 1.
+    ax, show, save
+        Axes to draw into; call ``plt.show()``; write the figure to this path.
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+        The Axes; its image holds the matrix with rows model A's latents and columns model B's,
+        matched pairs on the diagonal (unmatched latents last).
+    """
+    key = f"corr_{on}"
+    if on not in ("cells", "loadings"):
+        raise ConfigError(f"Expected on 'cells' or 'loadings', got {on!r} instead.")
+    if key not in comparison.attrs:
+        msg = f"Expected the table returned by ldj.compare (with attrs[{key!r}]); got another."
+        raise ConfigError(msg)
+    matrix = comparison.attrs[key]
+    pairs = comparison.dropna(subset=["latent_a", "latent_b"])
+    rows = [*pairs["latent_a"], *(n for n in matrix.index if n not in set(pairs["latent_a"]))]
+    cols = [*pairs["latent_b"], *(n for n in matrix.columns if n not in set(pairs["latent_b"]))]
+    values = matrix.loc[rows, cols].to_numpy()
+    ax = _axes(ax, (2.6 + 0.5 * len(cols), 2.0 + 0.45 * len(rows)))
+    image = ax.imshow(values, cmap=cmap, vmin=-1.0, vmax=1.0, aspect="auto")
+    for (i, j), value in np.ndenumerate(values):
+        if np.isfinite(value):
+            colour = "white" if abs(value) > 0.6 else "black"
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color=colour)
+    _label_ticks(ax, "x", cols)
+    _label_ticks(ax, "y", rows)
+    ax.set_xlabel("model B latent")
+    ax.set_ylabel("model A latent")
+    ax.set_title(f"correlation on {on}, matched order")
+    bar = ax.figure.colorbar(image, ax=ax, shrink=0.6)
+    bar.ax.set_title("Pearson r", fontsize="small", loc="left")
+    return _finish(ax, show=show, save=save)

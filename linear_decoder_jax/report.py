@@ -25,9 +25,10 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from linear_decoder_jax import pl, results
+from linear_decoder_jax import genesets, pl, results, stats
 from linear_decoder_jax._atomic import atomic_path, check_destination
-from linear_decoder_jax.errors import ConfigError, IncompatibleDataError
+from linear_decoder_jax.errors import ConfigError, IncompatibleDataError, LDJError
+from linear_decoder_jax.genesets import GeneSets
 
 GENES_IN_TABLE = 5  # per side (positive / negative loading) in the top-latents table
 GENES_IN_FIGURE = 12  # per side in each latent's gene panel
@@ -46,6 +47,7 @@ th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: ta
 figure { margin: 0.8em 0; } img { max-width: 100%; height: auto; }
 figcaption, .note { color: #555; font-size: 0.9em; }
 nav a { margin-right: 0.8em; }
+tr.sig td { background: #fff3c4; font-weight: 600; }
 """
 
 
@@ -104,18 +106,25 @@ class _Num:
         self.text = format(int(value) if spec == "d" else float(value), spec)
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], cls: str) -> str:
-    """HTML table; numbers (int, float) get ``class="num"``, everything else is escaped text."""
+def _table(
+    header: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    cls: str,
+    highlight: Sequence[bool] | None = None,
+) -> str:
+    """HTML table; numbers (int, float) get ``class="num"``, everything else is escaped text;
+    rows flagged in ``highlight`` get ``class="sig"``."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = []
-    for row in rows:
+    flags = highlight if highlight is not None else [False] * len(rows)
+    for row, flag in zip(rows, flags, strict=True):
         cells = []
         for cell in row:
             if isinstance(cell, _Num):
                 cells.append(f'<td class="num">{cell.text}</td>')
             else:
                 cells.append(f"<td>{html.escape(str(cell))}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
+        body.append(('<tr class="sig">' if flag else "<tr>") + "".join(cells) + "</tr>")
     return (
         f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>'
         + "\n".join(body)
@@ -146,6 +155,7 @@ def write_report(
     top: int = 3,
     data: Any = None,
     png_dir: str | os.PathLike | None = None,
+    gene_sets: GeneSets | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write the HTML report of an ablation result (and its figures as PNG files).
@@ -166,6 +176,9 @@ def write_report(
         lacks.
     png_dir
         Folder (created if needed) that receives the figures as PNG files.
+    gene_sets
+        A GMT path or a dict of name -> genes: adds the gene-set enrichment table of every latent
+        (:func:`linear_decoder_jax.enrichment`).
     overwrite
         Replace an existing ``output`` and existing PNGs of the same names.
 
@@ -185,6 +198,7 @@ def write_report(
     shown = _shown_latents(v, mean, top)
     gene_group = _gene_groups(v, groupby, mean, shown)
     figures = _render(v, groupby, len(mean), shown, gene_group)
+    extra = _analyses(v, result, groupby, gene_sets, shown, figures)
     if png_dir is not None:
         folder = Path(png_dir)
         if folder.is_dir():
@@ -194,7 +208,7 @@ def write_report(
         for name, png in figures.items():
             with atomic_path(folder / name, overwrite=overwrite, directory=False) as tmp:
                 tmp.write_bytes(png)
-    page = _page(v, groupby, tables, shown, figures, top, gene_group)
+    page = _page(v, groupby, tables, shown, figures, top, gene_group, extra)
     with atomic_path(output, overwrite=overwrite, directory=False) as tmp:
         tmp.write_text(page, encoding="utf-8")
     return Path(output).absolute()
@@ -230,21 +244,13 @@ def _render(
     shown: list[str],
     gene_group: dict[str, str | None],
 ) -> dict[str, bytes]:
-    """PNG bytes by file name: the group heatmap, the explained-gain heatmap (Shapley values),
-    then one panel row per shown latent."""
+    """PNG bytes by file name: the group heatmap, then one panel row per shown latent."""
     fig = Figure(
         figsize=(3.2 + 0.45 * len(v.latent_names), max(3.2, 1.6 + 0.42 * n_groups)),
         layout="constrained",
     )
     pl.group_heatmap(v, groupby, ax=fig.add_subplot())
     out = {HEATMAP_PNG: _png(fig, tight=True)}
-    if v.shapley is not None:
-        fig = Figure(
-            figsize=(2.6 + 0.5 * v.n_latent, max(2.4, 1.6 + 0.4 * (n_groups + 1))),
-            layout="constrained",
-        )
-        pl.explained(v, groupby, ax=fig.add_subplot())
-        out[EXPLAINED_PNG] = _png(fig, tight=True)
     basis = _basis(v)
     strip = len(v.delta_nll) <= STRIP_MAX_CELLS
     for name in shown:
@@ -293,6 +299,7 @@ def _page(
     figures: dict[str, bytes],
     top: int,
     gene_group: dict[str, str | None],
+    extra: list[tuple[str, str, str]],
 ) -> str:
     mean, median, frac = tables["mean"], tables["median"], tables["frac_positive"]
     n_cells = tables["n_cells"]["n_cells"]
@@ -388,6 +395,7 @@ def _page(
             ("settings", "settings"),
             ("groups", "groups"),
             ("top-latents", "top latents"),
+            *((anchor, title) for anchor, title, _ in extra),
             ("latents", "latents"),
             ("cells", "cells"),
         )
@@ -416,21 +424,12 @@ def _page(
                 "Colour: mean delta_nll per group and latent; dot size: fraction of the group's "
                 "cells with delta_nll > 0.",
             ),
-            *(
-                [
-                    _img(
-                        figures[EXPLAINED_PNG],
-                        "likelihood explained",
-                        "Share of each group's mean likelihood gain (NLL with every latent at its "
-                        "baseline minus the full NLL) explained by each latent: Shapley values, "
-                        "which add up to the gain cell by cell.",
-                    )
-                ]
-                if EXPLAINED_PNG in figures
-                else []
-            ),
             '<h2 id="top-latents">Top latents per group</h2>',
             top_table,
+            *(
+                f'<h2 id="{anchor}">{html.escape(title)}</h2>\n{body}'
+                for anchor, title, body in extra
+            ),
             '<h2 id="latents">Latents</h2>',
             *sections,
             '<h2 id="cells">Most affected cells</h2>',
@@ -439,3 +438,169 @@ def _page(
             "</body></html>",
         ]
     )
+
+
+# -- statistics, enrichment, associations, attribution -----------------------------------------
+ENRICHMENT_ROWS = 25  # enrichment rows shown when fewer are significant
+GENES_PER_GROUP = 10  # per-group gene tables (results with per-gene scores)
+
+
+def _p(value: float) -> _Num | str:
+    return "" if not np.isfinite(value) else _Num(value, ".2e")
+
+
+def _stats_section(v: pl.ResultView, groupby: str | None) -> str:
+    if groupby is None:
+        return '<p class="note">Group statistics need groups: pass --groupby.</p>'
+    table = stats.group_stats(v, groupby)
+    marks = stats.significant_marks(table)
+    rows = [
+        (
+            r.group,
+            r.latent + marks[r.group, r.latent],
+            _Num(r.n_cells, "d"),
+            _Num(r.mean),
+            "" if np.isnan(r.ci_low) else f"{r.ci_low:.3f} to {r.ci_high:.3f}",
+            _Num(r.median),
+            _Num(r.auroc) if np.isfinite(r.auroc) else "",
+            _p(r.pval),
+            _p(r.padj),
+            "yes" if r.inactive else "",
+        )
+        for r in table.itertuples(index=False)
+    ]
+    header = [groupby, "latent", "cells", "mean delta_nll", "95% CI of the mean", "median"]
+    header += ["AUROC vs other cells", "p (Mann-Whitney)", "padj (BH)", "inactive"]
+    note = (
+        f'<p class="note">Highlighted (*): padj &lt; {stats.ALPHA} and AUROC &gt; 0.5, the '
+        "latent's delta_nll is higher in the group than in the other cells. CI: t-based; p: "
+        "two-sided Mann-Whitney U, normal approximation; padj: Benjamini-Hochberg over the "
+        "table.</p>"
+    )
+    return note + _table(header, rows, "group-stats", [m == "*" for m in marks.values()])
+
+
+def _enrichment_section(v: pl.ResultView, gene_sets: GeneSets) -> str:
+    table = genesets.enrichment(v, gene_sets)
+    hit = table["padj"] < stats.ALPHA
+    shown = table[hit] if hit.sum() >= ENRICHMENT_ROWS else table.head(ENRICHMENT_ROWS)
+    rows = [
+        (
+            r.latent,
+            r.direction,
+            r.gene_set,
+            _Num(r.n_genes, "d"),
+            _Num(r.statistic),
+            _p(r.pval),
+            _p(r.padj),
+            r.leading_genes,
+        )
+        for r in shown.itertuples(index=False)
+    ]
+    header = ["latent", "direction", "gene set", "genes", "AUC", "p", "padj (BH)"]
+    note = (
+        f'<p class="note">{len(table)} tests (latents x directions x sets), the '
+        f"{len(shown)} with the smallest p shown; highlighted: padj &lt; {stats.ALPHA}. One-sided "
+        "rank-sum test of the set's genes against the other genes, ranked by signed effective "
+        "loading.</p>"
+    )
+    highlight = list(shown["padj"] < stats.ALPHA)
+    return note + _table([*header, "leading genes"], rows, "enrichment", highlight)
+
+
+def _associations_section(v: pl.ResultView) -> str:
+    numeric = [c for c in v.obs.columns if stats.is_numeric(v.obs[c])]
+    if not numeric:
+        return (
+            '<p class="note">The result has no numeric obs columns (pass --data INPUT.h5ad for '
+            "the input's).</p>"
+        )
+    table = stats.associations(v, columns=numeric)
+    rows = [
+        (
+            r.covariate,
+            r.latent,
+            "decoder input" if r.score == "latent" else "delta_nll",
+            _Num(r.n_cells, "d"),
+            _Num(r.n_dropped, "d"),
+            _Num(r.statistic) if np.isfinite(r.statistic) else "",
+            _p(r.pval),
+            _p(r.padj),
+        )
+        for r in table.itertuples(index=False)
+    ]
+    header = ["covariate", "latent", "score", "cells", "missing", "Spearman rho", "p", "padj"]
+    note = (
+        f'<p class="note">Highlighted: padj &lt; {stats.ALPHA} (Benjamini-Hochberg over the '
+        "table). Cells with a missing covariate are left out of that test.</p>"
+    )
+    return note + _table(header, rows, "associations", list(table["padj"] < stats.ALPHA))
+
+
+def _attribution(result: Any) -> Any:
+    """The result object when it carries Shapley or per-gene scores, else None."""
+    if isinstance(result, str | os.PathLike):
+        result = results.AblationResult.read(result)
+    if not isinstance(result, results.AblationResult):
+        return None
+    if getattr(result, "shapley_nll", None) is None and not callable(
+        getattr(result, "gene_table", None)
+    ):
+        return None
+    return result
+
+
+def _explained_section(src: Any, groupby: str | None, figures: dict[str, bytes]) -> str | None:
+    if getattr(src, "shapley_nll", None) is None or groupby is None:
+        return None
+    share = src.explained(groupby)  # groups x latents
+    draw = getattr(pl, "explained", None)
+    out = ""
+    if draw is not None:
+        fig = Figure(figsize=(3.2 + 0.45 * share.shape[1], max(3.2, 1.6 + 0.42 * len(share))))
+        draw(src, groupby, ax=fig.add_subplot())
+        figures[EXPLAINED_PNG] = _png(fig, tight=True)
+        out = _img(figures[EXPLAINED_PNG], "explained share", "Share of the mean gain per group.")
+    rows = [(str(g), *(_Num(x, ".1%") for x in row)) for g, row in share.iterrows()]
+    return out + _table([groupby, *map(str, share.columns)], rows, "explained")
+
+
+def _group_genes_section(src: Any, groupby: str | None, shown: list[str]) -> str | None:
+    if groupby is None or not callable(getattr(src, "gene_table", None)):
+        return None
+    parts = []
+    for name in shown:
+        rows = []
+        for group in src.obs[groupby].astype("category").cat.categories:
+            try:
+                genes = src.gene_table(name, group=str(group), n_top=GENES_PER_GROUP)
+            except LDJError:  # the method exists but this result has no per-gene scores
+                return None
+            rows.append((str(group), ", ".join(map(str, genes.index))))
+        parts.append(f"<h3>{html.escape(name)}</h3>" + _table([groupby, "top genes"], rows, "gg"))
+    return "".join(parts)
+
+
+def _analyses(
+    v: pl.ResultView,
+    result: Any,
+    groupby: str | None,
+    gene_sets: GeneSets | None,
+    shown: list[str],
+    figures: dict[str, bytes],
+) -> list[tuple[str, str, str]]:
+    """(anchor, title, HTML) of the statistics sections; adds their figures to ``figures``."""
+    out = [("statistics", "Group statistics", _stats_section(v, groupby))]
+    if gene_sets is not None:
+        out.append(("enrichment", "Gene-set enrichment", _enrichment_section(v, gene_sets)))
+    out.append(("associations", "Covariate associations", _associations_section(v)))
+    src = _attribution(result)
+    if src is not None:
+        src = src.replace(obs=v.obs)  # with the obs columns taken from data=
+        explained = _explained_section(src, groupby, figures)
+        if explained is not None:
+            out.append(("explained", "Likelihood explained per group", explained))
+        genes = _group_genes_section(src, groupby, shown)
+        if genes is not None:
+            out.append(("group-genes", "Top genes per group", genes))
+    return out

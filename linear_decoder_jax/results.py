@@ -162,6 +162,15 @@ class AblationResult:
             return self.__dict__["arrays"].get(name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
+    def replace(self, **changes: Any) -> AblationResult:
+        """A copy with some attributes replaced; schema fields (``delta_nll=``, ...) included."""
+        import dataclasses
+
+        arrays = dict(changes.pop("arrays", self.arrays))
+        for name in [k for k in changes if k in schema.BY_NAME]:
+            arrays[name] = changes.pop(name)
+        return dataclasses.replace(self, arrays=arrays, **changes)
+
     @property
     def latent_names(self) -> list[str]:
         return list(self.settings["latent_names"])
@@ -186,13 +195,22 @@ class AblationResult:
             "mean delta_nll (nats/cell): " + ", ".join(f"{names[j]} {mean[j]:.2f}" for j in order),
         ]
         if self.groups is not None:
+            from linear_decoder_jax import stats
+
             lines.append(f"top latents per {self.settings['groupby']}:")
             table = self.groups["mean"]
+            tests = stats.group_stats(self)
+            mark = stats.significant_marks(tests)
             for group, row in table.iterrows():
                 best = row.sort_values(ascending=False).head(n_top)
                 frac = self.groups["frac_positive"].loc[group]
-                items = ", ".join(f"{k} {v:.2f} ({frac[k]:.0%}>0)" for k, v in best.items())
+                items = ", ".join(
+                    f"{k}{mark[str(group), k]} {v:.2f} ({frac[k]:.0%}>0)" for k, v in best.items()
+                )
                 lines.append(f"  {group}: {items}")
+            lines.append(
+                f"  * higher in the group than in the other cells (BH padj < {stats.ALPHA})"
+            )
         if self.unique_delta_nll is not None and self.refit_converged is not None:
             unique = np.asarray(self.unique_delta_nll).mean(axis=0)
             lines.append(
@@ -299,6 +317,20 @@ class AblationResult:
             groups=uns.get("ablation_groups"),
             explained_table=uns.get("ablation_explained"),
         )
+
+    def group_stats(self, groupby: str | None = None, *, score: str = "delta_nll"):
+        """Per group and latent: mean with 95 % CI, median, AUROC, Mann-Whitney p and BH padj
+        (a DataFrame; definitions and assumptions in :func:`linear_decoder_jax.stats.group_stats`)."""
+        from linear_decoder_jax import stats
+
+        return stats.group_stats(self, groupby, score=score)  # type: ignore[arg-type]
+
+    def associations(self, data: Any = None, columns: list[str] | None = None):
+        """Spearman / Kruskal-Wallis association of each latent with each obs covariate, BH
+        (a DataFrame; see :func:`linear_decoder_jax.stats.associations`)."""
+        from linear_decoder_jax import stats
+
+        return stats.associations(self, data, columns)
 
 
 def mapped(path: str | os.PathLike, dataset: Any) -> np.ndarray:

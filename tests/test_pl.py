@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import subprocess
 import sys
@@ -62,7 +61,7 @@ def _subset(result: ldj.AblationResult, latents: list[int]) -> ldj.AblationResul
     arrays = dict(result.arrays)
     for key in ("delta_nll", "delta_l1", "mean_lfc"):
         arrays[key] = arrays[key][:, latents]
-    return dataclasses.replace(result, arrays=arrays, settings=settings, groups=None)
+    return result.replace(arrays=arrays, settings=settings, groups=None)
 
 
 def _bare_axes() -> plt.Axes:
