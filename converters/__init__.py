@@ -6,7 +6,8 @@ global to our own constructors (see ``converters/_torch_zip.py``).
 
 ``read_scvi_checkpoint(src, *, prefix=None) -> ScviCheckpoint`` reads
 
-* a directory written by ``LinearSCVI.save`` with scvi-tools >= 0.15 (``{prefix}model.pt``),
+* a directory written by ``LinearSCVI.save`` with scvi-tools >= 0.15 (``{prefix}model.pt``; a
+  directory holding exactly one ``*model.pt`` is read without ``prefix``),
 * the path of such a ``model.pt`` file,
 * a legacy directory (scvi-tools < 0.15): ``{prefix}model_params.pt`` (the state dict alone),
   ``{prefix}attr.pkl`` (a plain pickle holding either ``registry_`` and ``init_params_``, or a
@@ -43,11 +44,14 @@ from the state dict and are checked against the saved init parameters and regist
 Errors: :class:`ConverterError` is the base of :class:`UnsafeCheckpointError` (a pickle global off
 the allowlist or a forbidden opcode), :class:`MalformedCheckpointError` (corrupt, truncated or
 incomplete files, size caps, inconsistent shapes, non-finite weights) and
-:class:`UnsupportedModelError` (not LinearSCVI, or options we cannot mirror exactly).
+:class:`UnsupportedModelError` (not LinearSCVI, or options we cannot mirror exactly) and
+:class:`CheckpointPathError` (also a ``ValueError``: a prefix given with a file, or several models
+in a folder and no prefix).
 A path that does not exist raises :class:`FileNotFoundError`.
 """
 
 from ._errors import (
+    CheckpointPathError,
     ConverterError,
     MalformedCheckpointError,
     UnsafeCheckpointError,
@@ -56,6 +60,7 @@ from ._errors import (
 from .scvi_ldvae import ScviCheckpoint, read_scvi_checkpoint
 
 __all__ = [
+    "CheckpointPathError",
     "ConverterError",
     "MalformedCheckpointError",
     "ScviCheckpoint",

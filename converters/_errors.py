@@ -7,6 +7,7 @@ Every failure of :func:`converters.read_scvi_checkpoint` is a :class:`ConverterE
 from __future__ import annotations
 
 __all__ = [
+    "CheckpointPathError",
     "ConverterError",
     "MalformedCheckpointError",
     "UnsafeCheckpointError",
@@ -41,3 +42,8 @@ class UnsupportedModelError(ConverterError):
     Examples: an SCVI or SCANVI model, ``dispersion="gene-cell"``, ``gene_likelihood="normal"``,
     ``batch_representation="embedding"`` or encoded covariates.
     """
+
+
+class CheckpointPathError(ConverterError, ValueError):
+    """The path and prefix do not name one model: a prefix given with a file, or a folder holding
+    several models and no prefix to choose one. The message lists what was found."""

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ._errors import MalformedCheckpointError, UnsupportedModelError
+from ._errors import CheckpointPathError, MalformedCheckpointError, UnsupportedModelError
 from ._torch_zip import MAX_PICKLE_BYTES, load_pickle, load_torch_zip
 
 __all__ = ["ScviCheckpoint", "read_scvi_checkpoint"]
@@ -148,7 +148,8 @@ def read_scvi_checkpoint(
         the legacy ``{prefix}model_params.pt`` + ``{prefix}attr.pkl`` + ``{prefix}var_names.csv``),
         or the path of a ``model.pt`` file.
     prefix
-        File-name prefix given to ``LinearSCVI.save``; only for a directory.
+        File-name prefix given to ``LinearSCVI.save``; only for a directory. Without it, a
+        directory holding exactly one ``*model.pt`` (or ``*model_params.pt``) is read.
 
     Returns
     -------
@@ -177,19 +178,39 @@ def read_scvi_checkpoint(
         raise FileNotFoundError(f"No such file or directory: {os.fspath(src)!r}")
     if not path.is_dir():
         if prefix is not None:
-            msg = f"prefix applies to a directory; got prefix={prefix!r} with file {path}"
-            raise ValueError(msg)
+            msg = (
+                f"{path} is a file and prefix= (CLI: --prefix) applies only to a folder, so pass "
+                "the folder, or the file without a prefix."
+            )
+            raise CheckpointPathError(msg)
         return _read_model_pt(path)
-    name = prefix or ""
+    name = _find_prefix(path) if prefix is None else prefix
     if (path / f"{name}model.pt").is_file():
         return _read_model_pt(path / f"{name}model.pt")
     if (path / f"{name}model_params.pt").is_file():
         return _read_legacy(path, name)
     msg = (
-        f"{path}: expected {name}model.pt (scvi-tools >= 0.15) or {name}model_params.pt "
-        "(older) in this directory, found neither; pass prefix= if the model was saved with one"
+        f"{path}: expected {name}model.pt (scvi-tools >= 0.15) or {name}model_params.pt (older) "
+        "in this folder and found neither; if the model was saved with a prefix, pass it with "
+        "prefix= (CLI: --prefix)."
     )
     raise MalformedCheckpointError(msg)
+
+
+def _find_prefix(folder: Path) -> str:
+    """The save prefix of the one model in ``folder`` ("" when there is none to find)."""
+    for suffix in ("model.pt", "model_params.pt"):
+        found = sorted(p.name for p in folder.glob(f"*{suffix}") if p.is_file())
+        if len(found) == 1:
+            return found[0].removesuffix(suffix)
+        if len(found) > 1:
+            example = found[0].removesuffix(suffix)
+            msg = (
+                f"{folder} holds several models ({', '.join(found)}); pick one with "
+                f"prefix={example!r} (CLI: --prefix {example}) or another of their prefixes."
+            )
+            raise CheckpointPathError(msg)
+    return ""
 
 
 def _read_model_pt(path: Path) -> ScviCheckpoint:

@@ -2,24 +2,30 @@
 
 Stricter than scvi-tools where silence would give wrong numbers: genes the model needs but the data
 lacks are an error naming some of them; the same genes in another order are reordered; extra genes
-are dropped with a warning; an unknown batch or label category is an error naming it.
+are dropped with a warning; an unknown batch or label category is an error naming it; counts that
+are not integers (log-normalised X) are an error naming the layers that do hold counts.
+
+Files (``.h5ad``, ``.zarr`` folders and zip stores) are opened with anndata's element API
+(:class:`BackedAnnData`): obs, var and embeddings are read, counts by row range only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import warnings
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from linear_decoder_jax._text import preview as _preview
 from linear_decoder_jax.config import ModelSpec
-from linear_decoder_jax.errors import IncompatibleDataError
+from linear_decoder_jax.errors import ConfigError, IncompatibleDataError
 
 
 def _is_sparse(x: Any) -> bool:
@@ -41,6 +47,7 @@ class CellData:
     obs_names: np.ndarray  # (n_obs,)
     allow_non_integer: bool = False
     offset: int = 0  # first row of ``counts`` that belongs to these cells
+    where: str = "X"  # the counts' place in the AnnData, for messages
 
     @property
     def n_obs(self) -> int:
@@ -78,63 +85,188 @@ class CellData:
                 f"{err}). The file may be damaged: write it again with anndata."
             )
             raise IncompatibleDataError(msg) from err
-        check_counts(dense, allow_non_integer=self.allow_non_integer, first_row=self.offset + start)
+        check_counts(
+            dense,
+            allow_non_integer=self.allow_non_integer,
+            first_row=self.offset + start,
+            where=self.where,
+        )
         return dense
 
 
-def check_counts(x: np.ndarray, *, allow_non_integer: bool, first_row: int = 0) -> None:
+def check_counts(
+    x: np.ndarray, *, allow_non_integer: bool, first_row: int = 0, where: str = "X"
+) -> None:
     """Raise ``IncompatibleDataError`` for NaN, infinite, negative or (by default) fractional counts."""
     bad = ~np.isfinite(x)
     if bad.any():
         row = first_row + int(np.argwhere(bad)[0][0])
         msg = (
-            f"Counts contain NaN or infinite values (first in cell {row}): the model expects raw "
-            "counts. Point it at the raw counts, or drop the cells whose counts are missing."
+            f"Counts in {where} contain NaN or infinite values (first in cell {row}): the model "
+            "expects raw counts. Point it at the raw counts, or drop the cells whose counts are "
+            "missing."
         )
         raise IncompatibleDataError(msg)
     if (x < 0).any():
         row = first_row + int(np.argwhere(x < 0)[0][0])
         msg = (
-            f"Counts contain negative values (first in cell {row}): the model expects raw counts. "
-            "Point it at the raw counts (not scaled or corrected values)."
+            f"Counts in {where} contain negative values (first in cell {row}): the model expects "
+            "raw counts. Point it at the raw counts (not scaled or corrected values)."
         )
         raise IncompatibleDataError(msg)
     if not allow_non_integer and (x != np.round(x)).any():
         row = first_row + int(np.argwhere(x != np.round(x))[0][0])
         msg = (
-            f"Counts contain non-integer values (first in cell {row}): the model expects raw "
-            "counts. Point it at the raw counts layer, or pass allow_non_integer=True "
-            "(CLI: --allow-non-integer) to score them anyway."
+            f"Counts in {where} contain non-integer values (first in cell {row}): the model "
+            "expects raw counts. Point it at them with layer= (CLI: --layer) or use_raw=True "
+            "(CLI: --use-raw); pass allow_non_integer=True (CLI: --allow-non-integer) only for "
+            "counts that are fractional by nature (e.g. ambient-corrected), never for "
+            "log-normalised values."
         )
         raise IncompatibleDataError(msg)
 
 
-def _counts_matrix(adata: Any, layer: str | None) -> Any:
-    if layer is None:
+# ``layer=`` default: the layer the model was set up with when the data has it, else X.
+AUTO = "auto"
+_SAMPLE_ROWS = 64  # rows read from each of three places when checking that a matrix holds counts
+
+
+class CountsSource(NamedTuple):
+    """The matrix to read counts from, its gene names and where it is, in words."""
+
+    matrix: Any  # (n_obs, n_vars_source)
+    var_names: np.ndarray  # (n_vars_source,)
+    where: str  # "X", "layer 'counts'" or ".raw"
+    flag: str  # how to choose it: "layer='counts' (CLI: --layer counts)"
+
+
+def _layer_flag(layer: str) -> str:
+    return f"layer={layer!r} (CLI: --layer {layer})"
+
+
+def _sources(adata: Any) -> list[CountsSource]:
+    """Every count matrix candidate of ``adata``: X, each layer, then ``.raw``."""
+    names = adata.var_names.to_numpy()
+    out = []
+    if adata.X is not None:
+        out.append(CountsSource(adata.X, names, "X", "layer='X' (CLI: --layer X)"))
+    for key in adata.layers.keys():
+        out.append(CountsSource(adata.layers[key], names, f"layer {key!r}", _layer_flag(key)))
+    raw = getattr(adata, "raw", None)
+    if raw is not None and raw.X is not None:
+        out.append(
+            CountsSource(raw.X, raw.var_names.to_numpy(), ".raw", "use_raw=True (CLI: --use-raw)")
+        )
+    return out
+
+
+def _blocks(matrix: Any, n_obs: int) -> list[tuple[int, np.ndarray]]:
+    """(first row, dense rows) of a few row blocks of ``matrix``: start, middle and end."""
+    starts = sorted({0, max(0, n_obs // 2 - _SAMPLE_ROWS // 2), max(0, n_obs - _SAMPLE_ROWS)})
+    out = []
+    for lo in starts:
+        block = matrix[lo : min(n_obs, lo + _SAMPLE_ROWS)]
+        out.append((lo, np.asarray(block.toarray() if _is_sparse(block) else block)))
+    return out
+
+
+def _holds_counts(matrix: Any, n_obs: int) -> bool:
+    """Whether sampled rows of ``matrix`` are finite, non-negative integers."""
+    try:
+        for lo, block in _blocks(matrix, n_obs):
+            check_counts(block, allow_non_integer=False, first_row=lo)
+    except Exception:  # an unreadable or non-count candidate is not offered  # noqa: BLE001
+        return False
+    return True
+
+
+def choose_counts(
+    adata: Any, model_layer: str | None, *, layer: str | None = AUTO, use_raw: bool = False
+) -> CountsSource:
+    """The count matrix to score: ``.raw`` with ``use_raw``, else ``layer`` (None or "X" for X;
+    ``"auto"``: the model's layer when ``adata`` has it, else X with a warning)."""
+    if use_raw:
+        if layer not in (AUTO, None, "X"):
+            msg = f"Pass either use_raw=True or layer={layer!r}, not both."
+            raise ConfigError(msg)
+        raw = getattr(adata, "raw", None)
+        if raw is None or raw.X is None:
+            raise IncompatibleDataError("use_raw=True, but this AnnData has no .raw.")
+        return CountsSource(raw.X, raw.var_names.to_numpy(), ".raw", "use_raw=True")
+    if layer == AUTO:
+        layer = model_layer
+        if model_layer is not None and model_layer not in adata.layers:
+            warnings.warn(
+                f"The model was set up with counts in layer {model_layer!r}, which this AnnData "
+                "lacks; reading counts from X.",
+                stacklevel=4,
+            )
+            layer = None
+    if layer is None or layer == "X":
         if adata.X is None:
             raise IncompatibleDataError(
-                "The AnnData has no X matrix and the model reads counts from X."
+                "The AnnData has no X matrix; pass layer= (CLI: --layer) to read counts from a "
+                "layer."
             )
-        return adata.X
+        return CountsSource(adata.X, adata.var_names.to_numpy(), "X", "layer='X'")
     if layer not in adata.layers:
         msg = (
-            f"The model reads counts from layer {layer!r}, which this AnnData lacks "
-            f"(layers: {_preview(adata.layers.keys()) or 'none'}). Store the raw counts there."
+            f"The AnnData lacks layer {layer!r} (layers: {_preview(adata.layers.keys()) or 'none'});"
+            " choose the counts with layer= (CLI: --layer) or use_raw=True (CLI: --use-raw)."
         )
         raise IncompatibleDataError(msg)
-    return adata.layers[layer]
+    return CountsSource(
+        adata.layers[layer], adata.var_names.to_numpy(), f"layer {layer!r}", _layer_flag(layer)
+    )
+
+
+def check_source(adata: Any, source: CountsSource) -> None:
+    """Refuse a count matrix whose sampled rows are not counts; name the ones that are."""
+    try:
+        blocks = _blocks(source.matrix, adata.n_obs)
+    except (OSError, KeyError, ValueError, TypeError, IndexError, RuntimeError) as err:
+        msg = (
+            f"Cannot read the counts of cells 0 to {adata.n_obs - 1} in {source.where} "
+            f"({type(err).__name__}: {err}). The file may be damaged: write it again with anndata."
+        )
+        raise IncompatibleDataError(msg) from err
+    try:
+        for lo, block in blocks:
+            block = block[:, np.isfinite(block).all(axis=0)]  # NaN: the minibatch check says it
+            check_counts(block, allow_non_integer=False, first_row=lo, where=source.where)
+    except IncompatibleDataError as err:
+        others = [
+            s
+            for s in _sources(adata)
+            if s.where != source.where and _holds_counts(s.matrix, adata.n_obs)
+        ]
+        if not others:
+            raise
+        where = " and ".join(s.where for s in others)
+        first = str(err).split(": ")[0]
+        msg = (
+            f"{first}: the model needs raw counts, not normalised or log-transformed values. Raw "
+            f"counts are in {where}: pass " + " or ".join(s.flag for s in others) + "."
+        )
+        raise IncompatibleDataError(msg) from None
 
 
 def match_genes(data_genes: np.ndarray, model_genes: tuple[str, ...]) -> np.ndarray | None:
-    """Column index of each model gene in the data; None when they are already identical."""
+    """Column index of each model gene in the data; None when they are already identical.
+
+    Duplicated names matter only among the model's genes; other genes are dropped with a warning.
+    """
     data_genes = np.asarray(data_genes).astype(str)
     model = np.asarray(model_genes, dtype=str)
     if data_genes.shape == model.shape and np.array_equal(data_genes, model):
         return None
     uniq, counts = np.unique(data_genes, return_counts=True)
-    dups = uniq[counts > 1]
+    dups = np.intersect1d(uniq[counts > 1], model)
     if len(dups):
-        msg = f"The AnnData has duplicated gene names: {_preview(dups)}. Make var_names unique."
+        msg = (
+            f"The AnnData has duplicated gene names: {_preview(dups)} (genes the model uses). "
+            "Make var_names unique."
+        )
         raise IncompatibleDataError(msg)
     position = {g: i for i, g in enumerate(data_genes)}
     missing = [g for g in model if g not in position]
@@ -147,7 +279,7 @@ def match_genes(data_genes: np.ndarray, model_genes: tuple[str, ...]) -> np.ndar
     extra = len(data_genes) - len(model)
     if extra:
         warnings.warn(
-            f"Dropping {extra} genes of the AnnData that the model does not use.", stacklevel=3
+            f"Dropping {extra} genes of the AnnData that the model does not use.", stacklevel=4
         )
     return np.fromiter((position[g] for g in model), dtype=np.int64, count=len(model))
 
@@ -182,19 +314,33 @@ def _covariate(
     return map_categories(adata.obs[key].to_numpy(), categories, what=what, key=key)
 
 
-def prepare(adata: Any, spec: ModelSpec, *, allow_non_integer: bool = False) -> CellData:
-    """Align ``adata`` with the model of ``spec`` (nothing is copied until minibatches are read)."""
+def prepare(
+    adata: Any,
+    spec: ModelSpec,
+    *,
+    allow_non_integer: bool = False,
+    layer: str | None = AUTO,
+    use_raw: bool = False,
+) -> CellData:
+    """Align ``adata`` with the model of ``spec`` (nothing is copied until minibatches are read).
+
+    ``layer`` and ``use_raw`` choose the counts (:func:`choose_counts`); a sample of their rows
+    must hold integer counts unless ``allow_non_integer``.
+    """
     if adata.n_obs == 0:
         raise IncompatibleDataError("The AnnData has no cells: there is nothing to score.")
-    counts = _counts_matrix(adata, spec.data.layer)
-    shape = tuple(getattr(counts, "shape", ()))
-    if shape != (adata.n_obs, len(adata.var_names)):
+    source = choose_counts(adata, spec.data.layer, layer=layer, use_raw=use_raw)
+    shape = tuple(getattr(source.matrix, "shape", ()))
+    if shape != (adata.n_obs, len(source.var_names)):
         msg = (
-            f"The count matrix has shape {shape} but the AnnData has {adata.n_obs} cells and "
-            f"{len(adata.var_names)} genes; the file is damaged: write it again with anndata."
+            f"The count matrix ({source.where}) has shape {shape} but the AnnData has "
+            f"{adata.n_obs} cells and {len(source.var_names)} genes there; the file is damaged: "
+            "write it again with anndata."
         )
         raise IncompatibleDataError(msg)
-    gene_index = match_genes(adata.var_names.to_numpy(), spec.data.var_names)
+    gene_index = match_genes(source.var_names, spec.data.var_names)
+    if not allow_non_integer:
+        check_source(adata, source)
     cfg = spec.model
     batch = _covariate(
         adata, spec.data.batch_key, spec.data.batch_categories, what="batch", needed=cfg.n_batch > 1
@@ -207,13 +353,81 @@ def prepare(adata: Any, spec: ModelSpec, *, allow_non_integer: bool = False) -> 
         needed=cfg.dispersion == "gene-label",
     )
     return CellData(
-        counts=counts,
+        counts=source.matrix,
         gene_index=gene_index,
         batch=batch,
         label=label,
         obs_names=adata.obs_names.to_numpy(),
         allow_non_integer=allow_non_integer,
+        where=source.where,
     )
+
+
+def group_codes(
+    obs: Any, key: str, *, max_groups: int = 50
+) -> tuple[np.ndarray, tuple[str, ...], int]:
+    """Group of each cell from ``obs[key]``: (codes (n_obs,) int32, -1 for a missing value;
+    the group names; the number of cells without a group).
+
+    A numeric column with more than ``max_groups`` distinct values is refused: it is most likely
+    continuous (bin it first).
+    """
+    import pandas as pd
+
+    if key not in obs:
+        msg = f"groupby column {key!r} is not in adata.obs (columns: {_preview(obs.columns)})."
+        raise IncompatibleDataError(msg)
+    column = obs[key]
+    numeric = pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column)
+    if numeric and not isinstance(column.dtype, pd.CategoricalDtype):
+        n_distinct = int(column.nunique(dropna=True))
+        if n_distinct > max_groups:
+            msg = (
+                f"groupby column {key!r} is numeric with {n_distinct} distinct values (more than "
+                f"{max_groups}): bin it first, e.g. adata.obs[{key + '_bin'!r}] = "
+                f"pd.cut(adata.obs[{key!r}], 10), or pass groupby_max={n_distinct} "
+                f"(CLI: --groupby-max {n_distinct})."
+            )
+            raise ConfigError(msg)
+    cats = pd.Categorical(column.to_numpy())
+    codes = np.asarray(cats.codes, np.int32)
+    return codes, tuple(str(c) for c in cats.categories), int((codes < 0).sum())
+
+
+@contextlib.contextmanager
+def obs_writing() -> Iterator[None]:
+    """Let anndata write every obs dtype it reads (nullable strings included), only inside."""
+    import anndata
+
+    with anndata.settings.override(allow_write_nullable_strings=True):
+        yield
+
+
+def check_obs_writable(obs: Any, *, n_rows: int = 16) -> None:
+    """Write the first rows of ``obs`` to an in-memory h5ad group: a column the result file
+    cannot hold fails here, in seconds, not after the sweep."""
+    import io
+
+    import h5py
+    from anndata.io import write_elem
+
+    head = obs.iloc[:n_rows]
+    with h5py.File(io.BytesIO(), "w") as f, obs_writing():
+        try:
+            write_elem(f, "obs", head)
+            return
+        except Exception:  # anndata raises many types; find the column to name  # noqa: BLE001
+            pass
+        for i, column in enumerate(head.columns):
+            try:
+                write_elem(f, f"column{i}", head[[column]])
+            except Exception as err:  # noqa: BLE001
+                msg = (
+                    f"obs column {column!r} (dtype {head[column].dtype}) cannot be written to the "
+                    f"result h5ad ({type(err).__name__}: {err}). Convert it, e.g. "
+                    f"adata.obs[{column!r}] = adata.obs[{column!r}].astype(str), or drop it."
+                )
+                raise IncompatibleDataError(msg) from err
 
 
 @dataclass
@@ -260,34 +474,58 @@ def minibatches(data: CellData, batch_size: int) -> Iterator[Minibatch]:
         yield Minibatch(start, stop - start, x, batch, label, *nonzeros(x))
 
 
+class BackedRaw(NamedTuple):
+    """``.raw`` of a :class:`BackedAnnData`: its counts element and gene names."""
+
+    X: Any  # noqa: N815 - AnnData's name
+    var_names: Any  # pandas Index
+
+
+def _open_store(path: Path) -> tuple[Any, Any]:
+    """(root group, object to close) of an ``.h5ad`` file, a ``.zarr`` folder or a zip store."""
+    if path.is_dir() or zipfile.is_zipfile(path):
+        import zarr
+
+        store = zarr.storage.ZipStore(path, mode="r") if path.is_file() else path
+        root = zarr.open_group(store, mode="r")
+        return root, store if path.is_file() else None
+    import h5py
+
+    f = h5py.File(path, "r")
+    return f, f
+
+
 class BackedAnnData:
-    """An ``.h5ad`` opened for streaming: obs, var and 2-D embeddings are read; counts (X or a
-    layer; CSR, CSC or dense) are read by row range only when a minibatch needs them.
+    """An ``.h5ad`` file or a ``.zarr`` store (folder or zip) opened for streaming with anndata's
+    element API: obs, var and 2-D embeddings are read; counts (X, a layer or ``.raw``; CSR, CSC or
+    dense) are read by row range only when a minibatch needs them.
 
     CSR and dense matrices read a row range cheaply; CSC must be read column-wise, so
     streaming a CSC matrix is slow (convert it to CSR once for large data).
     """
 
     def __init__(self, path: str | os.PathLike):
-        import h5py
         from anndata.io import read_elem
 
         self.path = Path(path)
-        if not self.path.is_file():
-            raise IncompatibleDataError(f"{path}: no such file.")
-        self._file: Any = None
+        if not self.path.exists():
+            raise IncompatibleDataError(f"{path}: no such file or folder.")
+        self._root: Any = None
+        self._handle: Any = None
         try:
-            self._file = h5py.File(self.path, "r")
-            self.obs = read_elem(self._file["obs"])
-            self.var_names = read_elem(self._file["var"]).index
+            self._root, self._handle = _open_store(self.path)
+            self.obs = read_elem(self._root["obs"])
+            self.var_names = read_elem(self._root["var"]).index
             self.obsm: dict[str, np.ndarray] = {}
-            for key, node in self._file.get("obsm", {}).items():
-                if hasattr(node, "shape") and len(node.shape) == 2 and node.shape[1] == 2:
-                    self.obsm[key] = np.asarray(node[...])
-        except Exception as err:  # h5py/anndata raise many types for a foreign file
-            if self._file is not None:
-                self._file.close()
-            msg = f"{path} is not a readable h5ad file ({type(err).__name__}: {err})."
+            if "obsm" in self._root:
+                group = self._root["obsm"]
+                for key in group:  # zarr groups have no .items()
+                    node = group[key]
+                    if hasattr(node, "shape") and len(node.shape) == 2 and node.shape[1] == 2:
+                        self.obsm[key] = np.asarray(node[...])
+        except Exception as err:  # h5py/zarr/anndata raise many types for a foreign file
+            self.close()
+            msg = f"{path} is not a readable h5ad file or zarr store ({type(err).__name__}: {err})."
             raise IncompatibleDataError(msg) from err
         self.obs_names = self.obs.index
         self.n_obs = len(self.obs)
@@ -305,12 +543,12 @@ class BackedAnnData:
         raise IncompatibleDataError(f"Unsupported count matrix encoding {kind!r} in {node.name}.")
 
     def _read(self, what: str, get: Any) -> Any:
-        """``get()``, with h5py's errors for a damaged file turned into one clear error."""
+        """``get()``, with the store's errors for a damaged file turned into one clear error."""
         try:
             return get()
         except IncompatibleDataError:
             raise
-        except Exception as err:  # h5py/anndata raise many types for a damaged file
+        except Exception as err:  # h5py/zarr/anndata raise many types for a damaged file
             msg = (
                 f"Cannot read {what} of {self.path} ({type(err).__name__}: {err}). "
                 "The file may be damaged: write it again with anndata."
@@ -319,19 +557,35 @@ class BackedAnnData:
 
     @property
     def X(self) -> Any:  # noqa: N802 - AnnData's name
-        f = self._file
-        return self._read("X", lambda: self._element(f["X"]) if "X" in f else None)
+        root = self._root
+        return self._read("X", lambda: self._element(root["X"]) if "X" in root else None)
 
     @property
     def layers(self) -> dict[str, Any]:
         def get() -> dict[str, Any]:
-            group = self._file.get("layers", {})
+            if "layers" not in self._root:
+                return {}
+            group = self._root["layers"]
             return {key: self._element(group[key]) for key in group}
 
         return self._read("the layers", get)
 
+    @property
+    def raw(self) -> BackedRaw | None:
+        from anndata.io import read_elem
+
+        def get() -> BackedRaw | None:
+            if "raw" not in self._root or "X" not in self._root["raw"]:
+                return None
+            group = self._root["raw"]
+            return BackedRaw(self._element(group["X"]), read_elem(group["var"]).index)
+
+        return self._read(".raw", get)
+
     def close(self) -> None:
-        self._file.close()
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
 
     def __enter__(self) -> BackedAnnData:
         return self

@@ -34,7 +34,7 @@ from linear_decoder_jax._text import preview
 from linear_decoder_jax.config import LDVAEConfig, ModelSpec
 from linear_decoder_jax.errors import ConfigError, IncompatibleDataError
 from linear_decoder_jax.params import LDVAEParams, from_flat
-from linear_decoder_jax.results import AblationResult
+from linear_decoder_jax.results import AblationResult, h5ad_name
 
 DType = Literal["float32", "float64"]
 DEFAULT_BATCH_SIZE = 1024
@@ -204,9 +204,22 @@ class LinearSCVI:
                 self._device_params = jax.device_put(self._host_params)
         return self._device_params
 
-    def prepare(self, adata: Any, *, allow_non_integer: bool = False) -> anndata_io.CellData:
-        """Align ``adata`` with this model (genes, layer, categories); see ``anndata_io``."""
-        return anndata_io.prepare(adata, self.spec, allow_non_integer=allow_non_integer)
+    def prepare(
+        self,
+        adata: Any,
+        *,
+        allow_non_integer: bool = False,
+        layer: str | None = anndata_io.AUTO,
+        use_raw: bool = False,
+    ) -> anndata_io.CellData:
+        """Align ``adata`` with this model (genes, counts source, categories).
+
+        ``layer``: where the counts are (None or "X" for X; "auto": the model's layer when the
+        data has it, else X); ``use_raw=True`` reads ``adata.raw``. See ``anndata_io.prepare``.
+        """
+        return anndata_io.prepare(
+            adata, self.spec, allow_non_integer=allow_non_integer, layer=layer, use_raw=use_raw
+        )
 
     def _subset(self, adata: Any, indices: Sequence[int] | None) -> Any:
         return adata if indices is None else adata[np.asarray(indices)]
@@ -266,6 +279,8 @@ class LinearSCVI:
         return_dist: bool = False,
         batch_size: int | None = None,
         seed: int = 0,
+        layer: str | None = anndata_io.AUTO,
+        use_raw: bool = False,
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Latent representation of each cell.
 
@@ -276,7 +291,7 @@ class LinearSCVI:
             (``softmax(qz_m)`` for "ln"). ``give_mean=False``: one draw z ~ q(z|x) (transformed for
             "ln") with ``jax.random.key(seed)``. ``return_dist=True``: ``(qz_m, qz_v)`` of q(z|x).
         """
-        data = self.prepare(self._subset(adata, indices))
+        data = self.prepare(self._subset(adata, indices), layer=layer, use_raw=use_raw)
         enc = self.encode(data, batch_size=batch_size)
         if return_dist:
             return enc["qz_m"], enc["qz_v"]
@@ -346,6 +361,8 @@ class LinearSCVI:
         seed: int = 0,
         batch_size: int | None = None,
         return_numpy: bool | None = None,
+        layer: str | None = anndata_io.AUTO,
+        use_raw: bool = False,
     ):
         """Normalised expression rho (x ``library_size``), or mu with ``library_size="latent"``.
 
@@ -371,7 +388,7 @@ class LinearSCVI:
         if adata is None:
             return self._normalized_from_latent(latent, codes, genes, library_size, return_numpy)
         adata = self._subset(adata, indices)
-        data = self.prepare(adata)
+        data = self.prepare(adata, layer=layer, use_raw=use_raw)
         latent = None if latent is None else self._check_latent(latent, data.n_obs)
         key = jax.random.key(seed)
         cfg = self.config
@@ -444,13 +461,20 @@ class LinearSCVI:
         batch_size: int | None = None,
         return_mean: bool = False,
         allow_non_integer: bool = False,
+        layer: str | None = anndata_io.AUTO,
+        use_raw: bool = False,
     ) -> np.ndarray | float:
         """Per-cell negative log-likelihood at the posterior mean (or at ``latent``), (n_obs,).
 
         scvi-tools returns ``{"reconstruction_loss": ...}`` from one posterior draw; this is the
         deterministic counterpart. ``return_mean=True`` gives the mean over cells.
         """
-        data = self.prepare(self._subset(adata, indices), allow_non_integer=allow_non_integer)
+        data = self.prepare(
+            self._subset(adata, indices),
+            allow_non_integer=allow_non_integer,
+            layer=layer,
+            use_raw=use_raw,
+        )
         latent = None if latent is None else self._check_latent(latent, data.n_obs)
 
         def fn(mb: anndata_io.Minibatch) -> dict:
@@ -503,6 +527,9 @@ def ablate(
     baseline: ablation.BaselineSpec = options.DEFAULT_BASELINE,
     mode: options.Mode = options.DEFAULT_MODE,
     groupby: str | None = None,
+    groupby_max: int = options.DEFAULT_GROUPBY_MAX,
+    layer: str | None = anndata_io.AUTO,
+    use_raw: bool = False,
     batch_size: int | None = None,
     library: options.LibraryChoice = options.DEFAULT_LIBRARY,
     n_samples: int = 0,
@@ -528,8 +555,8 @@ def ablate(
     model_
         A model from :func:`load`.
     adata
-        Cells to score: an AnnData, or the path of an ``.h5ad`` that is then streamed from disk
-        in row chunks (counts as the model was set up: same layer, batch and label columns).
+        Cells to score: an AnnData, or the path of an ``.h5ad`` file or ``.zarr`` store (folder
+        or zip) that is then streamed from disk in row chunks.
     latents
         Indices of the latents to ablate (default all), in the order of the result columns.
     baseline
@@ -538,7 +565,15 @@ def ablate(
     mode
         "drop": latent k at its baseline. "keep": every latent except k at its baseline.
     groupby
-        obs column for group summaries (mean, median, fraction of cells with delta > 0).
+        obs column for group summaries (mean, median, fraction of cells with delta > 0). Cells
+        without a value are counted and left out of the tables.
+    groupby_max
+        A numeric ``groupby`` column with more distinct values is refused (bin it first).
+    layer
+        Where the counts are: a layer name, None or "X" for X; "auto" (default): the layer the
+        model was set up with when the data has it, else X (with a warning).
+    use_raw
+        Read the counts from ``adata.raw`` (genes matched by ``adata.raw.var_names``).
     batch_size
         Cells per minibatch; by default chosen from the problem size and device.
     library
@@ -600,12 +635,16 @@ def ablate(
         )
         refit_plan = (optimizer, steps, float(refit_tol))
     if output is not None:
+        h5ad_name(output)
         check_destination(output, overwrite=overwrite)
     opts = run.Options(
         latents=latents,
         baseline=baseline,
         mode=mode,
         groupby=groupby,
+        groupby_max=groupby_max,
+        layer=layer,
+        use_raw=use_raw,
         batch_size=batch_size,
         library=library,
         n_samples=n_samples,
@@ -622,4 +661,5 @@ def ablate(
     with contextlib.ExitStack() as stack:
         if isinstance(adata, str | os.PathLike):
             adata = stack.enter_context(anndata_io.BackedAnnData(adata))
+        anndata_io.check_obs_writable(adata.obs)
         return run.ablate(model_, adata, opts, output=output, overwrite=overwrite)

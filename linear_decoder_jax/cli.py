@@ -2,17 +2,22 @@
 and ``compare``.
 
 ``main(argv) -> int`` is testable; ``console_main`` is the console-script entry point. jax and the
-converter are imported inside each command, so ``ldj --help`` answers at once. A user error prints
-one line on stderr and exits 1 (argparse usage errors exit 2); ``--debug`` shows the traceback.
+converter are imported inside each command, after the paths have been checked, so ``ldj --help``
+and a mistyped path are answered at once. A user error prints one line on stderr and exits 1
+(argparse usage errors exit 2); ``--debug`` shows the traceback. Warnings are one-line notes, and
+messages name the CLI's flags where the library's name its keyword arguments.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TextIO
 
 from linear_decoder_jax import options
 from linear_decoder_jax._version import __version__
@@ -93,13 +98,22 @@ def _compilation_cache() -> None:
         enable_compilation_cache()
 
 
+def _compile_status() -> None:
+    """Say so before a run whose compilation cache is empty: the first one waits for XLA."""
+    from linear_decoder_jax._cache import default_cache_dir
+
+    cache = default_cache_dir()
+    off = os.environ.get("LDJ_COMPILATION_CACHE", "1") == "0"
+    if off or not cache.is_dir() or not any(cache.iterdir()):
+        when = "compilation cache off" if off else "first run, cached afterwards"
+        print(f"ldj: compiling ({when})...", file=sys.stderr, flush=True)
+
+
 def _cmd_ablate(args: argparse.Namespace) -> int:
+    _compile_status()
     import linear_decoder_jax as ldj
 
     _compilation_cache()
-    from linear_decoder_jax._atomic import check_destination
-
-    check_destination(args.output, overwrite=args.overwrite)
     model = ldj.load(args.model, prefix=args.prefix, dtype="float64" if args.float64 else "float32")
     result = ldj.ablate(  # streams DATA from disk and writes OUT as it goes
         model,
@@ -112,6 +126,9 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
         baseline=args.baseline,
         mode=args.mode,
         groupby=args.groupby,
+        groupby_max=args.groupby_max,
+        layer="auto" if args.layer is None else args.layer,
+        use_raw=args.use_raw,
         batch_size=args.batch_size,
         library=args.library,
         n_samples=args.n_samples,
@@ -257,12 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="describe a converted model or a scvi-tools checkpoint")
     p.add_argument("path")
-    p.add_argument("--prefix")
+    p.add_argument("--prefix", help="file-name prefix used when the model was saved")
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("ablate", help="score every latent for every cell; write an h5ad")
     p.add_argument("model", help="converted model directory or scvi-tools model directory")
-    p.add_argument("data", help="h5ad with the cells to score")
+    p.add_argument("data", help="cells to score: .h5ad file or .zarr store (folder or zip)")
     p.add_argument("-o", "--output", required=True, help="result .h5ad to write")
     p.add_argument("--prefix", help="file-name prefix of a scvi-tools model")
     p.add_argument(
@@ -274,6 +291,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=options.MODES, default=options.DEFAULT_MODE)
     p.add_argument("--latents", type=_parse_latents, help="comma-separated indices, e.g. 0,3")
     p.add_argument("--groupby", help="obs column for group summaries")
+    p.add_argument(
+        "--groupby-max",
+        type=int,
+        default=options.DEFAULT_GROUPBY_MAX,
+        help="refuse a numeric --groupby column with more distinct values (default "
+        f"{options.DEFAULT_GROUPBY_MAX}; bin it instead)",
+    )
+    p.add_argument(
+        "--layer",
+        help="where the counts are: a layer name, or X (default: the layer the model was set up "
+        "with if the data has it, else X)",
+    )
+    p.add_argument("--use-raw", action="store_true", help="read the counts from .raw")
     p.add_argument("--batch-size", type=int, help="cells per minibatch (default: automatic)")
     p.add_argument("--library", choices=options.LIBRARIES, default=options.DEFAULT_LIBRARY)
     p.add_argument(
@@ -286,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--allow-non-integer",
         action="store_true",
-        help="accept non-integer counts (they are scored as given)",
+        help="accept counts that are fractional by nature (e.g. ambient-corrected); not for "
+        "log-normalised data: point --layer or --use-raw at the raw counts instead",
     )
     p.add_argument("--float64", action="store_true", help="compute in double precision")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -350,7 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="HTML file to write")
     p.add_argument("--groupby", help="obs column for per-group sections (default: the result's)")
     p.add_argument("--top", type=int, default=3, help="latents listed per group (default 3)")
-    p.add_argument("--data", help="the ablated input .h5ad, for obs columns and embeddings")
+    p.add_argument(
+        "--data", help="the ablated input (.h5ad or .zarr), for obs columns and embeddings"
+    )
     p.add_argument("--png-dir", help="folder that also receives the figures as PNG files")
     p.add_argument("--gene-sets", help="GMT file: add the gene-set enrichment of every latent")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -421,11 +454,82 @@ def _hint(err: BaseException) -> str:
     return ""
 
 
+def _exists(path: str, what: str) -> None:
+    if not Path(path).expanduser().exists():
+        raise FileNotFoundError(f"{path}: no such file or folder ({what}).")
+
+
+def _writable(path: str, overwrite: bool, *, h5ad: bool) -> None:
+    target = Path(path).expanduser().absolute()
+    if h5ad and target.suffix != ".h5ad":
+        from linear_decoder_jax.errors import ConfigError
+
+        msg = f"Expected an output name ending in .h5ad, got {path!r} instead (results are h5ad)."
+        raise ConfigError(msg)
+    if target.exists() and not overwrite:
+        from linear_decoder_jax.errors import OutputExistsError
+
+        raise OutputExistsError(f"{target} already exists; pass --overwrite to replace it.")
+    if not target.parent.is_dir():
+        raise FileNotFoundError(
+            f"Cannot write {target}: the folder {target.parent} does not exist."
+        )
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """The command's input and output paths, checked before jax or anndata is imported."""
+    command = args.command
+    if command == "convert":
+        _exists(args.src, "the scvi-tools model")
+        _writable(args.dst, args.overwrite, h5ad=False)
+    elif command == "info":
+        _exists(args.path, "the model")
+    elif command == "ablate":
+        _exists(args.model, "the model")
+        _exists(args.data, "the cells to score")
+        _writable(args.output, args.overwrite, h5ad=True)
+    elif command == "merge":
+        for part in args.parts:
+            _exists(part, "a result part")
+        _writable(args.output, args.overwrite, h5ad=True)
+    elif command == "report":
+        _exists(args.result, "the result")
+        if args.data is not None:
+            _exists(args.data, "the ablated input")
+        _writable(args.output, args.overwrite, h5ad=False)
+
+
+# "pass overwrite=True (CLI: --overwrite)" -> "pass --overwrite": the library's messages name both.
+_KEYWORD_WITH_FLAG = re.compile(r"\b\w+=(?:'[^']*'|[^\s()]*) \(CLI: ([^)]*)\)")
+
+
+def cli_words(message: str) -> str:
+    """A library message in the CLI's words: keyword arguments replaced by their flags."""
+    return _KEYWORD_WITH_FLAG.sub(r"\1", message)
+
+
+def _note(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """Show a warning as one line (no source line); library deprecations are not the user's."""
+    if issubclass(category, DeprecationWarning | PendingDeprecationWarning | FutureWarning):
+        return
+    print(f"ldj: note: {cli_words(str(message))}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args))
+        with warnings.catch_warnings():
+            warnings.showwarning = _note
+            check_paths(args)
+            return int(args.func(args))
     except KeyboardInterrupt:
         print("ldj: interrupted; no output was written.", file=sys.stderr)
         return 130
@@ -436,7 +540,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"ldj: internal error ({type(err).__name__}): {err}", file=sys.stderr)
             print("ldj: re-run with --debug for the traceback.", file=sys.stderr)
             return EXIT_ERROR
-        message = " ".join(f"{err} {_hint(err)}".split())
+        message = cli_words(" ".join(f"{err} {_hint(err)}".split()))
         print(f"ldj: error: {message}", file=sys.stderr)
         return EXIT_ERROR
 

@@ -45,6 +45,12 @@ def _check(parts: list[tuple[str, AblationResult]]) -> None:
     if len(n_shards) != 1:
         raise IncompatibleDataError(f"Parts come from different shard counts: {sorted(n_shards)}.")
     (n,) = n_shards
+    if n == 1:
+        msg = (
+            f"{', '.join(path for path, _ in parts)} are whole runs, not shard parts of one run "
+            "(`ldj ablate --shard I/N` writes those), so there is nothing to merge."
+        )
+        raise IncompatibleDataError(msg)
     seen = sorted(int(p.settings["shard"][0]) for _, p in parts)
     if seen != list(range(n)):
         missing = sorted(set(range(n)) - set(seen))

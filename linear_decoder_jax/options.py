@@ -26,6 +26,7 @@ DEFAULT_BASELINE: Baseline = "zero"
 DEFAULT_OPTIMIZER: Optimizer = "lbfgs"
 DEFAULT_REFIT_STEPS: dict[Optimizer, int] = {"lbfgs": 100, "adam": 2000}
 DEFAULT_REFIT_TOL = 1e-3  # gradient norm of J, nats per unit of z
+DEFAULT_GROUPBY_MAX = 50  # distinct values of a numeric groupby column before it is refused
 DEFAULT_N_PERMUTATIONS = 64  # antithetic pairs of random permutations (shapley="permutation")
 MAX_EXACT_SHAPLEY_LATENTS = 12  # exact Shapley values enumerate 2^K coalitions per cell
 GENE_SCORES_BUDGET = 2 * 2**30  # bytes of the groups x latents x genes tables (gene_scores=True)

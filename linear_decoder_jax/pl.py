@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
@@ -302,6 +303,7 @@ def _axes(ax: Axes | None, figsize: tuple[float, float]) -> Axes:
 
 def _finish(ax: Axes, *, show: bool, save: str | os.PathLike | None) -> Axes:
     if save is not None:
+        Path(save).expanduser().parent.mkdir(parents=True, exist_ok=True)
         ax.figure.savefig(save, dpi=SAVE_DPI, bbox_inches="tight")  # type: ignore[union-attr]
     if show:
         import matplotlib.pyplot as plt
@@ -704,10 +706,26 @@ def _pca2(x: np.ndarray) -> np.ndarray:
     return np.pad(pcs, ((0, 0), (0, 2 - pcs.shape[1])))
 
 
+def _basis_key(v: ResultView, basis: str | None) -> str | None:
+    """The obsm key of ``basis`` (None: ``X_umap`` if present, else None for the PCA fallback)."""
+    if basis is None:
+        return "X_umap" if "X_umap" in v.embeddings else None
+    key = basis if basis in v.embeddings or basis.startswith("X_") else f"X_{basis}"
+    if key not in v.embeddings:
+        present = ", ".join(repr(k) for k in v.embeddings) or "none"
+        msg = (
+            f"Expected basis one of the embeddings present ({present}), got {basis!r} instead; "
+            "pass data= with the ablated input to take its embeddings, or basis=None for a PCA "
+            "of the latent space."
+        )
+        raise IncompatibleDataError(msg)
+    return key
+
+
 def embedding(
     result: Any,
     latent: Latent,
-    basis: str = "X_umap",
+    basis: str | None = None,
     *,
     cmap: str | None = None,
     size: float | None = None,
@@ -725,8 +743,9 @@ def embedding(
     latent
         Name (``"Z_3"``) or index into the model's latents; it must have been ablated.
     basis
-        obsm key of the embedding (``"umap"`` means ``"X_umap"``). When absent, the first two
-        principal components of the latent space are used and the title says so.
+        obsm key of the embedding (``"umap"`` means ``"X_umap"``); one that is absent is an error
+        listing those present. None: ``X_umap`` when present, else the first two principal
+        components of the latent space (the title says so).
     cmap
         Colour map (default ``viridis`` for one-signed scores, ``RdBu_r`` centred on 0 otherwise;
         limits at the 1st/99th percentile).
@@ -743,8 +762,8 @@ def embedding(
     v = view(result)
     j = _column(v, latent)
     delta = v.delta_nll[:, j]
-    key = basis if basis in v.embeddings or basis.startswith("X_") else f"X_{basis}"
-    if key in v.embeddings:
+    key = _basis_key(v, basis)
+    if key is not None:
         xy = np.asarray(v.embeddings[key], dtype=np.float64)[:, :2]
         label = key.removeprefix("X_").upper()
         axis_names = (f"{label}1", f"{label}2")
@@ -752,7 +771,7 @@ def embedding(
     else:
         xy = _pca2(np.asarray(v.latent, dtype=np.float64))
         axis_names = ("PC1 of latent", "PC2 of latent")
-        title = f"{v.latent_names[j]} delta_nll ({key} not found: PCA of the latent space)"
+        title = f"{v.latent_names[j]} delta_nll (no X_umap: PCA of the latent space)"
     order = np.argsort(np.abs(delta), kind="stable")
     colours = _colour_scale(delta, sequential="viridis", cmap=cmap, robust=True)
     ax = _axes(ax, (5.2, 4.2))

@@ -70,11 +70,10 @@ def _load(result: Any, data: Any) -> pl.ResultView:
         result = _read(result, backed=False)
     if not isinstance(data, str | os.PathLike):
         return pl.view(result, data=data)
-    adata = _read(data, backed=True)
-    try:
+    from linear_decoder_jax.anndata_io import BackedAnnData
+
+    with BackedAnnData(data) as adata:  # .h5ad or .zarr: obs and embeddings only
         return pl.view(result, data=adata)
-    finally:
-        adata.file.close()
 
 
 def _png(fig: Figure, *, tight: bool = False) -> bytes:
@@ -140,11 +139,11 @@ def _img(png: bytes, alt: str, caption: str) -> str:
     )
 
 
-def _basis(v: pl.ResultView) -> str:
-    """``X_umap`` if present, else the first 2-D embedding, else ``X_umap`` (PCA fallback)."""
+def _basis(v: pl.ResultView) -> str | None:
+    """``X_umap`` if present, else the first 2-D embedding, else None (PCA fallback)."""
     if "X_umap" in v.embeddings:
         return "X_umap"
-    return next(iter(v.embeddings), "X_umap")
+    return next(iter(v.embeddings), None)
 
 
 def write_report(

@@ -18,13 +18,14 @@ import numpy as np
 
 from linear_decoder_jax import schema
 from linear_decoder_jax._atomic import atomic_path
-from linear_decoder_jax.errors import IncompatibleDataError
+from linear_decoder_jax.errors import ConfigError, IncompatibleDataError, OutputExistsError
 
 TOP_CELLS = 10
 
 
 def group_tables(delta: np.ndarray, groups: np.ndarray, latent_names: list[str]) -> dict[str, Any]:
-    """Per-group mean, median, fraction of cells with delta > 0, and cell counts."""
+    """Per-group mean, median, fraction of cells with delta > 0, and cell counts; cells without a
+    group (NaN) are left out and counted in ``n_no_group``."""
     import pandas as pd
 
     cats = pd.Categorical(groups)
@@ -41,6 +42,7 @@ def group_tables(delta: np.ndarray, groups: np.ndarray, latent_names: list[str])
         k: pd.DataFrame(np.asarray(v), index=names, columns=latent_names) for k, v in rows.items()
     }
     tables["n_cells"] = pd.DataFrame({"n_cells": np.asarray(counts, dtype=np.int64)}, index=names)
+    tables["n_no_group"] = int((cats.codes < 0).sum())
     return tables
 
 
@@ -197,7 +199,9 @@ class AblationResult:
         if self.groups is not None:
             from linear_decoder_jax import stats
 
-            lines.append(f"top latents per {self.settings['groupby']}:")
+            left_out = int(self.groups.get("n_no_group", 0))
+            note = f" ({left_out} cells without a value left out)" if left_out else ""
+            lines.append(f"top latents per {self.settings['groupby']}{note}:")
             table = self.groups["mean"]
             tests = stats.group_stats(self)
             mark = stats.significant_marks(tests)
@@ -254,10 +258,20 @@ class AblationResult:
                 uns[f.name] = np.asarray(self.arrays[f.name])
         return uns
 
+    def add_to(
+        self, adata: Any, *, key_added: str | None = None, overwrite: bool = False
+    ) -> list[str]:
+        """Put the scores back into ``adata`` (same cells, same order): obsm arrays and one obs
+        column per ablated latent (``delta_nll_Z_3``); see :func:`add_to`."""
+        return add_to(self, adata, key_added=key_added, overwrite=overwrite)
+
     def write(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the result h5ad atomically; an existing ``path`` needs ``overwrite=True``."""
+        from linear_decoder_jax.anndata_io import obs_writing
+
+        h5ad_name(path)
         adata = self.to_anndata()
-        with atomic_path(path, overwrite=overwrite, directory=False) as tmp:
+        with atomic_path(path, overwrite=overwrite, directory=False) as tmp, obs_writing():
             adata.write_h5ad(tmp)
         return Path(path).absolute()
 
@@ -390,6 +404,8 @@ class H5adStream:
         import scipy.sparse as sp
         from anndata.io import write_elem
 
+        from linear_decoder_jax.anndata_io import obs_writing
+
         f = self.file
         n, g = len(result.obs), len(result.var_names)
         obs = result.obs.copy()
@@ -404,7 +420,8 @@ class H5adStream:
                 varm[fld.name] = np.asarray(value)
             elif fld.slot == "obsm" and fld.name not in f["obsm"]:
                 write_elem(f["obsm"], fld.name, np.asarray(value))
-        write_elem(f, "obs", obs)
+        with obs_writing():
+            write_elem(f, "obs", obs)
         write_elem(f, "var", pd.DataFrame(index=pd.Index(result.var_names)))
         write_elem(f, "X", sp.csr_matrix((n, g), dtype=np.float32))
         for key, value in result.embeddings.items():
@@ -414,3 +431,80 @@ class H5adStream:
         for key in ("layers", "obsp", "varp"):
             write_elem(f, key, {})
         f.close()
+
+
+def h5ad_name(path: str | os.PathLike) -> Path:
+    """``path`` if it ends in ``.h5ad``; any other name is refused (results are always h5ad)."""
+    if Path(path).suffix != ".h5ad":
+        msg = (
+            f"Expected an output name ending in .h5ad, got {os.fspath(path)!r} instead: results "
+            "are written as h5ad (read them with anndata or scanpy)."
+        )
+        raise ConfigError(msg)
+    return Path(path)
+
+
+def _added(result: AblationResult, key_added: str | None) -> tuple[dict, dict]:
+    """(obsm arrays, obs columns) that :func:`add_to` writes, by key."""
+    obs_prefix = "" if key_added is None else f"{key_added}_"
+    obsm_prefix = f"{key_added or 'ablation'}_"
+    obsm: dict[str, np.ndarray] = {}
+    columns: dict[str, np.ndarray] = {}
+    for fld in schema.FIELDS:
+        value = result.arrays.get(fld.name)
+        if value is None or not fld.per_cell:
+            continue
+        if fld.slot == "obs":
+            columns[f"{obs_prefix}{fld.name}"] = np.asarray(value)
+            continue
+        obsm[f"{obsm_prefix}{fld.name}"] = np.asarray(value)
+        if fld.dims == ("obs", "ablated"):
+            for j, name in enumerate(result.latent_names):
+                columns[f"{obs_prefix}{fld.name}_{name}"] = np.asarray(value[:, j])
+    return obsm, columns
+
+
+def add_to(
+    result: AblationResult, adata: Any, *, key_added: str | None = None, overwrite: bool = False
+) -> list[str]:
+    """Write ``result``'s per-cell scores into ``adata`` (scanpy's ``tl`` convention).
+
+    Each per-cell score of one value per ablated latent becomes one obs column per latent
+    (``delta_nll_Z_3``, ``delta_l1_Z_3``, ...; ``nll`` as is), so that
+    ``sc.pl.umap(adata, color="delta_nll_Z_3")`` works; the arrays also go to obsm
+    (``ablation_delta_nll``, ``ablation_latent``, ...) and the settings, latent names and column
+    names to ``uns["ablation"]``. ``key_added`` prefixes every obs column and replaces
+    "ablation" (to keep two runs side by side). ``adata`` must hold the result's cells in the same
+    order; existing keys are replaced only with ``overwrite=True``. Returns the obs columns.
+    """
+    n = len(result.obs)
+    same = adata.n_obs == n and np.array_equal(
+        np.asarray(adata.obs_names).astype(str), result.obs_names.astype(str)
+    )
+    if not same:
+        how = "in another order or with other names" if adata.n_obs == n else ""
+        msg = (
+            f"Expected an AnnData with the result's {n} cells in the same order (obs_names), got "
+            f"{adata.n_obs} cells {how} instead; subset it with adata[result.obs_names]."
+        )
+        raise IncompatibleDataError(" ".join(msg.split()))
+    obsm, columns = _added(result, key_added)
+    uns_key = key_added or "ablation"
+    taken = [k for k in obsm if k in adata.obsm] + [k for k in columns if k in adata.obs]
+    taken += [uns_key] if uns_key in adata.uns else []
+    if taken and not overwrite:
+        msg = (
+            f"The AnnData already has {', '.join(repr(k) for k in taken[:5])}; pass "
+            "overwrite=True to replace them, or another key_added."
+        )
+        raise OutputExistsError(msg)
+    for key, value in obsm.items():
+        adata.obsm[key] = value
+    for key, value in columns.items():
+        adata.obs[key] = value
+    adata.uns[uns_key] = {
+        "latent_names": list(result.latent_names),
+        "obs_columns": list(columns),
+        "params": {k: v for k, v in result.settings.items() if k != "versions"},
+    }
+    return list(columns)

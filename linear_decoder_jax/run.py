@@ -378,6 +378,9 @@ class Options(NamedTuple):
     devices: list[Any]
     shard: tuple[int, int] | None
     refit: tuple[str, int, float] | None  # (optimizer, steps, tol)
+    groupby_max: int = 50  # options.DEFAULT_GROUPBY_MAX
+    layer: str | None = anndata_io.AUTO  # where the counts are (anndata_io.choose_counts)
+    use_raw: bool = False
     gene_scores: bool = False
     shapley: str | None = None  # "exact", "permutation" or None
     n_permutations: int = 0
@@ -388,13 +391,14 @@ def ablate(model_: Any, adata: Any, opts: Options, *, output: Any, overwrite: bo
     ``AblationResult`` (in memory, or streamed into ``output`` and read back memory-mapped)."""
     from linear_decoder_jax import ablation, attribution, options, refit, results, schema
     from linear_decoder_jax._atomic import atomic_path
-    from linear_decoder_jax.errors import IncompatibleDataError
 
     cfg = model_.config
     groupby = opts.groupby
-    if groupby is not None and groupby not in adata.obs:
-        raise IncompatibleDataError(f"groupby column {groupby!r} is not in adata.obs.")
-    full = model_.prepare(adata, allow_non_integer=opts.allow_non_integer)
+    if groupby is not None:  # refuses a missing or continuous column before any work
+        anndata_io.group_codes(adata.obs, groupby, max_groups=opts.groupby_max)
+    full = model_.prepare(
+        adata, allow_non_integer=opts.allow_non_integer, layer=opts.layer, use_raw=opts.use_raw
+    )
     lo, hi = shard_rows(opts.shard, full.n_obs)
     data = full.restrict(lo, hi)
     if data.n_obs == 0:
@@ -419,11 +423,7 @@ def ablate(model_: Any, adata: Any, opts: Options, *, output: Any, overwrite: bo
     group_names: tuple[str, ...] = ()
     codes = None
     if groupby is not None:
-        import pandas as pd
-
-        cats = pd.Categorical(obs[groupby].to_numpy())
-        group_names = tuple(str(c) for c in cats.categories)
-        codes = np.asarray(cats.codes, np.int32)  # -1: no group (NaN)
+        codes, group_names, _ = anndata_io.group_codes(obs, groupby, max_groups=opts.groupby_max)
     if opts.gene_scores:
         attribution.check_gene_budget(
             len(group_names), len(idx), cfg.n_input, budget=options.GENE_SCORES_BUDGET

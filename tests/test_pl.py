@@ -167,8 +167,10 @@ def test_embedding_falls_back_to_pca_and_takes_data(demo):
     _, adata, result, h5ad = demo
     bare = h5ad.copy()
     del bare.obsm["X_umap"]
-    ax = pl.embedding(bare, "Z_0", ax=_bare_axes())
-    assert "X_umap not found: PCA of the latent space" in ax.get_title()
+    with pytest.raises(IncompatibleDataError, match=r"basis one of .*none\), got 'X_pca'"):
+        pl.embedding(bare, "Z_3", basis="X_pca")  # a named basis is never replaced silently
+    ax = pl.embedding(bare, "Z_0", ax=_bare_axes())  # basis=None: PCA, said in the title
+    assert "no X_umap: PCA of the latent space" in ax.get_title()
     z = result.latent.astype(np.float64)
     u, s, _ = np.linalg.svd(z - z.mean(0), full_matrices=False)
     offsets = np.asarray(ax.collections[0].get_offsets())

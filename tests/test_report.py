@@ -168,7 +168,7 @@ def test_report_refuses_to_overwrite(files, capsys):
     capsys.readouterr()
     assert main(argv) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "already exists; pass overwrite=True (CLI: --overwrite)" in err
+    assert err.count("\n") == 1 and "already exists; pass --overwrite to replace it." in err
     assert out.read_bytes() == before
     with pytest.raises(OutputExistsError):
         report.write_report(root / "ablation.h5ad", out)

@@ -16,6 +16,7 @@ import pytest
 from _scvi_cases import BASE_CONFIG, BATCHES, CASES, GENES, Trained, expected_params, train
 
 from converters import (
+    CheckpointPathError,
     MalformedCheckpointError,
     ScviCheckpoint,
     UnsafeCheckpointError,
@@ -111,9 +112,14 @@ def test_direct_file_and_prefix(trained: dict[str, Trained], tmp_path: Path) -> 
     prefixed = read_scvi_checkpoint(tmp_path / "prefixed", prefix="p_")
     assert_params_equal(prefixed.params, expected.params)
     assert prefixed.config["source"]["path"] == str((tmp_path / "prefixed/p_model.pt").resolve())
-    with pytest.raises(MalformedCheckpointError, match="expected model.pt .* pass prefix="):
+    found = read_scvi_checkpoint(tmp_path / "prefixed")  # the folder's one model, no prefix
+    assert_params_equal(found.params, expected.params)
+    with pytest.raises(MalformedCheckpointError, match="expected q_model.pt .* prefix="):
+        read_scvi_checkpoint(tmp_path / "prefixed", prefix="q_")
+    model.save(str(tmp_path / "prefixed"), prefix="q_", overwrite=True)
+    with pytest.raises(CheckpointPathError, match=r"several models \(p_model.pt, q_model.pt\)"):
         read_scvi_checkpoint(tmp_path / "prefixed")
-    with pytest.raises(ValueError, match="prefix applies to a directory"):
+    with pytest.raises(ValueError, match="applies only to a folder"):  # CheckpointPathError
         read_scvi_checkpoint(path / "model.pt", prefix="p_")
     with pytest.raises(FileNotFoundError):
         read_scvi_checkpoint(tmp_path / "nowhere")
