@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from linear_decoder_jax import model
+from linear_decoder_jax import attribution, model
 from linear_decoder_jax.config import LDVAEConfig
 from linear_decoder_jax.distributions import (
     count_term,
@@ -34,6 +34,7 @@ from linear_decoder_jax.distributions import (
     rate_reference,
     rate_term,
     rate_term_change,
+    rate_term_gene_change,
 )
 from linear_decoder_jax.errors import ConfigError
 from linear_decoder_jax.options import BASELINES, Baseline, Mode
@@ -55,6 +56,7 @@ class MinibatchScores(NamedTuple):
     delta_l1: jax.Array  # (batch, n_ablated)
     nll: jax.Array  # (batch,)
     lfc_sum: jax.Array  # (n_vars, n_ablated) sum over valid cells of ln rho_ablated - ln rho
+    genes: attribution.GeneSums | None = None  # per-gene, per-group sums (gene scores only)
 
 
 def _score(
@@ -68,12 +70,16 @@ def _score(
     valid: jax.Array,
     baseline: jax.Array,
     latents: jax.Array,
+    group: jax.Array,
     *,
     config: LDVAEConfig,
     mode: Mode,
     vectorize: bool,
+    n_groups: int | None = None,
 ):
-    """delta_nll, delta_l1, full NLL and the lfc sums for decoder input ``z`` (batch, n_latent).
+    """delta_nll, delta_l1, full NLL and the lfc sums for decoder input ``z`` (batch, n_latent);
+    with ``n_groups`` (gene scores) also the per-gene, per-group sums (``attribution.GeneSums``)
+    of the cells' ``group`` codes.
 
     The likelihood is split into its value at ``x = 0`` (dense over genes) and what each count
     adds, evaluated at the non-zero counts only (``nz_index``/``nz_count``). Everything the
@@ -154,6 +160,8 @@ def _score(
         jnp.abs(shift) * (load_hi - load_lo)[latents][:, None] <= _SHIFT_SLACK,
     )
 
+    weights = None if n_groups is None else attribution.group_weights(group, valid, n_groups)
+
     def one(args):
         d, moved_any, loadings, c, narrow = args  # d, c: (batch,) for latent k
         r = d[:, None] * loadings[0][None, :]
@@ -168,12 +176,20 @@ def _score(
         log_z = c + jnp.log(jnp.exp(log_rho + r - c).sum(axis=-1, keepdims=True))
         zi_k = [s + d[:, None] * lk[None, :] for s, lk in zip(start[1:], loadings[1:], strict=True)]
         mu_k = jnp.exp(log_mu + r - log_z)
-        gain = rate_term_change(mu_k, theta, reference, *zi_k, likelihood=lik)
         r_nz = d[:, None] * loadings[0][nz_index]
         zi_nz = [
             s + d[:, None] * lk[nz_index] for s, lk in zip(start_zi_nz, loadings[1:], strict=True)
         ]
-        gain = gain + (at_counts(jnp.exp(log_mu_nz + r_nz - log_z), zi_nz) - count_full).sum(-1)
+        counts = at_counts(jnp.exp(log_mu_nz + r_nz - log_z), zi_nz) - count_full
+        if weights is None:
+            gain = rate_term_change(mu_k, theta, reference, *zi_k, likelihood=lik)
+            genes = None
+        else:  # the same terms per gene, reduced over each group's cells that the latent moves
+            dense = rate_term_gene_change(mu_k, theta, reference, *zi_k, likelihood=lik)
+            gain = dense.sum(-1)
+            moved_weights = weights * moved_any[None, :].astype(weights.dtype)
+            genes = -attribution.gene_group_sums(moved_weights, dense, counts, nz_index, group)
+        gain = gain + counts.sum(-1)
         l1 = jnp.abs(jnp.exp(log_rho + r - log_z) - rho).sum(-1)
         delta = jnp.where(moved_any, -gain, 0.0)
         l1 = jnp.where(moved_any, l1, 0.0)
@@ -184,17 +200,30 @@ def _score(
         else:
             moved = start[0] + r - full[0] - lse_change[:, None]
             lfc = jnp.sum(moved * valid[:, None], axis=0)
-        return delta, l1, lfc
+        if weights is None:
+            return delta, l1, lfc, None
+        return delta, l1, lfc, (genes, attribution.segment_total(weights, lse_change))
 
     # run.vectorize_default: the batched body on accelerators, a loop over latents on CPU
     if vectorize:
-        delta, l1, lfc = jax.vmap(one)(per_latent)
+        delta, l1, lfc, per_gene = jax.vmap(one)(per_latent)
     else:
-        delta, l1, lfc = jax.lax.map(one, per_latent)
-    return delta.T, l1.T, nll, lfc.T
+        delta, l1, lfc, per_gene = jax.lax.map(one, per_latent)
+    sums = None
+    if weights is not None:
+        gene_delta, lse_sums = per_gene  # (n_ablated, rows, n_vars), (n_ablated, rows)
+        sums = attribution.GeneSums(
+            delta_nll=gene_delta.transpose(1, 0, 2),
+            lse_change=lse_sums.T,
+            shift=attribution.segment_total(weights, baseline[None, :] - z),
+            n_cells=weights.sum(axis=1),
+        )
+    return delta.T, l1.T, nll, lfc.T, sums
 
 
-@functools.partial(jax.jit, static_argnames=("config", "mode", "n_samples", "vectorize"))
+@functools.partial(
+    jax.jit, static_argnames=("config", "mode", "n_samples", "vectorize", "n_groups")
+)
 def sweep_minibatch(
     params: LDVAEParams,
     batch: Batch,
@@ -206,12 +235,18 @@ def sweep_minibatch(
     mode: Mode,
     n_samples: int,
     vectorize: bool,
+    n_groups: int | None = None,
 ) -> MinibatchScores:
     """Score every latent in ``latents`` for one encoded minibatch; see the module docstring.
 
     ``n_samples > 0`` averages over draws z ~ q(z|x) made from ``key`` and adds their standard
     error; ``vectorize`` batches the latents (``vmap``) instead of looping over them.
+    ``n_groups`` (at the posterior mean only, ``n_samples == 0``): also the per-gene scores summed
+    over each of the ``n_groups`` groups of ``batch.group`` and over all cells
+    (``attribution.GeneSums``).
     """
+    if n_groups is not None and n_samples:
+        raise ConfigError("Gene scores are computed at the posterior mean: use n_samples=0.")
     score = functools.partial(
         _score,
         params,
@@ -223,11 +258,12 @@ def sweep_minibatch(
         valid=batch.valid,
         baseline=baseline,
         latents=latents,
+        group=batch.group,
         config=config,
         mode=mode,
         vectorize=vectorize,
     )
-    delta, l1, nll, lfc = score(z=batch.z)
+    delta, l1, nll, lfc, genes = score(z=batch.z, n_groups=n_groups)
     se = jnp.zeros_like(delta)
     if n_samples:
 
@@ -243,16 +279,27 @@ def sweep_minibatch(
         delta = s1 / n_samples
         var = jnp.maximum(s2 / n_samples - delta * delta, 0.0) * n_samples / max(n_samples - 1, 1)
         se = jnp.sqrt(var / n_samples)
-    return MinibatchScores(delta, se, l1, nll, lfc)
+    return MinibatchScores(delta, se, l1, nll, lfc, genes)
 
 
 class SweepScorer:
     """The plain sweep as a scorer of the run pipeline (``run.execute``): per cell ``nll``,
     ``delta_nll``, ``delta_l1`` and ``latent`` (plus ``delta_nll_se`` with ``n_samples > 0``);
-    totals: the summed log fold changes, finished as ``mean_lfc``."""
+    totals: the summed log fold changes, finished as ``mean_lfc``. ``gene_scores``: also the
+    per-gene, per-group sums of the same pass (``attribution.GeneSums``), finished as
+    ``gene_delta_nll``, ``gene_lfc`` and ``gene_n_cells``."""
 
-    def __init__(self, params: LDVAEParams, plan: Plan, *, config: LDVAEConfig, place: Any):
+    def __init__(
+        self,
+        params: LDVAEParams,
+        plan: Plan,
+        *,
+        config: LDVAEConfig,
+        place: Any,
+        gene_scores: bool = False,
+    ):
         self.params, self.plan, self.config = params, plan, config
+        self.n_groups = len(plan.group_names) if gene_scores else None
         self.baseline = place.replicated(np.asarray(plan.baseline, dtype=plan.dtype))
         self.latents = place.replicated(np.asarray(plan.latents, dtype=np.int32))
         self.place = place
@@ -261,9 +308,18 @@ class SweepScorer:
             ("delta_nll_se",) if plan.n_samples else ()
         )
 
-    def init(self) -> jax.Array:
+    def init(self) -> tuple[jax.Array, attribution.GeneSums | None]:
         shape = (self.config.n_input, len(self.plan.latents))
-        return self.place.replicated(np.zeros(shape, self.plan.dtype))
+        genes = None
+        if self.n_groups is not None:
+            genes = attribution.GeneSums.zeros(
+                self.n_groups,
+                len(self.plan.latents),
+                self.config.n_input,
+                self.config.n_latent,
+                dtype=self.plan.dtype,
+            )
+        return self.place.replicated((np.zeros(shape, self.plan.dtype), genes))
 
     def score(self, batch: Batch, totals: jax.Array, key: jax.Array):
         out = sweep_minibatch(
@@ -276,15 +332,28 @@ class SweepScorer:
             mode=self.plan.mode,
             n_samples=self.plan.n_samples,
             vectorize=self.plan.vectorize,
+            n_groups=self.n_groups,
         )
         rows = {"nll": out.nll, "delta_nll": out.delta_nll, "delta_l1": out.delta_l1}
         rows["latent"] = batch.z
         if self.plan.n_samples:
             rows["delta_nll_se"] = out.delta_nll_se
-        return rows, totals + out.lfc_sum
+        lfc_sum, genes = totals
+        if genes is not None:
+            genes = attribution.add_sums(genes, out.genes)
+        return rows, (lfc_sum + out.lfc_sum, genes)
 
-    def finish(self, totals: jax.Array, n_obs: int) -> dict[str, np.ndarray]:
-        return {"mean_lfc": np.asarray(totals) / n_obs}
+    def finish(self, totals: tuple[Any, Any], n_obs: int) -> dict[str, np.ndarray]:
+        lfc_sum, genes = totals
+        out = {"mean_lfc": np.asarray(lfc_sum) / n_obs}
+        if genes is not None:
+            loadings = model.affine_head(self.params.decoder.factor, config=self.config).loadings
+            out.update(
+                attribution.finish_gene_scores(
+                    genes, np.asarray(loadings), self.plan.latents, mode=self.plan.mode
+                )
+            )
+        return out
 
 
 def resolve_baseline(

@@ -544,6 +544,9 @@ def ablate(
     refit_steps: int | None = None,
     refit_tol: float = options.DEFAULT_REFIT_TOL,
     optimizer: options.Optimizer = options.DEFAULT_OPTIMIZER,
+    gene_scores: bool = False,
+    shapley: options.Shapley | None = None,
+    n_permutations: int = options.DEFAULT_N_PERMUTATIONS,
     distributed: bool = False,
     coordinator: str | None = None,
     num_processes: int | None = None,
@@ -599,6 +602,18 @@ def ablate(
     refit_steps, refit_tol, optimizer
         Step budget per fit (default 100 for "lbfgs", 2000 for "adam"), gradient-norm tolerance
         for early stopping, and the optax optimiser: "lbfgs" (zoom line search) or "adam".
+    gene_scores
+        Also, per group of ``groupby`` and over all cells, each gene's mean NLL change and log fold
+        change per ablated latent (``result.gene_table``), reduced inside the same pass
+        (``linear_decoder_jax.attribution``). Needs ``n_samples=0``.
+    shapley
+        "exact" (K <= 12) or "permutation": the gain ``gain_nll`` (NLL with every latent at its
+        baseline minus the full NLL) and its Shapley decomposition over all K latents,
+        ``shapley_nll``, rows summing to the gain (``result.gain``, ``result.shapley``,
+        ``result.explained(groupby)``).
+    n_permutations
+        Random permutations for ``shapley="permutation"`` (even, >= 4: antithetic pairs drawn
+        from ``seed``); adds the standard error ``shapley_nll_se``.
     distributed, coordinator, num_processes, process_id, timeout
         Run as one process of a multi-process job (``linear_decoder_jax.distributed``): every
         process calls this with the same arguments; ``jax.distributed`` joins them (explicit
@@ -624,6 +639,8 @@ def ablate(
         isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
     ):
         raise ConfigError(f"Expected batch_size >= 1, got {batch_size!r} instead.")
+    if gene_scores and n_samples:
+        raise ConfigError("gene_scores are computed at the posterior mean: use n_samples=0.")
     refit_plan = None
     if refit:
         steps = refit_.check_options(
@@ -666,6 +683,9 @@ def ablate(
         devices=run.resolve_devices(devices),
         shard=shard,
         refit=refit_plan,
+        gene_scores=bool(gene_scores),
+        shapley=shapley,
+        n_permutations=n_permutations,
     )
     with contextlib.ExitStack() as stack:
         if isinstance(adata, str | os.PathLike):

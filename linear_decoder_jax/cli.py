@@ -148,6 +148,9 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
         refit_steps=args.refit_steps,
         refit_tol=args.refit_tol,
         optimizer=args.optimizer,
+        gene_scores=args.gene_scores,
+        shapley=args.shapley,
+        n_permutations=args.n_permutations,
         distributed=args.distributed,
         coordinator=args.coordinator,
         num_processes=args.num_processes,
@@ -364,6 +367,23 @@ def build_parser() -> argparse.ArgumentParser:
         choices=options.OPTIMIZERS,
         default=options.DEFAULT_OPTIMIZER,
         help="refit optimiser",
+    )
+    p.add_argument(
+        "--gene-scores",
+        action="store_true",
+        help="also each gene's mean NLL change and log fold change per latent and --groupby group",
+    )
+    p.add_argument(
+        "--shapley",
+        choices=options.SHAPLEY,
+        help="decompose each cell's likelihood gain over the latents (exact: K <= "
+        f"{options.MAX_EXACT_SHAPLEY_LATENTS})",
+    )
+    p.add_argument(
+        "--n-permutations",
+        type=int,
+        default=options.DEFAULT_N_PERMUTATIONS,
+        help=f"permutations for --shapley permutation (default {options.DEFAULT_N_PERMUTATIONS})",
     )
     p.add_argument(
         "--shard",

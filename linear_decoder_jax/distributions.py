@@ -89,6 +89,23 @@ def rate_reference(
     return rate_term(mu, theta, zi_logits, likelihood=likelihood)
 
 
+def rate_term_gene_change(
+    mu_new: Array,
+    theta: Array,
+    reference: Array,
+    zi_new: Array | None = None,
+    *,
+    likelihood: Likelihood,
+) -> Array:
+    """Per-gene ``rate_term(new) - rate_term(reference)`` (shape of ``mu_new``), differenced gene
+    by gene; ``reference`` is :func:`rate_reference`."""
+    if likelihood == "poisson":
+        return -(mu_new - reference)
+    if likelihood == "nb":
+        return -(theta * (_log_theta_mu(mu_new, theta) - reference))
+    return rate_term(mu_new, theta, zi_new, likelihood=likelihood) - reference
+
+
 def rate_term_change(
     mu_new: Array,
     theta: Array,
@@ -97,13 +114,11 @@ def rate_term_change(
     *,
     likelihood: Likelihood,
 ) -> Array:
-    """Per-cell ``sum_g rate_term(new) - rate_term(reference)``, differenced gene by gene (no
-    cancellation of two large sums); ``reference`` is :func:`rate_reference`."""
-    if likelihood == "poisson":
-        return -(mu_new - reference).sum(axis=-1)
-    if likelihood == "nb":
-        return -(theta * (_log_theta_mu(mu_new, theta) - reference)).sum(axis=-1)
-    return (rate_term(mu_new, theta, zi_new, likelihood=likelihood) - reference).sum(axis=-1)
+    """Per-cell ``sum_g rate_term(new) - rate_term(reference)``: :func:`rate_term_gene_change`
+    summed over genes (no cancellation of two large sums)."""
+    return rate_term_gene_change(mu_new, theta, reference, zi_new, likelihood=likelihood).sum(
+        axis=-1
+    )
 
 
 def log_prob_varying(

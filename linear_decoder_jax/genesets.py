@@ -108,7 +108,8 @@ def _scores(
         msg = f"Expected score 'loadings', 'delta_nll' or 'lfc', got {score!r} instead."
         raise ConfigError(msg)
     table = getattr(source, "gene_table", None)
-    if table is None:
+    # an AblationResult always has gene_table; it has scores only from gene_scores=True runs
+    if table is None or getattr(source, "gene_delta_nll", True) is None:
         msg = (
             f"score={score!r} needs a result with per-gene scores: run ablate with "
             "gene_scores=True (CLI: --gene-scores)."

@@ -18,7 +18,7 @@ import numpy as np
 from linear_decoder_jax import schema
 from linear_decoder_jax._atomic import atomic_path, check_destination
 from linear_decoder_jax.errors import IncompatibleDataError
-from linear_decoder_jax.results import AblationResult, H5adStream, group_tables
+from linear_decoder_jax.results import AblationResult, H5adStream, explained_shares, group_tables
 
 # Settings that may differ between parts (how each part was run, not what it computed).
 _PER_PART = {"shard", "rows", "batch_size", "n_devices", "versions", "source_model"}
@@ -68,6 +68,20 @@ def _check(parts: list[tuple[str, AblationResult]]) -> None:
         raise IncompatibleDataError(msg)
 
 
+def _group_mean(results: list[AblationResult], name: str) -> np.ndarray:
+    """Per-group means of the parts (groups x ...), weighted by each part's group cell counts
+    (``gene_n_cells``); NaN where no part has a cell of the group."""
+    counts = [np.asarray(r.arrays["gene_n_cells"], np.float64) for r in results]
+    total = sum(counts)
+    acc = sum(
+        np.nan_to_num(np.asarray(r.arrays[name], np.float64)) * c[:, None, None]
+        for r, c in zip(results, counts, strict=True)
+    )
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = acc / np.where(total > 0, total, np.nan)[:, None, None]
+    return mean.astype(np.asarray(results[0].arrays[name]).dtype)
+
+
 def merge_parts(
     paths: Sequence[str | os.PathLike],
     output: str | os.PathLike,
@@ -106,6 +120,10 @@ def merge_parts(
                 if f.reduce == "mean":  # means over each part's cells, weighted by cell counts
                     total = sum(r.arrays[f.name] * c for r, c in zip(results, counts, strict=True))
                     arrays[f.name] = np.asarray(total / n)
+                elif f.reduce == "sum":
+                    arrays[f.name] = np.asarray(sum(r.arrays[f.name] for r in results))
+                elif f.reduce == "group_mean":
+                    arrays[f.name] = _group_mean(results, f.name)
             extra = dict(settings or {})
             settings = dict(first.settings)
             settings.update(
@@ -117,6 +135,14 @@ def merge_parts(
             settings.update(extra)
             obs = pd.concat([r.obs for r in results])
             groupby = settings.get("groupby") or None
+            explained = None
+            if groupby is not None and arrays.get("shapley_nll") is not None:
+                explained = explained_shares(
+                    np.asarray(arrays["gain_nll"]),
+                    np.asarray(arrays["shapley_nll"]),
+                    obs[groupby],
+                    [f"Z_{k}" for k in range(arrays["shapley_nll"].shape[1])],
+                )
             merged = AblationResult(
                 arrays=arrays,
                 loadings=first.loadings,
@@ -131,6 +157,7 @@ def merge_parts(
                 else group_tables(
                     arrays["delta_nll"], obs[groupby].to_numpy(), list(settings["latent_names"])
                 ),
+                explained_table=explained,
             )
             stream.finish(merged)
         finally:

@@ -39,7 +39,7 @@ from linear_decoder_jax import results, schema
 from linear_decoder_jax.errors import ConfigError, IncompatibleDataError
 
 Latent = str | int
-ALL_CELLS = "all cells"
+ALL_CELLS = schema.ALL_CELLS
 DIVERGING = "RdBu_r"
 MINOR_SIDE = 0.1  # both signs get a diverging map once the smaller side reaches this fraction
 SAVE_DPI = 150
@@ -60,10 +60,19 @@ class ResultView(NamedTuple):
     latents: np.ndarray  # (A,) model indices of the ablated latents
     latent_names: list[str]  # (A,)
     settings: dict[str, Any]
+    gene_delta_nll: np.ndarray | None = None  # (groups + 1, A, n_vars), gene_scores=True
+    gene_lfc: np.ndarray | None = None  # (groups + 1, A, n_vars)
+    gain: np.ndarray | None = None  # (n_obs,), shapley set
+    shapley: np.ndarray | None = None  # (n_obs, K)
 
     @property
     def n_latent(self) -> int:
         return self.loadings.shape[1]
+
+    @property
+    def gene_groups(self) -> list[str]:
+        """Row names of the gene tables: the groups, then ``all cells``."""
+        return [str(g) for g in self.settings.get("gene_groups", [])]
 
 
 class _Genes(NamedTuple):
@@ -74,6 +83,9 @@ class _Genes(NamedTuple):
     var_names: list[str]
     latents: np.ndarray  # (A,)
     latent_names: list[str]  # (A,)
+    gene_delta_nll: np.ndarray | None = None  # (groups + 1, A, n_vars)
+    gene_lfc: np.ndarray | None = None
+    gene_groups: list[str] | None = None
 
 
 # -- inputs --------------------------------------------------------------------------------------
@@ -108,6 +120,10 @@ def view(result: Any, *, data: Any = None) -> ResultView:
             latents=np.asarray(result.settings["latents"], dtype=np.int64),
             latent_names=result.latent_names,
             settings=dict(result.settings),
+            gene_delta_nll=_maybe(result.gene_delta_nll),
+            gene_lfc=_maybe(result.gene_lfc),
+            gain=_maybe(result.gain_nll),
+            shapley=_maybe(result.shapley_nll),
         )
     else:
         out = _from_anndata(result)
@@ -148,7 +164,15 @@ def _from_anndata(adata: Any) -> ResultView:
         latents=np.asarray(settings["latents"], dtype=np.int64),
         latent_names=names,
         settings=settings,
+        gene_delta_nll=_maybe(uns.get("gene_delta_nll")),
+        gene_lfc=_maybe(uns.get("gene_lfc")),
+        gain=_maybe(adata.obs["gain_nll"]) if "gain_nll" in adata.obs else None,
+        shapley=_maybe(adata.obsm.get("shapley_nll")),
     )
+
+
+def _maybe(value: Any) -> np.ndarray | None:
+    return None if value is None else np.asarray(value)
 
 
 def _is_embedding(value: Any, n_obs: int) -> bool:
@@ -183,7 +207,16 @@ def _genes(obj: Any) -> _Genes:
         loadings = np.asarray(obj.get_affine_decoder().scale.loadings)
         return _Genes(loadings, None, list(obj.var_names), np.zeros(0, np.int64), [])
     v = view(obj)
-    return _Genes(v.loadings, v.mean_lfc, v.var_names, v.latents, v.latent_names)
+    return _Genes(
+        v.loadings,
+        v.mean_lfc,
+        v.var_names,
+        v.latents,
+        v.latent_names,
+        v.gene_delta_nll,
+        v.gene_lfc,
+        v.gene_groups,
+    )
 
 
 def _resolve(latent: Latent, *, n_latent: int, latents: np.ndarray, names: list[str]):
@@ -458,18 +491,59 @@ def _top_gene_table(
     return k, j, table
 
 
-def top_genes(model_or_result: Any, latent: Latent, n_top: int = 20) -> pd.DataFrame:
-    """The data behind :func:`latent_genes`: genes with the largest positive and negative loadings.
+def _group_gene_table(
+    src: _Genes, latent: Latent, n_top: int, group: str | None
+) -> tuple[int, str, pd.DataFrame] | None:
+    """(model index, group row name, the group's top genes by delta_nll) from a result's gene
+    scores; None when it has none for ``latent``. ``group`` None: all cells."""
+    k, j = _resolve(
+        latent, n_latent=src.loadings.shape[1], latents=src.latents, names=src.latent_names
+    )
+    if src.gene_delta_nll is None or src.gene_lfc is None or j is None:
+        if group is not None:
+            msg = f"No gene scores for {latent!r} per group: run ablate with gene_scores=True."
+            raise ConfigError(msg)
+        return None
+    rows = list(src.gene_groups or [])
+    key = ALL_CELLS if group is None else str(group)
+    if key not in rows:
+        raise ConfigError(f"Unknown group {group!r}; the gene scores have {rows[:-1]}.")
+    r = rows.index(key)
+    delta, lfc = src.gene_delta_nll[r, j], src.gene_lfc[r, j]
+    genes = np.argsort(-np.nan_to_num(delta, nan=-np.inf), kind="stable")[:n_top]
+    table = pd.DataFrame(
+        {
+            "gene": [src.var_names[i] for i in genes],
+            "delta_nll": delta[genes],
+            "lfc": lfc[genes],
+            "loading": src.loadings[genes, k],
+        },
+        index=pd.Index(genes, name="gene_index"),
+    )
+    return k, key, table
+
+
+def top_genes(
+    model_or_result: Any, latent: Latent, n_top: int = 20, *, group: str | None = None
+) -> pd.DataFrame:
+    """The data behind :func:`latent_genes`.
 
     Returns
     -------
     pandas.DataFrame
-        DataFrame (up to 2 * n_top rows, indexed by gene position) with ``gene``, ``loading`` (the
-        effective loading, BatchNorm folded in) and ``mean_lfc`` (mean log fold change when the
-        latent is ablated; NaN for a model or a latent the result did not ablate), from the largest
-        positive loading to the most negative.
+        From a result with gene scores (``gene_scores=True``): the ``n_top`` genes with the largest
+        mean NLL change in ``group`` (default all cells), columns ``gene``, ``delta_nll``, ``lfc``
+        (the group's means) and ``loading``. Otherwise the genes with the largest positive and
+        negative loadings (up to 2 * n_top rows, indexed by gene position) with ``gene``,
+        ``loading`` (the effective loading, BatchNorm folded in) and ``mean_lfc`` (mean log fold
+        change when the latent is ablated; NaN for a model or a latent the result did not
+        ablate), from the largest positive loading to the most negative.
     """
-    return _top_gene_table(_genes(model_or_result), latent, n_top)[2]
+    src = _genes(model_or_result)
+    scored = _group_gene_table(src, latent, n_top, group)
+    if scored is not None:
+        return scored[2]
+    return _top_gene_table(src, latent, n_top)[2]
 
 
 def latent_genes(
@@ -477,16 +551,20 @@ def latent_genes(
     latent: Latent,
     n_top: int = 20,
     *,
+    group: str | None = None,
     cmap: str | None = None,
     ax: Axes | None = None,
     show: bool = False,
     save: str | os.PathLike | None = None,
 ) -> Axes:
-    """The genes with the largest positive and negative effective loadings of one latent.
+    """The genes that carry one latent: from a result with gene scores, the group's own.
 
-    Bars are the loadings of the affine decoder (BatchNorm folded in); from a result, each bar is
-    coloured by the gene's mean log fold change when the latent is ablated (a model, or a latent
-    the result did not ablate, has no fold changes: grey bars).
+    With gene scores (``ablate(gene_scores=True)``), bars are the ``n_top`` genes with the largest
+    mean NLL change in ``group`` (default all cells) when the latent is ablated, coloured by the
+    group's mean log fold change. Otherwise bars are the largest positive and negative loadings of
+    the affine decoder (BatchNorm folded in); from a result, each bar is coloured by the gene's
+    mean log fold change over all cells (a model, or a latent the result did not ablate, has no
+    fold changes: grey bars).
 
     Parameters
     ----------
@@ -495,7 +573,10 @@ def latent_genes(
     latent
         Name (``"Z_3"``) or index into the model's latents.
     n_top
-        Genes on each side: up to ``n_top`` with loading > 0 and up to ``n_top`` with loading < 0.
+        Genes on each side: up to ``n_top`` with loading > 0 and up to ``n_top`` with loading < 0;
+        with gene scores, the ``n_top`` genes with the largest delta_nll.
+    group
+        Group of the run's ``groupby`` whose gene scores to show (needs gene scores).
     cmap, ax, show, save
         Colour map of the fold changes; Axes to draw into; ``plt.show()``; path to save to.
 
@@ -506,6 +587,9 @@ def latent_genes(
         at the top to the most negative at the bottom; the y tick labels are the gene names.
     """
     src = _genes(model_or_result)
+    scored = _group_gene_table(src, latent, n_top, group)
+    if scored is not None:
+        return _group_gene_bars(scored, cmap=cmap, ax=ax, show=show, save=save)
     k, j, table = _top_gene_table(src, latent, n_top)
     n = len(table)
     ax = _axes(ax, (5.0, 1.2 + 0.22 * n))
@@ -529,6 +613,88 @@ def latent_genes(
     ax.set_ylim(n - 0.5, -0.5)
     ax.axvline(0.0, color="0.2", linewidth=0.6)
     ax.set_xlabel("effective loading")
+    return _finish(ax, show=show, save=save)
+
+
+def _group_gene_bars(
+    scored: tuple[int, str, pd.DataFrame],
+    *,
+    cmap: str | None,
+    ax: Axes | None,
+    show: bool,
+    save: str | os.PathLike | None,
+) -> Axes:
+    """Bars of a group's top genes by mean delta_nll, coloured by their mean lfc."""
+    k, group, table = scored
+    n = len(table)
+    ax = _axes(ax, (5.0, 1.2 + 0.22 * n))
+    y = np.arange(n)
+    lfc = table["lfc"].to_numpy()
+    colours = _colour_scale(lfc, sequential="Reds", cmap=cmap, centred=True)
+    fill = colormaps[colours.cmap](colours.norm(lfc))
+    ax.barh(y, table["delta_nll"].to_numpy(), color=fill, edgecolor="0.3", linewidth=0.3)
+    bar = ax.figure.colorbar(
+        ScalarMappable(colours.norm, colours.cmap), ax=ax, shrink=0.6, pad=0.02
+    )
+    bar.set_label(f"mean log fold change in {group}, Z_{k} ablated")
+    ax.set_title(f"Z_{k} in {group}: top genes by delta_nll", fontsize="medium")
+    ax.set_yticks(y, list(table["gene"]), fontsize="small")
+    ax.set_ylim(n - 0.5, -0.5)
+    ax.axvline(0.0, color="0.2", linewidth=0.6)
+    ax.set_xlabel("mean delta_nll of the gene (nats/cell)")
+    return _finish(ax, show=show, save=save)
+
+
+def explained(
+    result: Any,
+    groupby: str | None = None,
+    *,
+    cmap: str = "Reds",
+    ax: Axes | None = None,
+    show: bool = False,
+    save: str | os.PathLike | None = None,
+) -> Axes:
+    """Heatmap of groups x latents: the share of each group's mean likelihood gain explained by
+    each latent (Shapley values, ``ablate(shapley=...)``), the LDVAE analogue of MOFA+'s
+    variance-explained plot.
+
+    Parameters
+    ----------
+    result
+        An ``AblationResult``, a result AnnData or a :class:`ResultView` with Shapley values.
+    groupby
+        obs column (default: the run's ``groupby``; None there: all cells only).
+    cmap, ax, show, save
+        Colour map; Axes to draw into; ``plt.show()``; path to save to.
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+        The Axes; its first image holds the shares (groups, then ``all cells``, x latents).
+    """
+    v = view(result)
+    if v.gain is None or v.shapley is None:
+        raise ConfigError("No Shapley values: run ablate with shapley='exact' or 'permutation'.")
+    groupby = groupby or str(v.settings.get("groupby") or "") or None
+    labels = _group_values(v, groupby) if groupby else pd.Series(np.full(len(v.gain), ALL_CELLS))
+    table = results.explained_shares(
+        v.gain, v.shapley, labels, [f"Z_{k}" for k in range(v.shapley.shape[1])]
+    )
+    if groupby is None:
+        table = table.iloc[[-1]]
+    share = table.to_numpy()
+    ax = _axes(ax, (2.6 + 0.5 * share.shape[1], 1.4 + 0.4 * share.shape[0]))
+    colours = _colour_scale(share, sequential=cmap, cmap=None)
+    image = ax.imshow(share, cmap=colours.cmap, norm=colours.norm, aspect="auto")
+    for (i, j), value in np.ndenumerate(share):
+        if np.isfinite(value):
+            ax.text(j, i, f"{value:.0%}", ha="center", va="center", fontsize="x-small")
+    _label_ticks(ax, "x", list(table.columns))
+    _label_ticks(ax, "y", [str(g) for g in table.index])
+    ax.set_xlabel("latent")
+    ax.set_ylabel(groupby or "")
+    ax.set_title("share of the mean likelihood gain explained")
+    ax.figure.colorbar(image, ax=ax, shrink=0.6, pad=0.03, label="Shapley share of gain_nll")
     return _finish(ax, show=show, save=save)
 
 

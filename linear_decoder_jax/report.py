@@ -35,6 +35,7 @@ GENES_IN_FIGURE = 12  # per side in each latent's gene panel
 STRIP_MAX_CELLS = 5000  # draw every cell over the violins up to this many cells
 PNG_DPI = 110
 HEATMAP_PNG = "group_heatmap.png"
+EXPLAINED_PNG = "explained.png"
 
 _STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto;
@@ -194,7 +195,8 @@ def write_report(
     tables = pl.group_tables(v, groupby)
     mean = tables["mean"]
     shown = _shown_latents(v, mean, top)
-    figures = _render(v, groupby, len(mean), shown)
+    gene_group = _gene_groups(v, groupby, mean, shown)
+    figures = _render(v, groupby, len(mean), shown, gene_group)
     extra = _analyses(v, result, groupby, gene_sets, shown, figures)
     if png_dir is not None:
         folder = Path(png_dir)
@@ -205,7 +207,7 @@ def write_report(
         for name, png in figures.items():
             with atomic_path(folder / name, overwrite=overwrite, directory=False) as tmp:
                 tmp.write_bytes(png)
-    page = _page(v, groupby, tables, shown, figures, top, extra)
+    page = _page(v, groupby, tables, shown, figures, top, gene_group, extra)
     with atomic_path(output, overwrite=overwrite, directory=False) as tmp:
         tmp.write_text(page, encoding="utf-8")
     return Path(output).absolute()
@@ -219,12 +221,27 @@ def _shown_latents(v: pl.ResultView, mean: pd.DataFrame, top: int) -> list[str]:
     return [v.latent_names[j] for j in order if v.latent_names[j] in picked]
 
 
+def _gene_groups(
+    v: pl.ResultView, groupby: str | None, mean: pd.DataFrame, shown: list[str]
+) -> dict[str, str | None]:
+    """Per shown latent, the group whose own gene scores its panel shows (the group where its
+    mean delta_nll is highest), when the run computed gene scores for this groupby; else None."""
+    same = groupby is not None and groupby == (v.settings.get("groupby") or None)
+    if v.gene_delta_nll is None or not same:
+        return {name: None for name in shown}
+    return {name: str(mean[name].idxmax()) for name in shown}
+
+
 def _top_of(row: pd.Series, top: int) -> list[str]:
     return list(row.sort_values(ascending=False, kind="stable").index[:top])
 
 
 def _render(
-    v: pl.ResultView, groupby: str | None, n_groups: int, shown: list[str]
+    v: pl.ResultView,
+    groupby: str | None,
+    n_groups: int,
+    shown: list[str],
+    gene_group: dict[str, str | None],
 ) -> dict[str, bytes]:
     """PNG bytes by file name: the group heatmap, then one panel row per shown latent."""
     fig = Figure(
@@ -241,7 +258,7 @@ def _render(
         axes = fig.subplots(1, 3, width_ratios=[1.25, 1.0, 1.0])
         pl.embedding(v, name, basis, ax=axes[0])
         pl.delta_distribution(v, name, groupby, stripplot=strip, ax=axes[1])
-        pl.latent_genes(v, name, GENES_IN_FIGURE, ax=axes[2])
+        pl.latent_genes(v, name, GENES_IN_FIGURE, group=gene_group[name], ax=axes[2])
         out[f"latent_{_safe(name)}.png"] = _png(fig)
     return out
 
@@ -280,6 +297,7 @@ def _page(
     shown: list[str],
     figures: dict[str, bytes],
     top: int,
+    gene_group: dict[str, str | None],
     extra: list[tuple[str, str, str]],
 ) -> str:
     mean, median, frac = tables["mean"], tables["median"], tables["frac_positive"]
@@ -331,6 +349,17 @@ def _page(
     for name in shown:
         j = v.latent_names.index(name)
         best_group = mean[name].idxmax()
+        if v.gene_delta_nll is None:
+            genes_text = (
+                "the genes with the largest positive and negative effective loadings, coloured "
+                f"by their mean log fold change when {name} is ablated"
+            )
+        else:
+            where = gene_group[name] or "all cells"
+            genes_text = (
+                f"the genes whose NLL rises most, on average over {where}, when {name} is "
+                "ablated (its own gene scores), coloured by their mean log fold change there"
+            )
         sections.append(
             f'<h3 id="latent-{_safe(name)}">{html.escape(name)}</h3>'
             f'<p class="note">mean delta_nll {v.delta_nll[:, j].mean():.3f} nats/cell over all '
@@ -340,8 +369,7 @@ def _page(
                 figures[f"latent_{_safe(name)}.png"],
                 f"{name}: embedding, distribution per {by}, top genes",
                 f"Left: cells coloured by the delta_nll of {name}. Middle: its distribution per "
-                f"{by}. Right: the genes with the largest positive and negative effective "
-                f"loadings, coloured by their mean log fold change when {name} is ablated.",
+                f"{by}. Right: {genes_text}.",
             )
         )
 
@@ -414,7 +442,6 @@ def _page(
 # -- statistics, enrichment, associations, attribution -----------------------------------------
 ENRICHMENT_ROWS = 25  # enrichment rows shown when fewer are significant
 GENES_PER_GROUP = 10  # per-group gene tables (results with per-gene scores)
-EXPLAINED_PNG = "explained.png"
 
 
 def _p(value: float) -> _Num | str:
@@ -568,6 +595,7 @@ def _analyses(
     out.append(("associations", "Covariate associations", _associations_section(v)))
     src = _attribution(result)
     if src is not None:
+        src = src.replace(obs=v.obs)  # with the obs columns taken from data=
         explained = _explained_section(src, groupby, figures)
         if explained is not None:
             out.append(("explained", "Likelihood explained per group", explained))

@@ -46,6 +46,28 @@ def group_tables(delta: np.ndarray, groups: np.ndarray, latent_names: list[str])
     return tables
 
 
+def explained_shares(
+    gain: np.ndarray, phi: np.ndarray, groups: Any, latent_names: list[str]
+) -> Any:
+    """DataFrame groups x latents: share of each group's mean gain explained by each latent
+    (``attribution`` identity S8),
+    plus an ``all cells`` row. ``groups``: per-cell labels (a categorical keeps its empty
+    categories; NaN: no group)."""
+    import pandas as pd
+
+    cats = pd.Categorical(groups)
+    names = [str(c) for c in cats.categories]
+    gain = np.asarray(gain, np.float64)
+    phi = np.asarray(phi, np.float64)
+    rows = []
+    for code in range(len(names)):
+        sel = cats.codes == code
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rows.append(phi[sel].sum(0) / gain[sel].sum())
+    rows.append(phi.sum(0) / gain.sum())
+    return pd.DataFrame(np.asarray(rows), index=[*names, schema.ALL_CELLS], columns=latent_names)
+
+
 def top_cells(
     delta: np.ndarray, obs_names: np.ndarray, latent_names: list[str], n_top: int = TOP_CELLS
 ):
@@ -74,6 +96,68 @@ class AblationResult:
     settings: dict[str, Any]
     embeddings: dict[str, np.ndarray] = field(default_factory=dict)
     groups: dict[str, Any] | None = None
+    explained_table: Any = None  # uns["ablation_explained"]: shapley with groupby
+
+    @property
+    def gain(self) -> np.ndarray | None:
+        """``gain_nll`` (n_obs,): NLL with every latent at its baseline minus the full NLL."""
+        return self.arrays.get("gain_nll")
+
+    @property
+    def shapley(self) -> np.ndarray | None:
+        """``shapley_nll`` (n_obs, K): each latent's Shapley share of the gain; rows sum to it."""
+        return self.arrays.get("shapley_nll")
+
+    def explained(self, groupby: str | None = None):
+        """DataFrame groups (+ ``all cells``) x K latents: the share of each group's mean gain
+        explained by each latent (``attribution`` identity S8). ``groupby``: an obs column (default
+        the run's)."""
+        if self.shapley is None:
+            raise IncompatibleDataError("No Shapley values: run ablate with shapley='exact'.")
+        groupby = groupby or self.settings.get("groupby") or None
+        if groupby is None:
+            raise IncompatibleDataError("Pass groupby: the run had none.")
+        if groupby == self.settings.get("groupby") and self.explained_table is not None:
+            return self.explained_table
+        if groupby not in self.obs:
+            raise IncompatibleDataError(f"groupby column {groupby!r} is not in the result's obs.")
+        names = [f"Z_{k}" for k in range(self.shapley.shape[1])]
+        return explained_shares(
+            np.asarray(self.gain), np.asarray(self.shapley), self.obs[groupby], names
+        )
+
+    def gene_table(self, latent: int | str, group: str | None = None, n_top: int | None = None):
+        """Per-gene scores of one ablated latent in one group (default all cells): a DataFrame
+        indexed by gene with columns ``delta_nll`` (mean NLL change of the gene over the group's
+        cells) and ``lfc`` (mean log fold change of rho), sorted by ``delta_nll`` descending."""
+        import pandas as pd
+
+        if self.gene_delta_nll is None:
+            raise IncompatibleDataError("No gene scores: run ablate with gene_scores=True.")
+        names = self.latent_names
+        if isinstance(latent, str):
+            if latent not in names:
+                raise IncompatibleDataError(f"Latent {latent!r} was not ablated ({names}).")
+            j = names.index(latent)
+        else:
+            ablated = [int(i) for i in self.settings["latents"]]
+            if int(latent) not in ablated:
+                raise IncompatibleDataError(f"Latent {latent} was not ablated ({ablated}).")
+            j = ablated.index(int(latent))
+        rows = [str(g) for g in self.settings["gene_groups"]]
+        key = schema.ALL_CELLS if group is None else str(group)
+        if key not in rows:
+            raise IncompatibleDataError(f"Group {group!r} not among {rows[:-1]}.")
+        r = rows.index(key)
+        table = pd.DataFrame(
+            {
+                "delta_nll": np.asarray(self.gene_delta_nll[r, j]),
+                "lfc": np.asarray(self.gene_lfc[r, j]),
+            },
+            index=pd.Index(self.var_names, name="gene"),
+        )
+        table = table.sort_values("delta_nll", ascending=False, kind="stable")
+        return table if n_top is None else table.head(n_top)
 
     def __getattr__(self, name: str) -> Any:
         if name in schema.BY_NAME and "arrays" in self.__dict__:
@@ -154,7 +238,7 @@ class AblationResult:
         )
         for f in schema.FIELDS:
             value = self.arrays.get(f.name)
-            if value is not None:
+            if value is not None and f.slot != "uns":  # uns fields: _uns
                 getattr(adata, f.slot)[f.name] = np.asarray(value)
         for key, value in self.embeddings.items():
             adata.obsm[key] = value
@@ -167,6 +251,11 @@ class AblationResult:
         if self.groups is not None:
             uns["ablation_groups"] = dict(self.groups)
         uns["ablation_top_cells"] = self.top_cells()
+        if self.explained_table is not None:
+            uns["ablation_explained"] = self.explained_table
+        for f in schema.fields("uns"):
+            if self.arrays.get(f.name) is not None:
+                uns[f.name] = np.asarray(self.arrays[f.name])
         return uns
 
     def add_to(
@@ -212,7 +301,10 @@ class AblationResult:
             uns = read_elem(f["uns"])
             arrays: dict[str, np.ndarray] = {}
             for fld in schema.FIELDS:
-                if fld.slot == "obs" and fld.name in obs:
+                if fld.slot == "uns":
+                    if fld.name in uns:
+                        arrays[fld.name] = np.asarray(uns.pop(fld.name))
+                elif fld.slot == "obs" and fld.name in obs:
                     arrays[fld.name] = obs.pop(fld.name).to_numpy()
                 elif fld.slot != "obs" and fld.name in f[fld.slot]:
                     node = f[fld.slot][fld.name]
@@ -237,6 +329,7 @@ class AblationResult:
             settings=dict(uns["ablation"]),
             embeddings=embeddings,
             groups=uns.get("ablation_groups"),
+            explained_table=uns.get("ablation_explained"),
         )
 
     def group_stats(self, groupby: str | None = None, *, score: str = "delta_nll"):
@@ -325,7 +418,7 @@ class H5adStream:
                 obs[fld.name] = np.asarray(value)
             elif fld.slot == "varm":
                 varm[fld.name] = np.asarray(value)
-            elif fld.name not in f["obsm"]:
+            elif fld.slot == "obsm" and fld.name not in f["obsm"]:
                 write_elem(f["obsm"], fld.name, np.asarray(value))
         with obs_writing():
             write_elem(f, "obs", obs)

@@ -467,6 +467,9 @@ class Options(NamedTuple):
     groupby_max: int = 50  # options.DEFAULT_GROUPBY_MAX
     layer: str | None = anndata_io.AUTO  # where the counts are (anndata_io.choose_counts)
     use_raw: bool = False
+    gene_scores: bool = False
+    shapley: str | None = None  # "exact", "permutation" or None
+    n_permutations: int = 0
     # distributed runs: the decoder inputs of this process's rows -> those of every process, in
     # row order (``distributed.gather_array``), so "mean"/"median" cover all input cells
     gather: Callable[[np.ndarray], np.ndarray] | None = None
@@ -475,7 +478,7 @@ class Options(NamedTuple):
 def ablate(model_: Any, adata: Any, opts: Options, *, output: Any, overwrite: bool) -> Any:
     """Resolve ``opts`` into a :class:`Plan`, run the scorers over ``adata`` and assemble the
     ``AblationResult`` (in memory, or streamed into ``output`` and read back memory-mapped)."""
-    from linear_decoder_jax import ablation, refit, results, schema
+    from linear_decoder_jax import ablation, attribution, options, refit, results, schema
     from linear_decoder_jax._atomic import atomic_path
 
     cfg = model_.config
@@ -490,6 +493,13 @@ def ablate(model_: Any, adata: Any, opts: Options, *, output: Any, overwrite: bo
     if data.n_obs == 0:
         raise ConfigError(f"Shard {opts.shard} of {full.n_obs} cells is empty; use fewer shards.")
     idx = ablation.resolve_latents(opts.latents, cfg.n_latent)
+    if opts.shapley is not None:
+        attribution.check_shapley(
+            opts.shapley,
+            cfg.n_latent,
+            opts.n_permutations,
+            max_exact=options.MAX_EXACT_SHAPLEY_LATENTS,
+        )
     dtype = np.dtype(model_.dtype)
     n_dev = len(opts.devices)
     vectorize = vectorize_default(opts.devices)
@@ -503,6 +513,10 @@ def ablate(model_: Any, adata: Any, opts: Options, *, output: Any, overwrite: bo
     codes = None
     if groupby is not None:
         codes, group_names, _ = anndata_io.group_codes(obs, groupby, max_groups=opts.groupby_max)
+    if opts.gene_scores:
+        attribution.check_gene_budget(
+            len(group_names), len(idx), cfg.n_input, budget=options.GENE_SCORES_BUDGET
+        )
 
     def make_plan(baseline: np.ndarray, name: str, rows: tuple[int, int]) -> Plan:
         return Plan(
@@ -536,7 +550,22 @@ def ablate(model_: Any, adata: Any, opts: Options, *, output: Any, overwrite: bo
             refit.check_baseline(base_values, idx, model_.latent_names, config=cfg)
         plan = make_plan(base_values, base_name, (lo, hi))
         place = placement(plan.devices)
-        scorers: list[Any] = [ablation.SweepScorer(params, plan, config=cfg, place=place)]
+        scorers: list[Any] = [
+            ablation.SweepScorer(
+                params, plan, config=cfg, place=place, gene_scores=opts.gene_scores
+            )
+        ]
+        if opts.shapley is not None:
+            scorers.append(
+                attribution.ShapleyScorer(
+                    params,
+                    plan,
+                    config=cfg,
+                    place=place,
+                    method=opts.shapley,  # type: ignore[arg-type]
+                    n_permutations=opts.n_permutations,
+                )
+            )
         refit_settings: dict[str, Any] = {"refit": False}
         if opts.refit:
             optimizer, steps, tol = opts.refit
@@ -603,10 +632,19 @@ def ablate(model_: Any, adata: Any, opts: Options, *, output: Any, overwrite: bo
                 "source_scvi_version": str(model_.spec.source.get("scvi_version") or ""),
                 "model_fingerprint": model_.fingerprint(),
                 **refit_settings,
+                "gene_scores": bool(opts.gene_scores),
+                "shapley": opts.shapley or "",
+                "n_permutations": opts.n_permutations if opts.shapley == "permutation" else 0,
             }
-            groups = None
+            if opts.gene_scores:  # names of the gene tables' group rows
+                settings["gene_groups"] = [*group_names, schema.ALL_CELLS]
+            groups = explained = None
             if groupby is not None:
                 groups = results.group_tables(arrays["delta_nll"], obs[groupby].to_numpy(), names)
+                if opts.shapley is not None:
+                    explained = results.explained_shares(
+                        arrays["gain_nll"], arrays["shapley_nll"], obs[groupby], model_.latent_names
+                    )
             result = results.AblationResult(
                 arrays=arrays,
                 loadings=np.asarray(model_.get_affine_decoder().scale.loadings),
@@ -615,6 +653,7 @@ def ablate(model_: Any, adata: Any, opts: Options, *, output: Any, overwrite: bo
                 settings=settings,
                 embeddings={k: v[lo:hi] for k, v in embeddings(adata).items()},
                 groups=groups,
+                explained_table=explained,
             )
             if stream is not None:
                 stream.finish(result)

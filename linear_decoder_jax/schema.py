@@ -8,7 +8,8 @@ the README's and the docs' schema tables are generated from it (:func:`markdown_
 ``tests/test_schema.py``). A new score is one scorer (``run.py``) plus its rows here.
 
 Dimension names: ``obs`` cells, ``vars`` genes, ``latent`` all K latents, ``ablated`` the A ablated
-latents (result column order).
+latents (result column order), ``group`` the ``groupby`` categories then all cells (their names:
+``uns["ablation"]["gene_groups"]``).
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-Slot = Literal["obs", "obsm", "varm"]
+Slot = Literal["obs", "obsm", "varm", "uns"]
 DType = Literal["float", "bool"]
-Reduce = Literal["rows", "mean"]
+Reduce = Literal["rows", "mean", "group_mean", "sum"]
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,9 @@ class Field:
     """One array of a result.
 
     ``reduce`` says how parts of a run combine (shards, processes): ``"rows"``, one row per cell,
-    concatenated in obs order; ``"mean"``, a mean over cells, combined weighted by cell counts.
+    concatenated in obs order; ``"mean"``, a mean over cells, combined weighted by cell counts;
+    ``"group_mean"``, a mean over each group's cells, weighted by ``gene_n_cells``; ``"sum"``,
+    added.
     ``dtype="float"`` is the model's dtype.
     """
 
@@ -44,6 +47,7 @@ class Field:
 
 
 ALWAYS = "always"
+ALL_CELLS = "all cells"  # name of the last row of the per-group tables
 
 FIELDS: tuple[Field, ...] = (
     Field("nll", "obs", ("obs",), "float", ALWAYS, "full NLL at the posterior mean (nats)"),
@@ -112,6 +116,58 @@ FIELDS: tuple[Field, ...] = (
         "mean over cells of `ln rho_ablated - ln rho`",
         reduce="mean",
     ),
+    Field(
+        "gain_nll",
+        "obs",
+        ("obs",),
+        "float",
+        "shapley set",
+        "NLL with every latent at its baseline minus the full NLL: what the latents explain",
+    ),
+    Field(
+        "shapley_nll",
+        "obsm",
+        ("obs", "latent"),
+        "float",
+        "shapley set",
+        "Shapley values of gain_nll over all K latents; rows sum to gain_nll",
+    ),
+    Field(
+        "shapley_nll_se",
+        "obsm",
+        ("obs", "latent"),
+        "float",
+        'shapley="permutation"',
+        "Monte-Carlo standard error of shapley_nll (antithetic permutation pairs)",
+    ),
+    Field(
+        "gene_delta_nll",
+        "uns",
+        ("group", "ablated", "vars"),
+        "float",
+        "gene_scores=True",
+        "mean over the group's cells of each gene's NLL change (sums over genes to delta_nll); "
+        "NaN for an empty group",
+        reduce="group_mean",
+    ),
+    Field(
+        "gene_lfc",
+        "uns",
+        ("group", "ablated", "vars"),
+        "float",
+        "gene_scores=True",
+        "mean over the group's cells of `ln rho_ablated - ln rho` per gene",
+        reduce="group_mean",
+    ),
+    Field(
+        "gene_n_cells",
+        "uns",
+        ("group",),
+        "float",
+        "gene_scores=True",
+        "cells per group (the last entry: all cells)",
+        reduce="sum",
+    ),
 )
 
 BY_NAME: dict[str, Field] = {f.name: f for f in FIELDS}
@@ -136,6 +192,12 @@ UNS: tuple[tuple[str, str, str], ...] = (
         "DataFrames groups x ablated latents `mean`, `median`, `frac_positive`, and `n_cells`",
     ),
     ("ablation_top_cells", ALWAYS, "the 10 cells with the largest delta_nll per ablated latent"),
+    (
+        "ablation_explained",
+        "shapley and groupby",
+        "DataFrame groups (+ `all cells`) x K latents: share of the group's mean gain_nll "
+        "explained by each latent",
+    ),
 )
 
 
@@ -154,7 +216,13 @@ def shape(f: Field, sizes: dict[str, int]) -> tuple[int, ...]:
     return tuple(sizes[d] for d in f.dims)
 
 
-_DIM_TEXT = {"obs": "n_obs", "vars": "n_vars", "latent": "K", "ablated": "A"}
+_DIM_TEXT = {
+    "obs": "n_obs",
+    "vars": "n_vars",
+    "latent": "K",
+    "ablated": "A",
+    "group": "(n_groups + 1)",
+}
 
 
 def markdown_table() -> str:

@@ -3,7 +3,6 @@ the attribution sections when a result carries Shapley and per-gene scores."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 
@@ -12,7 +11,6 @@ import matplotlib
 matplotlib.use("Agg")
 
 import numpy as np
-import pandas as pd
 import pytest
 from test_pl import demo_result
 from test_report import Page, _records
@@ -97,28 +95,11 @@ def test_cli_report_gene_sets(tmp_path, capsys, planted):
     assert err.startswith("ldj: error:") and "bad.gmt, line 1" in err and err.count("\n") == 1
 
 
-@dataclasses.dataclass
-class _Attributed(ldj.AblationResult):
-    """A result carrying the attribution engine's fields (stand-in until that engine lands)."""
-
-    shapley_nll: np.ndarray | None = None
-
-    def explained(self, groupby: str) -> pd.DataFrame:
-        share = pd.DataFrame(self.shapley_nll, columns=self.latent_names)
-        share = share.groupby(self.obs[groupby].to_numpy(), observed=True).mean()
-        return share.div(share.sum(axis=1), axis=0)
-
-    def gene_table(self, latent: str, group: str | None = None, n_top: int | None = None):
-        k = int(latent[2:])
-        frame = pd.DataFrame({"delta_nll": -self.loadings[:, k]}, index=self.var_names)
-        return frame.sort_values("delta_nll", ascending=False).head(n_top)
-
-
 def test_report_shows_attribution_sections_when_present(tmp_path):
-    _, _, result = demo_result()
-    fields = {f.name: getattr(result, f.name) for f in dataclasses.fields(ldj.AblationResult)}
-    shapley = np.abs(np.asarray(result.delta_nll))
-    attributed = _Attributed(**fields, shapley_nll=shapley)
+    model, adata, _ = demo_result()
+    attributed = ldj.ablate(
+        model, adata, groupby="cell_type", gene_scores=True, shapley="exact", batch_size=64
+    )
     text = report.write_report(attributed, tmp_path / "r.html").read_text(encoding="utf-8")
     page = Page(text)
     assert {"#explained", "#group-genes"} <= set(page.links)
@@ -127,6 +108,6 @@ def test_report_shows_attribution_sections_when_present(tmp_path):
     assert [r["cell_type"] for r in shares] == [str(g) for g in want.index]
     section = text[text.index('id="group-genes"') :]
     first = re.search(r"<h3>(Z_\d+)</h3>", section).group(1)
-    genes = np.asarray(result.var_names)[np.argsort(result.loadings[:, int(first[2:])])[:10]]
-    groups = list(result.obs["cell_type"].astype("category").cat.categories)
+    groups = list(adata.obs["cell_type"].astype("category").cat.categories)
+    genes = attributed.gene_table(first, group=groups[0], n_top=report.GENES_PER_GROUP).index
     assert page.tables["gg"][1] == [groups[0], ", ".join(genes)]

@@ -99,25 +99,33 @@ def test_every_schema_field_round_trips(tmp_path):
     model = random_model(seed=3, dtype="float64")
     adata = random_adata(model, n_obs=20, seed=4)
     adata.obsm["X_umap"] = np.random.default_rng(0).normal(size=(20, 2))
-    res = ldj.ablate(model, adata, latents=[0, 2], n_samples=2, refit=True, refit_steps=3)
-    present = {f.name for f in schema.FIELDS if getattr(res, f.name) is not None}
-    assert present == {f.name for f in schema.FIELDS}  # this run fills every field
-    streamed = ldj.ablate(
-        model,
-        adata,
-        latents=[0, 2],
-        n_samples=2,
-        refit=True,
-        refit_steps=3,
-        output=tmp_path / "s.h5ad",
-    )
-    res.write(tmp_path / "m.h5ad")
-    for other in (streamed, ldj.AblationResult.read(tmp_path / "m.h5ad")):
-        for f in schema.FIELDS:
-            np.testing.assert_allclose(
-                np.asarray(getattr(other, f.name), float), np.asarray(getattr(res, f.name), float)
-            )
-        assert set(other.embeddings) == {"X_umap"}
+    runs = [  # gene scores need n_samples=0: two runs fill every field
+        {"latents": [0, 2], "n_samples": 2, "refit": True, "refit_steps": 3},
+        {
+            "latents": [0, 2],
+            "groupby": "group",
+            "gene_scores": True,
+            "shapley": "permutation",
+            "n_permutations": 4,
+        },
+    ]
+    present = set()
+    for i, kwargs in enumerate(runs):
+        res = ldj.ablate(model, adata, **kwargs)
+        present |= {f.name for f in schema.FIELDS if getattr(res, f.name) is not None}
+        streamed = ldj.ablate(model, adata, **kwargs, output=tmp_path / f"s{i}.h5ad")
+        res.write(tmp_path / f"m{i}.h5ad")
+        for other in (streamed, ldj.AblationResult.read(tmp_path / f"m{i}.h5ad")):
+            for f in schema.FIELDS:
+                if getattr(res, f.name) is None:
+                    assert getattr(other, f.name) is None
+                    continue
+                np.testing.assert_allclose(
+                    np.asarray(getattr(other, f.name), float),
+                    np.asarray(getattr(res, f.name), float),
+                )
+            assert set(other.embeddings) == {"X_umap"}
+    assert present == {f.name for f in schema.FIELDS}
 
 
 def test_refit_arrays_are_not_embeddings(tmp_path):
