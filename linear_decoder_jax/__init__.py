@@ -42,7 +42,7 @@ _EXPORTS = {
     "load": "api",
 }
 
-_SUBMODULES = ("pl",)
+_SUBMODULES = ("module", "pl")
 
 __all__ = ["__version__", *sorted(_EXPORTS), *_SUBMODULES]
 
@@ -63,7 +63,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from linear_decoder_jax import pl
+    from linear_decoder_jax import module, pl
     from linear_decoder_jax._cache import enable_compilation_cache
     from linear_decoder_jax.api import AffineDecoders, LinearSCVI, ablate, convert, load
     from linear_decoder_jax.config import DataRegistry, LDVAEConfig, ModelSpec

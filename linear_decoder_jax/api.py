@@ -180,6 +180,14 @@ class LinearSCVI:
         """Parameters as numpy arrays of the model's dtype (the converted weights)."""
         return self._host_params
 
+    def to_flax(self) -> tuple[Any, dict[str, Any]]:
+        """This model as a Flax (linen) module and its ``variables``: ``module.apply(variables,
+        x, batch, label, method="nll")`` and friends, differentiable and trainable with optax
+        (``linear_decoder_jax.module``; the workflow is in docs/flax.md)."""
+        from linear_decoder_jax import module
+
+        return module.create(self.config, self.host_params)
+
     def fingerprint(self) -> str:
         """sha256 of the weights and the data registry (``checkpoint.fingerprint``)."""
         return checkpoint.fingerprint(self._host_params, self.spec)
