@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import gammaln, xlogy
 
+from linear_decoder_jax._typing import Counts, PerGene
+
 Array = jax.Array
 EPS = 1e-8  # scvi-tools log_nb_positive / log_zinb_positive default eps
 
@@ -122,8 +124,8 @@ def rate_term_change(
 
 
 def log_prob_varying(
-    x: Array, mu: Array, theta: Array, zi_logits: Array | None, *, likelihood: Likelihood
-) -> Array:
+    x: Counts, mu: PerGene, theta: PerGene, zi_logits: PerGene | None, *, likelihood: Likelihood
+) -> PerGene:
     """Per-gene log-likelihood terms that depend on ``mu``/``zi_logits`` (shape of ``x``)."""
     if likelihood in ("nb", "poisson"):
         # theta * log(theta + eps) of NB is in log_prob_constant
@@ -138,7 +140,7 @@ def log_prob_varying(
     return jnp.where(x < EPS, case_zero, 0.0) + jnp.where(x > EPS, case_non_zero, 0.0)
 
 
-def log_prob_constant(x: Array, theta: Array, *, likelihood: Likelihood) -> Array:
+def log_prob_constant(x: Counts, theta: PerGene, *, likelihood: Likelihood) -> PerGene:
     """Per-gene log-likelihood terms that depend on ``x`` and ``theta`` only."""
     if likelihood == "poisson":
         return -gammaln(x + 1.0)
@@ -158,8 +160,8 @@ def log_prob_constant_at_zero(theta: Array, *, likelihood: Likelihood) -> Array:
 
 
 def log_prob(
-    x: Array, mu: Array, theta: Array, zi_logits: Array | None, *, likelihood: Likelihood
-) -> Array:
+    x: Counts, mu: PerGene, theta: PerGene, zi_logits: PerGene | None, *, likelihood: Likelihood
+) -> PerGene:
     """Per-gene log-likelihood of counts ``x`` (n_obs, n_vars), as scvi-tools' ``px.log_prob``."""
     varying = log_prob_varying(x, mu, theta, zi_logits, likelihood=likelihood)
     return varying + log_prob_constant(x, theta, likelihood=likelihood)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from linear_decoder_jax import layers
+from linear_decoder_jax._typing import Codes, Counts, Latent, LogLibrary, PerCell, PerGene, PRNGKey
 from linear_decoder_jax.config import LDVAEConfig
 from linear_decoder_jax.distributions import log_prob
 from linear_decoder_jax.params import Layer, LDVAEParams
@@ -49,11 +50,11 @@ class AffineDecoder(NamedTuple):
     intercept: Array  # (n_vars,)
 
 
-def encoder_input(x: Array, *, config: LDVAEConfig) -> Array:
+def encoder_input(x: Counts, *, config: LDVAEConfig) -> PerGene:
     return jnp.log1p(x) if config.log_variational else x
 
 
-def inference(params: LDVAEParams, x: Array, *, config: LDVAEConfig) -> Posterior:
+def inference(params: LDVAEParams, x: Counts, *, config: LDVAEConfig) -> Posterior:
     """Posteriors q(z|x) and q(l|x) for counts ``x`` (n_obs, n_vars); encoders ignore batch."""
     h = encoder_input(x, config=config)
     qz_m, qz_v = layers.encoder(params.z_encoder, h)
@@ -61,23 +62,23 @@ def inference(params: LDVAEParams, x: Array, *, config: LDVAEConfig) -> Posterio
     return Posterior(qz_m, qz_v, ql_m, ql_v)
 
 
-def z_transformation(z: Array, *, config: LDVAEConfig) -> Array:
+def z_transformation(z: Latent, *, config: LDVAEConfig) -> Latent:
     """Map an encoder-space z to the decoder input: identity, or softmax for "ln" models."""
     return jax.nn.softmax(z, axis=-1) if config.latent_distribution == "ln" else z
 
 
-def observed_log_library(x: Array) -> Array:
+def observed_log_library(x: Counts) -> LogLibrary:
     """Log total counts per cell (n_obs, 1)."""
     return jnp.log(x.sum(axis=-1, keepdims=True))
 
 
 def library(
     posterior: Posterior,
-    x: Array,
+    x: Counts,
     *,
     config: LDVAEConfig,
     choice: Literal["model", "observed"] = "model",
-) -> Array:
+) -> LogLibrary:
     """Log library (n_obs, 1). ``choice="model"``: the model's own (observed log total counts when
     it was trained with ``use_observed_lib_size``, else the q(l|x) mean, LinearSCVI's default);
     ``"observed"``: log total counts whatever the model does."""
@@ -86,7 +87,7 @@ def library(
     return posterior.ql_m
 
 
-def sample_gaussian(mean: Array, var: Array, *, key: Array) -> Array:
+def sample_gaussian(mean: Latent, var: Latent, *, key: PRNGKey) -> Latent:
     """One reparameterised draw from N(mean, var), e.g. z ~ q(z|x) in encoder space."""
     return mean + jnp.sqrt(var) * jax.random.normal(key, mean.shape, mean.dtype)
 
@@ -108,19 +109,19 @@ def affine_head(head: Layer, *, config: LDVAEConfig) -> AffineDecoder:
     return AffineDecoder(loadings=w_z.T, offsets=w_b, intercept=intercept)
 
 
-def affine_logits(head: AffineDecoder, z: Array, batch: Array) -> Array:
+def affine_logits(head: AffineDecoder, z: Latent, batch: Codes) -> PerGene:
     """Logits of a folded head (:func:`affine_head`) for decoder input ``z`` (n_obs, n_latent)."""
     return z @ head.loadings.T + head.offsets[batch] + head.intercept[None, :]
 
 
-def head_logits(head: Layer, z: Array, batch: Array, *, config: LDVAEConfig) -> Array:
+def head_logits(head: Layer, z: Latent, batch: Codes, *, config: LDVAEConfig) -> PerGene:
     """A decoder head on concat(z, one_hot(batch)), as ``FCLayers`` computes it."""
     if config.n_batch_onehot:
         z = jnp.concatenate([z, jax.nn.one_hot(batch, config.n_batch, dtype=z.dtype)], axis=-1)
     return layers.layer(head, z, relu=False)
 
 
-def dispersion(params: LDVAEParams, batch: Array, label: Array, *, config: LDVAEConfig) -> Array:
+def dispersion(params: LDVAEParams, batch: Codes, label: Codes, *, config: LDVAEConfig) -> PerGene:
     """theta = exp(px_r) per cell and gene (n_obs, n_vars)."""
     px_r = params.px_r
     if config.dispersion == "gene":
@@ -131,10 +132,10 @@ def dispersion(params: LDVAEParams, batch: Array, label: Array, *, config: LDVAE
 
 def generative(
     params: LDVAEParams,
-    z: Array,
-    log_library: Array,
-    batch: Array,
-    label: Array,
+    z: Latent,
+    log_library: LogLibrary,
+    batch: Codes,
+    label: Codes,
     *,
     config: LDVAEConfig,
 ) -> Decoded:
@@ -149,7 +150,7 @@ def generative(
     return Decoded(scale=scale, mu=mu, theta=theta, zi_logits=zi)
 
 
-def log_likelihood(x: Array, decoded: Decoded, *, config: LDVAEConfig) -> Array:
+def log_likelihood(x: Counts, decoded: Decoded, *, config: LDVAEConfig) -> PerCell:
     """Per-cell log p(x | decoded), summed over genes (n_obs,)."""
     per_gene = log_prob(
         x, decoded.mu, decoded.theta, decoded.zi_logits, likelihood=config.gene_likelihood

@@ -26,6 +26,22 @@ sys.path.insert(0, str(DATA))
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# Shapes and dtypes in the core's signatures (linear_decoder_jax._typing) are checked at run time
+# under the test suite only, as equinox does: the hook decorates these modules' functions with
+# jaxtyping + beartype as they are imported, so it must run before anything imports them.
+_CHECKED = ("linear_decoder_jax.model", "linear_decoder_jax.distributions")
+
+
+def _check_shapes() -> None:
+    from jaxtyping import install_import_hook
+
+    loaded = [m for m in _CHECKED if m in sys.modules]
+    assert not loaded, f"{loaded} imported before the jaxtyping hook"
+    install_import_hook(list(_CHECKED), "beartype.beartype")
+
+
+_check_shapes()
+
 
 def _strict_jax() -> None:
     import jax
