@@ -201,3 +201,35 @@ def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
     assert ours.shape == ref.shape, (ours.shape, ref.shape)
     return float(np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-30))
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures of the reliability tests (the demo model and data, a converted copy)
+# (demo files imported lazily: this module must not import linear_decoder_jax before the hook)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_model() -> Any:
+    import linear_decoder_jax as ldj
+    from linear_decoder_jax.demo import demo_files
+
+    return ldj.load(demo_files() / "model.pt")
+
+
+@pytest.fixture(scope="module")
+def demo_adata() -> Any:
+    import anndata
+
+    from linear_decoder_jax.demo import demo_files
+
+    return anndata.read_h5ad(demo_files() / "counts.h5ad")
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo checkpoint converted to our format."""
+    import linear_decoder_jax as ldj
+    from linear_decoder_jax.demo import demo_files
+
+    return ldj.convert(demo_files() / "model.pt", tmp_path_factory.mktemp("converted") / "model")
