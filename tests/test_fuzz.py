@@ -44,7 +44,7 @@ import anndata
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from test_reliability import (
+from reliability_tools import (
     DEMO_DATA,
     DEMO_MODEL,
     GOLDEN,
