@@ -317,7 +317,7 @@ def ablate(
             wait_for(cluster, "done", list(range(n)))
             parts = [folder / f"part-{p}-of-{n}.h5ad" for p in range(n)]
             extra = {"n_processes": n, "n_devices": int(sum(int(d[0]) for d in n_devices))}
-            merge.merge_parts(parts, output, overwrite=overwrite, settings=extra)
+            merge.merge_parts(parts, output, overwrite=overwrite, settings=extra, whole_ok=n == 1)
             remove_parts(output)
             mark(cluster, "assembled")
         else:

@@ -32,7 +32,7 @@ def _comparable(settings: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _check(parts: list[tuple[str, AblationResult]]) -> None:
+def _check(parts: list[tuple[str, AblationResult]], *, whole_ok: bool = False) -> None:
     first_path, first = parts[0]
     reference = _comparable(first.settings)
     for path, part in parts[1:]:
@@ -45,7 +45,7 @@ def _check(parts: list[tuple[str, AblationResult]]) -> None:
     if len(n_shards) != 1:
         raise IncompatibleDataError(f"Parts come from different shard counts: {sorted(n_shards)}.")
     (n,) = n_shards
-    if n == 1:
+    if n == 1 and not (whole_ok and len(parts) == 1):
         msg = (
             f"{', '.join(path for path, _ in parts)} are whole runs, not shard parts of one run "
             "(`ldj ablate --shard I/N` writes those), so there is nothing to merge."
@@ -88,15 +88,17 @@ def merge_parts(
     *,
     overwrite: bool = False,
     settings: dict[str, Any] | None = None,
+    whole_ok: bool = False,
 ) -> AblationResult:
     """Merge shard results into ``output`` (atomic; refuses to overwrite unless asked);
-    ``settings`` are recorded in the merged ``uns["ablation"]`` on top of the parts' own."""
+    ``settings`` are recorded in the merged ``uns["ablation"]`` on top of the parts' own;
+    ``whole_ok`` accepts one whole run as its own single part (a one-process distributed run)."""
     import pandas as pd
 
     check_destination(output, overwrite=overwrite)
     parts = [(str(p), AblationResult.read(p)) for p in paths]
     parts.sort(key=lambda item: int(item[1].settings["shard"][0]))
-    _check(parts)
+    _check(parts, whole_ok=whole_ok)
     results = [p for _, p in parts]
     first = results[0]
     counts = [len(r.obs) for r in results]
