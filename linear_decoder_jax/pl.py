@@ -600,20 +600,33 @@ def latent_genes(
         why = "model: loadings only" if src.mean_lfc is None else "not ablated: no fold change"
         ax.set_title(f"Z_{k}: top genes by loading ({why})", fontsize="medium")
     else:
-        lfc = table["mean_lfc"].to_numpy()
-        colours = _colour_scale(lfc, sequential="Reds", cmap=cmap, centred=True)
-        fill = colormaps[colours.cmap](colours.norm(lfc))
-        ax.barh(y, width, color=fill, edgecolor="0.3", linewidth=0.3)
-        bar = ax.figure.colorbar(
-            ScalarMappable(colours.norm, colours.cmap), ax=ax, shrink=0.6, pad=0.02
-        )
-        bar.set_label(f"mean log fold change, Z_{k} ablated")
+        label = f"mean log fold change, Z_{k} ablated"
+        _lfc_bars(ax, y, width, table["mean_lfc"].to_numpy(), cmap=cmap, label=label)
         ax.set_title(f"Z_{k}: top genes by loading", fontsize="medium")
-    ax.set_yticks(y, list(table["gene"]), fontsize="small")
+    _gene_axis(ax, list(table["gene"]), "effective loading")
+    return _finish(ax, show=show, save=save)
+
+
+def _lfc_bars(
+    ax: Axes, y: np.ndarray, width: np.ndarray, lfc: np.ndarray, *, cmap: str | None, label: str
+) -> None:
+    """Horizontal bars coloured by log fold change (centred scale), with their colour bar."""
+    colours = _colour_scale(lfc, sequential="Reds", cmap=cmap, centred=True)
+    fill = colormaps[colours.cmap](colours.norm(lfc))
+    ax.barh(y, width, color=fill, edgecolor="0.3", linewidth=0.3)
+    bar = ax.figure.colorbar(
+        ScalarMappable(colours.norm, colours.cmap), ax=ax, shrink=0.6, pad=0.02
+    )
+    bar.set_label(label)
+
+
+def _gene_axis(ax: Axes, genes: list[str], xlabel: str) -> None:
+    """Gene names down the y axis (first on top), a zero line and the x label."""
+    n = len(genes)
+    ax.set_yticks(np.arange(n), genes, fontsize="small")
     ax.set_ylim(n - 0.5, -0.5)
     ax.axvline(0.0, color="0.2", linewidth=0.6)
-    ax.set_xlabel("effective loading")
-    return _finish(ax, show=show, save=save)
+    ax.set_xlabel(xlabel)
 
 
 def _group_gene_bars(
@@ -629,19 +642,10 @@ def _group_gene_bars(
     n = len(table)
     ax = _axes(ax, (5.0, 1.2 + 0.22 * n))
     y = np.arange(n)
-    lfc = table["lfc"].to_numpy()
-    colours = _colour_scale(lfc, sequential="Reds", cmap=cmap, centred=True)
-    fill = colormaps[colours.cmap](colours.norm(lfc))
-    ax.barh(y, table["delta_nll"].to_numpy(), color=fill, edgecolor="0.3", linewidth=0.3)
-    bar = ax.figure.colorbar(
-        ScalarMappable(colours.norm, colours.cmap), ax=ax, shrink=0.6, pad=0.02
-    )
-    bar.set_label(f"mean log fold change in {group}, Z_{k} ablated")
+    label = f"mean log fold change in {group}, Z_{k} ablated"
+    _lfc_bars(ax, y, table["delta_nll"].to_numpy(), table["lfc"].to_numpy(), cmap=cmap, label=label)
     ax.set_title(f"Z_{k} in {group}: top genes by delta_nll", fontsize="medium")
-    ax.set_yticks(y, list(table["gene"]), fontsize="small")
-    ax.set_ylim(n - 0.5, -0.5)
-    ax.axvline(0.0, color="0.2", linewidth=0.6)
-    ax.set_xlabel("mean delta_nll of the gene (nats/cell)")
+    _gene_axis(ax, list(table["gene"]), "mean delta_nll of the gene (nats/cell)")
     return _finish(ax, show=show, save=save)
 
 
