@@ -10,6 +10,7 @@ equinox does: at run time they cost nothing.
 from __future__ import annotations
 
 import jax
+import numpy as np
 from jaxtyping import Float, Int, Key
 
 Array = jax.Array
@@ -19,5 +20,5 @@ PerGene = Float[Array, "*cells n_vars"]  # any per-cell, per-gene quantity (mu, 
 Latent = Float[Array, "*cells n_latent"]  # encoder-space z or decoder input
 LogLibrary = Float[Array, "*cells 1"]
 PerCell = Float[Array, "*cells"]
-Codes = Int[Array, "*cells"]  # batch or label codes
+Codes = Int[Array | np.ndarray, "*cells"]  # batch or label codes (host arrays welcome: eager use)
 PRNGKey = Key[jax.Array, ""]

@@ -110,6 +110,11 @@ def _compile_status() -> None:
 
 
 def _cmd_ablate(args: argparse.Namespace) -> int:
+    given = (args.coordinator, args.num_processes, args.process_id)
+    if not args.distributed and any(v is not None for v in given):
+        from linear_decoder_jax.errors import ConfigError
+
+        raise ConfigError("--coordinator, --num-processes and --process-id need --distributed.")
     _compile_status()
     import linear_decoder_jax as ldj
 

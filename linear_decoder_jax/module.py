@@ -139,6 +139,12 @@ def create(config: LDVAEConfig, params: LDVAEParams) -> tuple[LDVAE, Variables]:
         raise ConfigError(msg)
 
     def check(path: tuple, spec: jax.ShapeDtypeStruct, value: Any) -> Array:
+        if value is None:  # a part the configuration has (e.g. the library prior) is missing
+            msg = (
+                "Expected parameters with the structure of abstract_params(config), got None at "
+                f"{jax.tree_util.keystr(path)} instead."
+            )
+            raise ConfigError(msg)
         if tuple(value.shape) != spec.shape:
             msg = (
                 f"Parameter {jax.tree_util.keystr(path)}: expected shape {spec.shape}, "

@@ -180,3 +180,16 @@ def test_api_refuses_distributed_without_output(setup):
     model, adata, _ = setup
     with pytest.raises(ldj.ConfigError, match="writes one output"):
         ldj.ablate(model, adata, distributed=True)
+
+
+def test_cli_refuses_distributed_flags_without_distributed(setup, tmp_path, capsys):
+    _, _, tmp = setup
+    from linear_decoder_jax.cli import main
+
+    argv = ["ablate", str(tmp / "model"), str(tmp / "cells.h5ad"), "-o", str(tmp_path / "o.h5ad")]
+    assert main([*argv, "--num-processes", "2"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "ldj: error: --coordinator, --num-processes and --process-id need --distributed."
+    ]
+    assert not (tmp_path / "o.h5ad").exists()
