@@ -130,8 +130,10 @@ def create(config: LDVAEConfig, params: LDVAEParams) -> tuple[LDVAE, Variables]:
         only for models that have one), ready for ``module.apply(variables, ...)``.
     """
     template = abstract_params(config)
-    got: Any = jax.tree.structure(params, is_leaf=lambda v: v is None)
-    want: Any = jax.tree.structure(template, is_leaf=lambda v: v is None)
+    # None parts (a model without a library prior) are empty subtrees: a missing or an extra part
+    # changes the structure
+    got: Any = jax.tree.structure(params)
+    want: Any = jax.tree.structure(template)
     if got != want:
         msg = (
             f"Expected parameters with the structure of abstract_params(config), got {got} instead."

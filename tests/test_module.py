@@ -8,6 +8,8 @@ lower the NLL of cells it did not train on and leave every other weight bit-iden
 
 from __future__ import annotations
 
+import dataclasses
+
 import anndata
 import jax
 import jax.numpy as jnp
@@ -21,6 +23,7 @@ from linear_decoder_jax import model as core
 from linear_decoder_jax.demo import demo_files
 from linear_decoder_jax.errors import ConfigError
 from linear_decoder_jax.module import LDVAE, create, param_labels
+from linear_decoder_jax.params import abstract_params
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +155,13 @@ def test_init_gives_the_same_tree_as_create(demo_model, demo_cells, key) -> None
     fresh = ldvae.init(key, x, batch, label)
     assert jax.tree.structure(fresh) == jax.tree.structure(variables)
     assert jax.tree.map(jnp.shape, fresh) == jax.tree.map(jnp.shape, variables)
+
+
+def test_create_refuses_a_part_the_config_lacks(demo_model) -> None:
+    """A library prior given to a model that uses the observed library: ConfigError, not a
+    ValueError from tree_map."""
+    cfg = dataclasses.replace(demo_model.config, use_observed_lib_size=True)
+    template = abstract_params(cfg)
+    assert template.library_log_means is None
+    with pytest.raises(ConfigError, match="Expected parameters with the structure"):
+        create(cfg, demo_model.host_params)
