@@ -483,8 +483,13 @@ def ablate(model_: Any, adata: Any, opts: Options, *, output: Any, overwrite: bo
 
     cfg = model_.config
     groupby = opts.groupby
-    if groupby is not None:  # refuses a missing or continuous column before any work
-        anndata_io.group_codes(adata.obs, groupby, max_groups=opts.groupby_max)
+    group_names: tuple[str, ...] = ()
+    all_codes = None
+    if groupby is not None:  # refuses a missing or continuous column before any work; the
+        # groups come from every input cell, so all shards and processes share one list
+        all_codes, group_names, _ = anndata_io.group_codes(
+            adata.obs, groupby, max_groups=opts.groupby_max
+        )
     full = model_.prepare(
         adata, allow_non_integer=opts.allow_non_integer, layer=opts.layer, use_raw=opts.use_raw
     )
@@ -509,10 +514,7 @@ def ablate(model_: Any, adata: Any, opts: Options, *, output: Any, overwrite: bo
     size = int(-(-size // n_dev) * n_dev)  # a multiple of the device count
 
     obs = adata.obs.iloc[lo:hi].copy()
-    group_names: tuple[str, ...] = ()
-    codes = None
-    if groupby is not None:
-        codes, group_names, _ = anndata_io.group_codes(obs, groupby, max_groups=opts.groupby_max)
+    codes = None if all_codes is None else all_codes[lo:hi]
     if opts.gene_scores:
         attribution.check_gene_budget(
             len(group_names), len(idx), cfg.n_input, budget=options.GENE_SCORES_BUDGET

@@ -462,3 +462,25 @@ def test_plots_use_the_group_scores(tmp_path):
     assert list(top["gene"]) == list(res.gene_table(2, group="B", n_top=5).index)
     with pytest.raises(ConfigError, match="Unknown group"):
         ldj.pl.latent_genes(res, "Z_2", group="nope")
+
+
+def test_shards_missing_a_group_merge_to_the_whole(tmp_path):
+    """A group whose cells all sit in one shard: every shard still lists every group (taken over
+    all input cells), so the gene tables line up and merge to the whole run."""
+    import linear_decoder_jax as ldj
+    from linear_decoder_jax.merge import merge_parts
+
+    model = random_model(seed=18, dtype="float64")
+    adata = random_adata(model, n_obs=30, seed=19)
+    group = adata.obs["group"].astype(str).to_numpy().copy()
+    group[:4] = "first_shard_only"
+    adata.obs["group"] = group
+    kw = {"groupby": "group", "gene_scores": True, "batch_size": 8}
+    whole = ldj.ablate(model, adata, **kw)
+    parts = [tmp_path / f"p{i}.h5ad" for i in range(3)]
+    for i, path in enumerate(parts):
+        part = ldj.ablate(model, adata, **kw, shard=(i, 3), output=path)
+        assert list(part.settings["gene_groups"]) == list(whole.settings["gene_groups"])
+    merged = merge_parts(parts, tmp_path / "m.h5ad")
+    for name in ("gene_delta_nll", "gene_lfc", "gene_n_cells"):
+        np.testing.assert_allclose(getattr(merged, name), getattr(whole, name), rtol=1e-9)
