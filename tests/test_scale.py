@@ -115,6 +115,7 @@ def _python(code: str, env_extra: dict[str, str]) -> subprocess.CompletedProcess
         text=True,
         env=env,
         cwd=ROOT,
+        timeout=600,  # a hung child fails the test instead of CI
     )
 
 
@@ -173,7 +174,7 @@ def test_shards_in_parallel_processes_merge_to_the_whole(setup, tmp_path):
         for i in range(3)
     ]
     for p in procs:
-        _, err = p.communicate()
+        _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err.decode()[-2000:]
     parts = [str(tmp_path / f"part{i}.h5ad") for i in (2, 0, 1)]
     merged_path = tmp_path / "merged.h5ad"
@@ -182,6 +183,7 @@ def test_shards_in_parallel_processes_merge_to_the_whole(setup, tmp_path):
         cwd=ROOT,
         capture_output=True,
         text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     merged = ldj.AblationResult.read(merged_path)
@@ -196,6 +198,7 @@ def test_shards_in_parallel_processes_merge_to_the_whole(setup, tmp_path):
         cwd=ROOT,
         capture_output=True,
         text=True,
+        timeout=300,
     )
     assert proc.returncode == 1 and "missing [1]" in proc.stderr
     other = tmp_path / "other.h5ad"
@@ -205,6 +208,7 @@ def test_shards_in_parallel_processes_merge_to_the_whole(setup, tmp_path):
         cwd=ROOT,
         capture_output=True,
         text=True,
+        timeout=300,
     )
     assert proc.returncode == 1 and "same model and settings" in proc.stderr
     assert not (tmp_path / "x.h5ad").exists()

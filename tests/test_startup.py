@@ -42,7 +42,9 @@ heavy = [m for m in ("jax", "anndata", "h5py", "zarr") if m in sys.modules]
 print(rc, time.perf_counter() - start, heavy)
 """
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
     rc, seconds, heavy = done.stdout.split(" ", 2)
     assert rc == "1" and heavy.strip() == "[]", done.stdout
     assert float(seconds) < 0.5, seconds
@@ -65,6 +67,7 @@ def test_typo_answered_fast_end_to_end() -> None:
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
     )
     assert done.returncode == 1 and "typo.h5ad: no such file" in done.stderr
     assert time.perf_counter() - start < 1.5  # interpreter start included
