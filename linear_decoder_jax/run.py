@@ -35,10 +35,10 @@ from linear_decoder_jax.options import LibraryChoice, Mode
 from linear_decoder_jax.params import LDVAEParams
 
 # Budget for the sweep temporaries of one minibatch. On CPU the latents run one after another on
-# (batch, n_vars) arrays that should stay in cache (measured at 20k x 2000 x 10 NB: 64-128 cells
-# per minibatch fastest, 1024 about 2x slower); accelerators vmap over the latents and want large
-# minibatches.
-_SWEEP_BYTES_CPU = 6 * 2**20
+# (batch, n_vars) arrays that should stay in cache (measured at 20k x 2000 x 10 NB, 2 cores: 256
+# cells per minibatch fastest, 128 and 512 10-20% slower, 1024 1.6x); accelerators vmap over the
+# latents and want large minibatches.
+_SWEEP_BYTES_CPU = 12 * 2**20
 _SWEEP_BYTES_ACCELERATOR = 1024 * 2**20
 _TEMPORARIES = 6
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -34,25 +33,23 @@ def test_path_errors_come_before_heavy_imports(tmp_path: Path, argv, fragment) -
         a.format(model=DEMO / "model.pt", data=DEMO / "counts.h5ad", tmp=tmp_path) for a in argv
     ]
     code = f"""
-import sys, time
-start = time.perf_counter()
+import sys
 from linear_decoder_jax.cli import main
 rc = main({args!r})
 heavy = [m for m in ("jax", "anndata", "h5py", "zarr") if m in sys.modules]
-print(rc, time.perf_counter() - start, heavy)
+print(rc, heavy)
 """
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
     )
-    rc, seconds, heavy = done.stdout.split(" ", 2)
+    rc, heavy = done.stdout.split(" ", 1)
     assert rc == "1" and heavy.strip() == "[]", done.stdout
-    assert float(seconds) < 0.5, seconds
     assert done.stderr.count("\n") == 1 and fragment in done.stderr, done.stderr
 
 
-def test_typo_answered_fast_end_to_end() -> None:
-    start = time.perf_counter()
+def test_typo_answered_end_to_end() -> None:
+    """How fast: benchmarks/bench_startup.py (no timed unit tests on shared machines)."""
     done = subprocess.run(
         [
             sys.executable,
@@ -70,7 +67,7 @@ def test_typo_answered_fast_end_to_end() -> None:
         timeout=120,
     )
     assert done.returncode == 1 and "typo.h5ad: no such file" in done.stderr
-    assert time.perf_counter() - start < 1.5  # interpreter start included
+    assert done.stderr.count("\n") == 1, done.stderr
 
 
 def test_cold_run_says_it_is_compiling(tmp_path: Path, capsys, monkeypatch) -> None:
