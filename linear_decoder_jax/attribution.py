@@ -110,14 +110,18 @@ def gene_group_sums(
 ) -> Array:
     """(rows, n_vars) group sums of per-gene terms: ``dense`` (b, n_vars) over every gene plus
     ``counts`` (b, width) at the non-zero genes ``nz_index``. ``weights`` from
-    :func:`group_weights` (its last row, each cell's weight, also weights its group's row)."""
+    :func:`group_weights`: its last row, each cell's weight, also weights its group's row.
+
+    The counts go through one scatter-add into the groups' rows plus a row for cells of no
+    group (-1), whose column sums are the total: scatters cost ~15 ns per element on XLA:CPU,
+    so this halves the cost of scattering the groups and the total separately (measured)."""
     n_groups, n_vars = weights.shape[0] - 1, dense.shape[1]
-    out = segment_total(weights, dense)
+    row = jnp.where(group >= 0, group, n_groups)[:, None]  # (b, 1)
     values = (counts * weights[-1][:, None]).ravel()
-    ids = jnp.where(group[:, None] >= 0, group[:, None] * n_vars + nz_index, -1).ravel()
-    by_group = jax.ops.segment_sum(values, ids, n_groups * n_vars).reshape(n_groups, n_vars)
-    total = jax.ops.segment_sum(values, nz_index.ravel(), n_vars)
-    return out + jnp.concatenate([by_group, total[None, :]], axis=0)
+    by_row = jax.ops.segment_sum(values, (row * n_vars + nz_index).ravel(), (n_groups + 1) * n_vars)
+    by_row = by_row.reshape(n_groups + 1, n_vars)
+    at_counts = jnp.concatenate([by_row[:n_groups], by_row.sum(0, keepdims=True)], axis=0)
+    return segment_total(weights, dense) + at_counts
 
 
 def add_sums(a: GeneSums, b: GeneSums) -> GeneSums:
