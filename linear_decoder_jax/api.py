@@ -28,7 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from linear_decoder_jax import ablation, anndata_io, checkpoint, model, options, run
-from linear_decoder_jax import refit as refit_
 from linear_decoder_jax._atomic import check_destination
 from linear_decoder_jax._text import preview
 from linear_decoder_jax.config import LDVAEConfig, ModelSpec
@@ -651,6 +650,8 @@ def ablate(
         raise ConfigError("gene_scores are computed at the posterior mean: use n_samples=0.")
     refit_plan = None
     if refit:
+        from linear_decoder_jax import refit as refit_  # optax: only for refits
+
         steps = refit_.check_options(
             optimizer=optimizer, steps=refit_steps, tol=refit_tol, mode=mode
         )

@@ -478,7 +478,7 @@ class Options(NamedTuple):
 def ablate(model_: Any, adata: Any, opts: Options, *, output: Any, overwrite: bool) -> Any:
     """Resolve ``opts`` into a :class:`Plan`, run the scorers over ``adata`` and assemble the
     ``AblationResult`` (in memory, or streamed into ``output`` and read back memory-mapped)."""
-    from linear_decoder_jax import ablation, attribution, options, refit, results, schema
+    from linear_decoder_jax import ablation, attribution, options, results, schema
     from linear_decoder_jax._atomic import atomic_path
 
     cfg = model_.config
@@ -549,6 +549,8 @@ def ablate(model_: Any, adata: Any, opts: Options, *, output: Any, overwrite: bo
                 stats = opts.gather(decoder_inputs(params, data, stats_plan, config=cfg))
         base_name, base_values = ablation.resolve_baseline(opts.baseline, stats, cfg.n_latent)
         if opts.refit:
+            from linear_decoder_jax import refit  # optax: only for refits
+
             refit.check_baseline(base_values, idx, model_.latent_names, config=cfg)
         plan = make_plan(base_values, base_name, (lo, hi))
         place = placement(plan.devices)
