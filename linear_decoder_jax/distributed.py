@@ -23,14 +23,18 @@ run (the merge recomputes group tables over all cells and weights means by cell 
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import os
 import shutil
+import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +47,8 @@ from linear_decoder_jax.options import DEFAULT_DISTRIBUTED_TIMEOUT as DEFAULT_TI
 _POLL = 0.5  # seconds between checks of the key-value store
 _GRACE = 3.0  # seconds process 0 keeps the service up after a failure (watchdogs poll each 1 s)
 _PREFIX = "ldj"
+# what a dying process removes first (the parts of the running ``ablate``); set by ``ablate``
+_cleanup: list[Callable[[], None]] = []
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,8 @@ class Cluster:
 def _kill(message: str) -> None:
     """End this process at once with a one-line error: other threads may be blocked in the
     runtime, and the runtime's own shutdown would wait for the failed process."""
+    for clean in _cleanup:
+        clean()
     sys.stderr.write(f"ldj: error: {message}\n")
     sys.stderr.flush()
     os._exit(1)
@@ -111,16 +119,17 @@ def initialize(
 
         threading.Thread(target=deadline, daemon=True).start()
         try:
-            jax.distributed.initialize(
-                coordinator_address=coordinator,
-                num_processes=num_processes,
-                process_id=process_id,
-                initialization_timeout=int(timeout) + 60,
-                # the runtime's own failure detector aborts with a stack trace: ours (Watchdog)
-                # runs first and names the process that failed
-                heartbeat_timeout_seconds=max(10, int(4 * timeout)),
-                shutdown_timeout_seconds=max(1, int(timeout)),
-            )
+            with _on_runtime_failure():
+                jax.distributed.initialize(
+                    coordinator_address=coordinator,
+                    num_processes=num_processes,
+                    process_id=process_id,
+                    initialization_timeout=int(timeout) + 60,
+                    # ours (Watchdog) runs first and names the process that failed; what the
+                    # runtime sees first (a lost coordinator) ends us through _runtime_failed
+                    heartbeat_timeout_seconds=max(10, int(4 * timeout)),
+                    shutdown_timeout_seconds=max(1, int(timeout)),
+                )
         except Exception as err:  # jax raises RuntimeError/ValueError/XlaRuntimeError
             first = str(err).splitlines()[0] if str(err) else ""
             msg = f"Could not join the distributed run at {where} ({type(err).__name__}: {first}). {advice}"
@@ -129,6 +138,73 @@ def initialize(
             joined.set()
     state = jax_distributed.global_state
     return Cluster(int(state.process_id), int(state.num_processes), float(timeout), state.client)
+
+
+def _runtime_failed() -> None:
+    """End this process when the runtime client fails (one line, instead of the client's abort
+    with a C++ stack trace): the coordinator is gone when its address no longer answers."""
+    from jax._src import distributed as jax_distributed
+
+    state = jax_distributed.global_state
+    reason = "the distributed runtime failed"
+    if state.process_id != 0 and not _answers(state.coordinator_address):
+        reason = "lost the coordinator, process 0"
+    _kill(f"{reason}; process {state.process_id} stops, no output written.")
+
+
+def _answers(address: str | None) -> bool:
+    """Whether something listens at ``address`` (HOST:PORT)."""
+    if not address:
+        return False
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+_terminate_handler: Any = None  # the C function given to std::set_terminate, kept alive
+
+
+def _on_terminate() -> None:
+    """Make ``_runtime_failed`` the process's C++ terminate handler. jaxlib 0.10 cannot hand the
+    client's failure status to a Python callback: the call ends in ``std::terminate`` (a
+    ``bad_cast``), which then runs this handler; without libstdc++ the runtime's abort stays."""
+    global _terminate_handler
+    if _terminate_handler is not None:
+        return
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("stdc++") or "libstdc++.so.6")
+        set_terminate = lib["_ZSt13set_terminatePFvvE"]  # std::set_terminate
+    except (OSError, AttributeError):
+        return
+    set_terminate.restype = ctypes.c_void_p
+    set_terminate.argtypes = [ctypes.c_void_p]
+    _terminate_handler = ctypes.CFUNCTYPE(None)(_runtime_failed)
+    set_terminate(ctypes.cast(_terminate_handler, ctypes.c_void_p))
+
+
+@contextlib.contextmanager
+def _on_runtime_failure() -> Iterator[None]:
+    """Within, ``jax.distributed.initialize`` creates its runtime client with a failure callback
+    (jax passes none, and the client's default aborts the process with a C++ stack trace); the
+    factory is patched for the call only. See ``_on_terminate`` for how the callback runs."""
+    from jax._src import distributed as jax_distributed
+
+    lib = jax_distributed._jax
+    factory = lib.get_distributed_runtime_client
+
+    def client(*args: Any, **kwargs: Any) -> Any:
+        callback = lambda *_: _runtime_failed()  # noqa: E731
+        return factory(*args, **kwargs, missed_heartbeat_callback=callback)
+
+    _on_terminate()
+    lib.get_distributed_runtime_client = client
+    try:
+        yield
+    finally:
+        lib.get_distributed_runtime_client = factory
 
 
 class Watchdog:
@@ -166,10 +242,10 @@ class Watchdog:
                     elif time.monotonic() - since > c.timeout:
                         if _try_get(c, f"{_PREFIX}/finished/{p}") is None:
                             self._fail(f"process {p} stopped answering for {c.timeout:g} s")
-            except Exception as err:  # the runtime is gone: the coordinator died
+            except Exception:  # the runtime is gone: the coordinator died
                 if self.stopped.is_set():
                     return
-                self._fail(f"lost the coordinator, process 0 ({type(err).__name__})")
+                self._fail("lost the coordinator, process 0")
             self.stopped.wait(1.0)
 
     def _fail(self, reason: str) -> None:
@@ -290,6 +366,7 @@ def ablate(
         for tmp in target.parent.glob(f".{target.name}.tmp-*"):
             shutil.rmtree(tmp, ignore_errors=True)
 
+    _cleanup.append(clean)
     watchdog = Watchdog(cluster, on_failure=clean).start()
     try:
         described = {
@@ -324,6 +401,7 @@ def ablate(
             wait_for(cluster, "assembled", [0])
         mark(cluster, "finished")
         watchdog.stop()
+        _cleanup.remove(clean)
         return AblationResult.read(output)
     except Exception as err:
         watchdog.stop()

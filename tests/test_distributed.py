@@ -193,3 +193,33 @@ def test_cli_refuses_distributed_flags_without_distributed(setup, tmp_path, caps
         "ldj: error: --coordinator, --num-processes and --process-id need --distributed."
     ]
     assert not (tmp_path / "o.h5ad").exists()
+
+
+def test_a_killed_coordinator_stops_the_others(setup, tmp_path):
+    """SIGKILL of process 0 (it hosts the runtime's service) mid-run: the other exits non-zero
+    within the timeout with one line naming process 0 and no stack trace; no output, no parts."""
+    model, adata, tmp = setup
+    out = tmp_path / "out.h5ad"
+    out.write_bytes(b"old result")
+    extra = ["--overwrite", "--refit", "--refit-steps", "200", "--refit-tol", "0"]
+    procs = _launch(tmp / "model", tmp / "cells.h5ad", out, 2, *extra)
+    parts = tmp_path / ".out.h5ad.ldj-parts"
+    deadline = time.monotonic() + 120
+    while not parts.exists() and time.monotonic() < deadline:  # every process joined and checked
+        time.sleep(0.2)
+    assert parts.exists()
+    time.sleep(1.0)
+    procs[0].send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    _, err = procs[1].communicate(timeout=TIMEOUT * 6)
+    assert procs[1].returncode not in (0, None)
+    assert time.monotonic() - killed_at < TIMEOUT * 4
+    assert _errors(err) == [
+        "ldj: error: lost the coordinator, process 0; process 1 stops, no output written."
+    ], err[-2000:]
+    assert not any(
+        line.startswith(("***", "F1", "Check failed", "  @")) for line in err.splitlines()
+    )
+    procs[0].wait()
+    assert out.read_bytes() == b"old result"
+    assert not parts.exists() and not any(tmp_path.glob(".out.h5ad.tmp-*"))
