@@ -27,6 +27,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -102,6 +103,8 @@ def initialize(
     if not timeout > 0:
         raise DistributedError(f"Expected timeout > 0 seconds, got {timeout!r} instead.")
     if jax_distributed.global_state.client is None:
+        # collectives between processes' CPU devices (the global mesh); accelerators have theirs
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         where = coordinator or "the auto-detected coordinator"
         advice = (
             "Check that every process was started with the same --coordinator and "
@@ -285,6 +288,99 @@ def gather_array(cluster: Cluster, name: str, array: np.ndarray) -> list[np.ndar
     return [np.frombuffer(p, dtype=array.dtype).reshape(-1, *tail) for p in parts]
 
 
+class Lockstep:
+    """One global mesh over every process's devices (``k`` per process; cells split, parameters
+    replicated), with what ``run`` needs to keep the processes in lockstep on it: each feeds its
+    own rows of every global minibatch, pads to the minibatch count of the process with the most
+    rows, and widens its non-zero block to the widest of the processes' (agreed per minibatch
+    through the key-value store, off the device stream)."""
+
+    def __init__(self, cluster: Cluster, k: int, n_obs: int):
+        import jax
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        self.cluster, self.n_obs = cluster, n_obs
+        self._minibatches = itertools.count()
+
+        def local(p: int) -> list[Any]:
+            return sorted((d for d in jax.devices() if d.process_index == p), key=lambda d: d.id)
+
+        devices = [d for p in range(cluster.num_processes) for d in local(p)[:k]]
+        self.mesh = Mesh(np.asarray(devices), ("cells",))
+        self.split = NamedSharding(self.mesh, PartitionSpec("cells"))
+        self.whole = NamedSharding(self.mesh, PartitionSpec())
+        self.max_rows = max(
+            hi - lo
+            for lo, hi in (
+                (p * n_obs // cluster.num_processes, (p + 1) * n_obs // cluster.num_processes)
+                for p in range(cluster.num_processes)
+            )
+        )
+
+    def cells(self, arrays: Any) -> Any:
+        """This process's rows of a minibatch -> global arrays split over cells."""
+        import jax
+
+        return jax.tree.map(lambda a: jax.make_array_from_process_local_data(self.split, a), arrays)
+
+    def replicated(self, tree: Any) -> Any:
+        """The same values on every process -> global replicated arrays."""
+        import jax
+
+        def put(a: Any) -> Any:
+            if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+                return jax.random.wrap_key_data(put(jax.random.key_data(a)), impl=a.dtype._impl)
+            return jax.make_array_from_process_local_data(self.whole, np.asarray(a))
+
+        return jax.tree.map(put, tree)
+
+    def own_rows(self, a: Any) -> np.ndarray:
+        """This process's rows of a global per-cell array (host; local arrays pass through)."""
+        if isinstance(a, np.ndarray) or a.is_fully_addressable:
+            return np.asarray(a)
+        n = self.cluster.num_processes
+        b = a.shape[0] // n
+        lo = self.cluster.process_id * b
+        out = np.empty((b, *a.shape[1:]), a.dtype)
+        for shard in a.addressable_shards:
+            rows = shard.index[0] if shard.index else slice(None)
+            start = rows.start or 0
+            stop = a.shape[0] if rows.stop is None else rows.stop
+            first, last = max(start, lo), min(stop, lo + b)
+            if first < last:
+                out[first - lo : last - lo] = np.asarray(shard.data)[first - start : last - start]
+        return out
+
+    def host(self, tree: Any) -> Any:
+        """Global totals (reduced over every process's cells) -> host arrays."""
+        import jax
+        from jax.experimental import multihost_utils
+
+        def get(a: Any) -> Any:
+            if isinstance(a, jax.Array) and not a.is_fully_addressable:
+                return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+            return a
+
+        return jax.tree.map(get, tree)
+
+    def gather(self, a: Any) -> np.ndarray:
+        """Every process's rows of a global per-cell array, in process order (host)."""
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+
+    def width(self, width: int) -> int:
+        """The widest non-zero block of the next minibatch over the processes (every process
+        asks once per minibatch of every pass over the data, in the same order)."""
+        c, index = self.cluster, next(self._minibatches)
+        c.client.key_value_set_bytes(f"{_PREFIX}/width/{index}/{c.process_id}", b"%d" % width)
+        ms = int(1000 * 4 * c.timeout) + 60_000  # the watchdog ends a run whose peers died
+        return max(
+            int(c.client.blocking_key_value_get_bytes(f"{_PREFIX}/width/{index}/{p}", ms))
+            for p in range(c.num_processes)
+        )
+
+
 def check_same(cluster: Cluster, described: dict[str, Any]) -> None:
     """Refuse a run whose processes differ in model, data or options (one line, naming them)."""
     digest = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).digest()
@@ -382,19 +478,28 @@ def ablate(
         }
         check_same(cluster, described)
         n_devices = gather_array(cluster, "devices", np.asarray([len(opts.devices)], np.int64))
+        counts = sorted({int(d[0]) for d in n_devices})
+        if len(counts) > 1:
+            msg = f"Every process must use as many devices (the global mesh), got {counts}."
+            raise DistributedError(msg)
         folder.mkdir(exist_ok=True)
         part = folder / f"part-{pid}-of-{n}.h5ad"
-        opts = opts._replace(
-            shard=(pid, n),
-            gather=lambda z: np.concatenate(gather_array(cluster, "latent", z)),
-        )
+        lockstep = Lockstep(cluster, len(opts.devices), int(adata.n_obs))
+        opts = opts._replace(shard=(pid, n), lockstep=lockstep)
         run.ablate(model_, adata, opts, output=part, overwrite=True)
         mark(cluster, "done")
         if cluster.is_coordinator:
             wait_for(cluster, "done", list(range(n)))
             parts = [folder / f"part-{p}-of-{n}.h5ad" for p in range(n)]
             extra = {"n_processes": n, "n_devices": int(sum(int(d[0]) for d in n_devices))}
-            merge.merge_parts(parts, output, overwrite=overwrite, settings=extra, whole_ok=n == 1)
+            merge.merge_parts(
+                parts,
+                output,
+                overwrite=overwrite,
+                settings=extra,
+                whole_ok=n == 1,
+                global_totals=True,
+            )
             remove_parts(output)
             mark(cluster, "assembled")
         else:
@@ -404,6 +509,12 @@ def ablate(
         _cleanup.remove(clean)
         return AblationResult.read(output)
     except Exception as err:
+        import jax
+
+        if isinstance(err, jax.errors.JaxRuntimeError):
+            # a collective lost a peer (gloo fails at once): the watchdog names the process that
+            # stopped answering, within the timeout
+            time.sleep(cluster.timeout + 3.0)
         watchdog.stop()
         clean()
         first = str(err).splitlines()[0] if str(err) else type(err).__name__

@@ -109,6 +109,34 @@ def test_processes_give_the_one_process_result(setup, tmp_path, n, devices):
     assert not any(tmp_path.glob(".*")), "parts or temporaries left behind"
 
 
+@pytest.mark.parametrize(("n", "devices"), [(2, 2), (3, 1)])
+def test_gene_scores_and_exact_shapley_give_the_one_process_result(setup, tmp_path, n, devices):
+    """Totals reduced on the global mesh (mean LFC, per-group gene sums and cell counts) and
+    the explained shares equal a one-process run."""
+    model, adata, tmp = setup
+    out = tmp_path / "out.h5ad"
+    extra = ["--baseline", "mean", "--groupby", "group", "--gene-scores", "--shapley", "exact"]
+    procs = _launch(tmp / "model", tmp / "cells.h5ad", out, n, *extra, devices=devices)
+    for p in procs:
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-3000:]
+    got = ldj.AblationResult.read(out)
+    whole = ldj.ablate(
+        model, adata, baseline="mean", groupby="group", gene_scores=True, shapley="exact"
+    )
+    np.testing.assert_allclose(
+        got.settings["baseline_values"], whole.settings["baseline_values"], rtol=1e-9
+    )
+    fields = ("delta_nll", "mean_lfc", "gain_nll", "shapley_nll", "gene_n_cells")
+    for key in (*fields, "gene_delta_nll", "gene_lfc"):
+        a, b = np.asarray(got.arrays[key]), np.asarray(whole.arrays[key])
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9, err_msg=key)
+    np.testing.assert_allclose(
+        got.explained().to_numpy(float), whole.explained().to_numpy(float), rtol=1e-9
+    )
+    assert got.settings["n_processes"] == n and got.settings["n_devices"] == n * devices
+
+
 def test_refit_samples_and_mean_baseline(setup, tmp_path):
     model, adata, tmp = setup
     out = tmp_path / "out.h5ad"
