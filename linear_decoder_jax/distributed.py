@@ -1,24 +1,24 @@
 """Many hosts on JAX's multi-process runtime: one ``ldj ablate`` command across a cluster.
 
 Every process runs the same command on the same (shared-storage) data. ``jax.distributed``
-joins them (explicit coordinator, or its auto-detection: Slurm, Open MPI, TPU pods); process i
-scores its own row range ``run.shard_rows((i, n))`` on its local devices and streams it to a hidden
-part next to the output; process 0 then assembles the one output atomically with the merge code
-and removes the parts. Cells are independent, so the sweep itself needs no traffic between hosts:
-the processes meet only through the distributed runtime's key-value store, where every wait has a
-deadline:
+joins them (explicit coordinator, or its auto-detection: Slurm, Open MPI, TPU pods). The sweep runs
+on one global mesh over every process's devices (:class:`Lockstep`: cells split, parameters
+replicated): process i feeds its own rows ``run.shard_rows((i, n))`` of every global minibatch, all
+processes run as many minibatches of the same shapes (padding cells, widths agreed), and each
+keeps the per-cell rows of its own cells, streamed to a hidden part next to the output; process 0
+then assembles the one output atomically with the merge code and removes the parts.
 
+* global quantities go through collectives on the mesh: "mean" and "median" baselines over an
+  all-gather of every cell's decoder input (exactly a one-process run's), and every total the
+  scorers reduce (the summed log fold changes, the per-group gene sums and cell counts);
 * settings: each process publishes a digest of the model fingerprint, the data's shape and the run
-  options; any difference is a one-line error naming the processes that differ;
-* global baselines: "mean" and "median" are taken over every process's rows (each publishes the
-  decoder inputs of its cells; the statistics are then exactly those of a one-process run);
+  options to the runtime's key-value store; any difference is a one-line error naming them;
 * liveness: each process bumps a heartbeat counter every second, and a watchdog thread in every
   process ends it with a one-line message naming the process that failed (an error it published,
-  a heartbeat that stopped for ``timeout`` seconds, or a coordinator that is gone). No output
-  appears unless every part arrived; an existing output is untouched.
-
-Group tables, ``mean_lfc`` and every per-cell field of the assembled output equal a one-process
-run (the merge recomputes group tables over all cells and weights means by cell counts).
+  a heartbeat that stopped for ``timeout`` seconds, or a coordinator that is gone; a collective
+  that lost a peer waits for the watchdog to name it). The runtime client's own failure handler
+  (it aborts with a C++ stack trace) is replaced by the same one-line exit. No output appears
+  unless every part arrived; an existing output is untouched.
 """
 
 from __future__ import annotations
