@@ -150,21 +150,25 @@ def _runtime_failed() -> None:
 
     state = jax_distributed.global_state
     reason = "the distributed runtime failed"
-    if state.process_id != 0 and not _answers(state.coordinator_address):
+    if state.process_id != 0 and not _answers(state.coordinator_address, tries=3):
         reason = "lost the coordinator, process 0"
     _kill(f"{reason}; process {state.process_id} stops, no output written.")
 
 
-def _answers(address: str | None) -> bool:
-    """Whether something listens at ``address`` (HOST:PORT)."""
+def _answers(address: str | None, *, tries: int) -> bool:
+    """Whether something listens at ``address`` (HOST:PORT) each of ``tries`` times, 0.5 s apart
+    (a dying coordinator drops its connections before its listening socket)."""
     if not address:
         return False
     host, _, port = address.rpartition(":")
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
-            return True
-    except (OSError, ValueError):
-        return False
+    for i in range(tries):
+        time.sleep(0.5 * (i > 0))
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
+                pass
+        except (OSError, ValueError):
+            return False
+    return True
 
 
 _terminate_handler: Any = None  # the C function given to std::set_terminate, kept alive

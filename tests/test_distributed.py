@@ -30,6 +30,7 @@ def _env(devices: int) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["LDJ_COMPILATION_CACHE"] = "0"
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # importing jax here set it; a user's shell has none
     return env
 
 
@@ -242,7 +243,8 @@ def test_a_killed_coordinator_stops_the_others(setup, tmp_path):
     _, err = procs[1].communicate(timeout=TIMEOUT * 6)
     assert procs[1].returncode not in (0, None)
     assert time.monotonic() - killed_at < TIMEOUT * 4
-    assert _errors(err) == [
+    lines = [line for line in err.splitlines() if not line.startswith("ldj: compiling")]
+    assert lines == [
         "ldj: error: lost the coordinator, process 0; process 1 stops, no output written."
     ], err[-2000:]
     assert not any(
