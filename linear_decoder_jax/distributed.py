@@ -477,7 +477,7 @@ def ablate(
             **{
                 k: v
                 for k, v in opts._asdict().items()
-                if k not in ("devices", "progress", "gather")
+                if k not in ("devices", "progress", "lockstep")
             },
         }
         check_same(cluster, described)
