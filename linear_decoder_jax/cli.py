@@ -116,6 +116,8 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
 
         raise ConfigError("--coordinator, --num-processes and --process-id need --distributed.")
     _compile_status()
+    if args.distributed:  # the runtime logs every peer's failure; ours is the one-line error
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import linear_decoder_jax as ldj
 
     _compilation_cache()

@@ -1,36 +1,41 @@
 """Many hosts on JAX's multi-process runtime: one ``ldj ablate`` command across a cluster.
 
 Every process runs the same command on the same (shared-storage) data. ``jax.distributed``
-joins them (explicit coordinator, or its auto-detection: Slurm, Open MPI, TPU pods); process i
-scores its own row range ``run.shard_rows((i, n))`` on its local devices and streams it to a hidden
-part next to the output; process 0 then assembles the one output atomically with the merge code
-and removes the parts. Cells are independent, so the sweep itself needs no traffic between hosts:
-the processes meet only through the distributed runtime's key-value store, where every wait has a
-deadline:
+joins them (explicit coordinator, or its auto-detection: Slurm, Open MPI, TPU pods). The sweep runs
+on one global mesh over every process's devices (:class:`Lockstep`: cells split, parameters
+replicated): process i feeds its own rows ``run.shard_rows((i, n))`` of every global minibatch, all
+processes run as many minibatches of the same shapes (padding cells, widths agreed), and each
+keeps the per-cell rows of its own cells, streamed to a hidden part next to the output; process 0
+then assembles the one output atomically with the merge code and removes the parts.
 
+* global quantities go through collectives on the mesh: "mean" and "median" baselines over an
+  all-gather of every cell's decoder input (exactly a one-process run's), and every total the
+  scorers reduce (the summed log fold changes, the per-group gene sums and cell counts);
 * settings: each process publishes a digest of the model fingerprint, the data's shape and the run
-  options; any difference is a one-line error naming the processes that differ;
-* global baselines: "mean" and "median" are taken over every process's rows (each publishes the
-  decoder inputs of its cells; the statistics are then exactly those of a one-process run);
+  options to the runtime's key-value store; any difference is a one-line error naming them;
 * liveness: each process bumps a heartbeat counter every second, and a watchdog thread in every
   process ends it with a one-line message naming the process that failed (an error it published,
-  a heartbeat that stopped for ``timeout`` seconds, or a coordinator that is gone). No output
-  appears unless every part arrived; an existing output is untouched.
-
-Group tables, ``mean_lfc`` and every per-cell field of the assembled output equal a one-process
-run (the merge recomputes group tables over all cells and weights means by cell counts).
+  a heartbeat that stopped for ``timeout`` seconds, or a coordinator that is gone; a collective
+  that lost a peer waits for the watchdog to name it). The runtime client's own failure handler
+  (it aborts with a C++ stack trace) is replaced by the same one-line exit. No output appears
+  unless every part arrived; an existing output is untouched.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import hashlib
+import itertools
 import json
 import os
 import shutil
+import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +48,8 @@ from linear_decoder_jax.options import DEFAULT_DISTRIBUTED_TIMEOUT as DEFAULT_TI
 _POLL = 0.5  # seconds between checks of the key-value store
 _GRACE = 3.0  # seconds process 0 keeps the service up after a failure (watchdogs poll each 1 s)
 _PREFIX = "ldj"
+# what a dying process removes first (the parts of the running ``ablate``); set by ``ablate``
+_cleanup: list[Callable[[], None]] = []
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,8 @@ class Cluster:
 def _kill(message: str) -> None:
     """End this process at once with a one-line error: other threads may be blocked in the
     runtime, and the runtime's own shutdown would wait for the failed process."""
+    for clean in _cleanup:
+        clean()
     sys.stderr.write(f"ldj: error: {message}\n")
     sys.stderr.flush()
     os._exit(1)
@@ -94,6 +103,8 @@ def initialize(
     if not timeout > 0:
         raise DistributedError(f"Expected timeout > 0 seconds, got {timeout!r} instead.")
     if jax_distributed.global_state.client is None:
+        # collectives between processes' CPU devices (the global mesh); accelerators have theirs
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         where = coordinator or "the auto-detected coordinator"
         advice = (
             "Check that every process was started with the same --coordinator and "
@@ -111,16 +122,17 @@ def initialize(
 
         threading.Thread(target=deadline, daemon=True).start()
         try:
-            jax.distributed.initialize(
-                coordinator_address=coordinator,
-                num_processes=num_processes,
-                process_id=process_id,
-                initialization_timeout=int(timeout) + 60,
-                # the runtime's own failure detector aborts with a stack trace: ours (Watchdog)
-                # runs first and names the process that failed
-                heartbeat_timeout_seconds=max(10, int(4 * timeout)),
-                shutdown_timeout_seconds=max(1, int(timeout)),
-            )
+            with _on_runtime_failure():
+                jax.distributed.initialize(
+                    coordinator_address=coordinator,
+                    num_processes=num_processes,
+                    process_id=process_id,
+                    initialization_timeout=int(timeout) + 60,
+                    # ours (Watchdog) runs first and names the process that failed; what the
+                    # runtime sees first (a lost coordinator) ends us through _runtime_failed
+                    heartbeat_timeout_seconds=max(10, int(4 * timeout)),
+                    shutdown_timeout_seconds=max(1, int(timeout)),
+                )
         except Exception as err:  # jax raises RuntimeError/ValueError/XlaRuntimeError
             first = str(err).splitlines()[0] if str(err) else ""
             msg = f"Could not join the distributed run at {where} ({type(err).__name__}: {first}). {advice}"
@@ -129,6 +141,77 @@ def initialize(
             joined.set()
     state = jax_distributed.global_state
     return Cluster(int(state.process_id), int(state.num_processes), float(timeout), state.client)
+
+
+def _runtime_failed() -> None:
+    """End this process when the runtime client fails (one line, instead of the client's abort
+    with a C++ stack trace): the coordinator is gone when its address no longer answers."""
+    from jax._src import distributed as jax_distributed
+
+    state = jax_distributed.global_state
+    reason = "the distributed runtime failed"
+    if state.process_id != 0 and not _answers(state.coordinator_address, tries=3):
+        reason = "lost the coordinator, process 0"
+    _kill(f"{reason}; process {state.process_id} stops, no output written.")
+
+
+def _answers(address: str | None, *, tries: int) -> bool:
+    """Whether something listens at ``address`` (HOST:PORT) each of ``tries`` times, 0.5 s apart
+    (a dying coordinator drops its connections before its listening socket)."""
+    if not address:
+        return False
+    host, _, port = address.rpartition(":")
+    for i in range(tries):
+        time.sleep(0.5 * (i > 0))
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
+                pass
+        except (OSError, ValueError):
+            return False
+    return True
+
+
+_terminate_handler: Any = None  # the C function given to std::set_terminate, kept alive
+
+
+def _on_terminate() -> None:
+    """Make ``_runtime_failed`` the process's C++ terminate handler. jaxlib 0.10 cannot hand the
+    client's failure status to a Python callback: the call ends in ``std::terminate`` (a
+    ``bad_cast``), which then runs this handler; without libstdc++ the runtime's abort stays."""
+    global _terminate_handler
+    if _terminate_handler is not None:
+        return
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("stdc++") or "libstdc++.so.6")
+        set_terminate = lib["_ZSt13set_terminatePFvvE"]  # std::set_terminate
+    except (OSError, AttributeError):
+        return
+    set_terminate.restype = ctypes.c_void_p
+    set_terminate.argtypes = [ctypes.c_void_p]
+    _terminate_handler = ctypes.CFUNCTYPE(None)(_runtime_failed)
+    set_terminate(ctypes.cast(_terminate_handler, ctypes.c_void_p))
+
+
+@contextlib.contextmanager
+def _on_runtime_failure() -> Iterator[None]:
+    """Within, ``jax.distributed.initialize`` creates its runtime client with a failure callback
+    (jax passes none, and the client's default aborts the process with a C++ stack trace); the
+    factory is patched for the call only. See ``_on_terminate`` for how the callback runs."""
+    from jax._src import distributed as jax_distributed
+
+    lib = jax_distributed._jax
+    factory = lib.get_distributed_runtime_client
+
+    def client(*args: Any, **kwargs: Any) -> Any:
+        callback = lambda *_: _runtime_failed()  # noqa: E731
+        return factory(*args, **kwargs, missed_heartbeat_callback=callback)
+
+    _on_terminate()
+    lib.get_distributed_runtime_client = client
+    try:
+        yield
+    finally:
+        lib.get_distributed_runtime_client = factory
 
 
 class Watchdog:
@@ -166,10 +249,10 @@ class Watchdog:
                     elif time.monotonic() - since > c.timeout:
                         if _try_get(c, f"{_PREFIX}/finished/{p}") is None:
                             self._fail(f"process {p} stopped answering for {c.timeout:g} s")
-            except Exception as err:  # the runtime is gone: the coordinator died
+            except Exception:  # the runtime is gone: the coordinator died
                 if self.stopped.is_set():
                     return
-                self._fail(f"lost the coordinator, process 0 ({type(err).__name__})")
+                self._fail("lost the coordinator, process 0")
             self.stopped.wait(1.0)
 
     def _fail(self, reason: str) -> None:
@@ -207,6 +290,99 @@ def gather_array(cluster: Cluster, name: str, array: np.ndarray) -> list[np.ndar
     parts = gather_bytes(cluster, name, np.ascontiguousarray(array).tobytes())
     tail = array.shape[1:]
     return [np.frombuffer(p, dtype=array.dtype).reshape(-1, *tail) for p in parts]
+
+
+class Lockstep:
+    """One global mesh over every process's devices (``k`` per process; cells split, parameters
+    replicated), with what ``run`` needs to keep the processes in lockstep on it: each feeds its
+    own rows of every global minibatch, pads to the minibatch count of the process with the most
+    rows, and widens its non-zero block to the widest of the processes' (agreed per minibatch
+    through the key-value store, off the device stream)."""
+
+    def __init__(self, cluster: Cluster, k: int, n_obs: int):
+        import jax
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        self.cluster, self.n_obs = cluster, n_obs
+        self._minibatches = itertools.count()
+
+        def local(p: int) -> list[Any]:
+            return sorted((d for d in jax.devices() if d.process_index == p), key=lambda d: d.id)
+
+        devices = [d for p in range(cluster.num_processes) for d in local(p)[:k]]
+        self.mesh = Mesh(np.asarray(devices), ("cells",))
+        self.split = NamedSharding(self.mesh, PartitionSpec("cells"))
+        self.whole = NamedSharding(self.mesh, PartitionSpec())
+        self.max_rows = max(
+            hi - lo
+            for lo, hi in (
+                (p * n_obs // cluster.num_processes, (p + 1) * n_obs // cluster.num_processes)
+                for p in range(cluster.num_processes)
+            )
+        )
+
+    def cells(self, arrays: Any) -> Any:
+        """This process's rows of a minibatch -> global arrays split over cells."""
+        import jax
+
+        return jax.tree.map(lambda a: jax.make_array_from_process_local_data(self.split, a), arrays)
+
+    def replicated(self, tree: Any) -> Any:
+        """The same values on every process -> global replicated arrays."""
+        import jax
+
+        def put(a: Any) -> Any:
+            if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+                return jax.random.wrap_key_data(put(jax.random.key_data(a)), impl=a.dtype._impl)
+            return jax.make_array_from_process_local_data(self.whole, np.asarray(a))
+
+        return jax.tree.map(put, tree)
+
+    def own_rows(self, a: Any) -> np.ndarray:
+        """This process's rows of a global per-cell array (host; local arrays pass through)."""
+        if isinstance(a, np.ndarray) or a.is_fully_addressable:
+            return np.asarray(a)
+        n = self.cluster.num_processes
+        b = a.shape[0] // n
+        lo = self.cluster.process_id * b
+        out = np.empty((b, *a.shape[1:]), a.dtype)
+        for shard in a.addressable_shards:
+            rows = shard.index[0] if shard.index else slice(None)
+            start = rows.start or 0
+            stop = a.shape[0] if rows.stop is None else rows.stop
+            first, last = max(start, lo), min(stop, lo + b)
+            if first < last:
+                out[first - lo : last - lo] = np.asarray(shard.data)[first - start : last - start]
+        return out
+
+    def host(self, tree: Any) -> Any:
+        """Global totals (reduced over every process's cells) -> host arrays."""
+        import jax
+        from jax.experimental import multihost_utils
+
+        def get(a: Any) -> Any:
+            if isinstance(a, jax.Array) and not a.is_fully_addressable:
+                return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+            return a
+
+        return jax.tree.map(get, tree)
+
+    def gather(self, a: Any) -> np.ndarray:
+        """Every process's rows of a global per-cell array, in process order (host)."""
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+
+    def width(self, width: int) -> int:
+        """The widest non-zero block of the next minibatch over the processes (every process
+        asks once per minibatch of every pass over the data, in the same order)."""
+        c, index = self.cluster, next(self._minibatches)
+        c.client.key_value_set_bytes(f"{_PREFIX}/width/{index}/{c.process_id}", b"%d" % width)
+        ms = int(1000 * 4 * c.timeout) + 60_000  # the watchdog ends a run whose peers died
+        return max(
+            int(c.client.blocking_key_value_get_bytes(f"{_PREFIX}/width/{index}/{p}", ms))
+            for p in range(c.num_processes)
+        )
 
 
 def check_same(cluster: Cluster, described: dict[str, Any]) -> None:
@@ -290,6 +466,7 @@ def ablate(
         for tmp in target.parent.glob(f".{target.name}.tmp-*"):
             shutil.rmtree(tmp, ignore_errors=True)
 
+    _cleanup.append(clean)
     watchdog = Watchdog(cluster, on_failure=clean).start()
     try:
         described = {
@@ -300,32 +477,48 @@ def ablate(
             **{
                 k: v
                 for k, v in opts._asdict().items()
-                if k not in ("devices", "progress", "gather")
+                if k not in ("devices", "progress", "lockstep")
             },
         }
         check_same(cluster, described)
         n_devices = gather_array(cluster, "devices", np.asarray([len(opts.devices)], np.int64))
+        counts = sorted({int(d[0]) for d in n_devices})
+        if len(counts) > 1:
+            msg = f"Every process must use as many devices (the global mesh), got {counts}."
+            raise DistributedError(msg)
         folder.mkdir(exist_ok=True)
         part = folder / f"part-{pid}-of-{n}.h5ad"
-        opts = opts._replace(
-            shard=(pid, n),
-            gather=lambda z: np.concatenate(gather_array(cluster, "latent", z)),
-        )
+        lockstep = Lockstep(cluster, len(opts.devices), int(adata.n_obs))
+        opts = opts._replace(shard=(pid, n), lockstep=lockstep)
         run.ablate(model_, adata, opts, output=part, overwrite=True)
         mark(cluster, "done")
         if cluster.is_coordinator:
             wait_for(cluster, "done", list(range(n)))
             parts = [folder / f"part-{p}-of-{n}.h5ad" for p in range(n)]
             extra = {"n_processes": n, "n_devices": int(sum(int(d[0]) for d in n_devices))}
-            merge.merge_parts(parts, output, overwrite=overwrite, settings=extra, whole_ok=n == 1)
+            merge.merge_parts(
+                parts,
+                output,
+                overwrite=overwrite,
+                settings=extra,
+                whole_ok=n == 1,
+                global_totals=True,
+            )
             remove_parts(output)
             mark(cluster, "assembled")
         else:
             wait_for(cluster, "assembled", [0])
         mark(cluster, "finished")
         watchdog.stop()
+        _cleanup.remove(clean)
         return AblationResult.read(output)
     except Exception as err:
+        import jax
+
+        if isinstance(err, jax.errors.JaxRuntimeError):
+            # a collective lost a peer (gloo fails at once): the watchdog names the process that
+            # stopped answering, within the timeout
+            time.sleep(cluster.timeout + 3.0)
         watchdog.stop()
         clean()
         first = str(err).splitlines()[0] if str(err) else type(err).__name__

@@ -89,10 +89,13 @@ def merge_parts(
     overwrite: bool = False,
     settings: dict[str, Any] | None = None,
     whole_ok: bool = False,
+    global_totals: bool = False,
 ) -> AblationResult:
     """Merge shard results into ``output`` (atomic; refuses to overwrite unless asked);
     ``settings`` are recorded in the merged ``uns["ablation"]`` on top of the parts' own;
-    ``whole_ok`` accepts one whole run as its own single part (a one-process distributed run)."""
+    ``whole_ok`` accepts one whole run as its own single part (a one-process distributed run);
+    ``global_totals``: every part holds the totals over all cells (a distributed run's global
+    mesh), taken from the first part as they are."""
     import pandas as pd
 
     check_destination(output, overwrite=overwrite)
@@ -119,7 +122,9 @@ def merge_parts(
                 start += count
             arrays = stream.read_back()
             for f in present:
-                if f.reduce == "mean":  # means over each part's cells, weighted by cell counts
+                if global_totals and not f.per_cell:
+                    arrays[f.name] = np.asarray(first.arrays[f.name])
+                elif f.reduce == "mean":  # means over each part's cells, weighted by cell counts
                     total = sum(r.arrays[f.name] * c for r, c in zip(results, counts, strict=True))
                     arrays[f.name] = np.asarray(total / n)
                 elif f.reduce == "sum":

@@ -171,6 +171,14 @@ class Placement(NamedTuple):
     cells: Any  # host array -> device array split over the cell axis
     replicated: Any  # pytree -> replicated device arrays
     mesh: jax.sharding.Mesh | None  # the 1-D mesh ("cells",) when several devices are used
+    # distributed runs: the global mesh over every process's devices (``distributed.Lockstep``)
+    lockstep: Any = None
+
+
+def lockstep_placement(lockstep: Any) -> Placement:
+    """Placement on the global mesh of a distributed run: this process's rows of each minibatch
+    and replicated values become global arrays."""
+    return Placement(lockstep.cells, lockstep.replicated, lockstep.mesh, lockstep)
 
 
 def placement(devices: Sequence[Any]) -> Placement:
@@ -266,12 +274,34 @@ def batches(
     place = place or placement(plan.devices)
     dtype = np.dtype(plan.dtype)
     x64 = dtype == np.float64
+    lock = place.lockstep
+
+    def padded() -> Iterator[anndata_io.Minibatch]:
+        """The minibatches, then (distributed runs) empty ones up to the count of the process
+        with the most rows, non-zero blocks as wide as the widest process's."""
+        count = 0
+        for mb in anndata_io.minibatches(data, plan.batch_size, dtype=dtype, n_vars=config.n_input):
+            if lock is not None:
+                extra = lock.width(mb.nz_index.shape[1]) - mb.nz_index.shape[1]
+                mb.nz_index = np.pad(mb.nz_index, ((0, 0), (0, extra)))
+                mb.nz_count = np.pad(mb.nz_count, ((0, 0), (0, extra)))
+            count += 1
+            yield mb
+        if lock is None:
+            return
+        size = plan.batch_size
+        while count < -(-lock.max_rows // size):
+            width = lock.width(anndata_io.nz_width(0, config.n_input))
+            empty = np.zeros(size, np.int32)
+            index = np.zeros((size, width), np.int32)
+            yield anndata_io.Minibatch(
+                data.n_obs, 0, config.n_input, empty, empty, index, index.astype(dtype)
+            )
+            count += 1
 
     def placed() -> Iterator[tuple[int, int, tuple[jax.Array, ...]]]:
         with jax.enable_x64(x64):  # the caller's precision context is thread-local
-            for mb in anndata_io.minibatches(
-                data, plan.batch_size, dtype=dtype, n_vars=config.n_input
-            ):
+            for mb in padded():
                 size = len(mb.batch)
                 group = np.full(size, -1, np.int32)
                 if groups is not None:
@@ -311,8 +341,15 @@ class _Writer:
     ``depth`` minibatches may be in flight: it bounds the memory of results not yet written.
     """
 
-    def __init__(self, sink: dict[str, Any], block: int, bar: Any, depth: int = 4):
-        self.sink, self.block, self.bar = sink, block, bar
+    def __init__(
+        self,
+        sink: dict[str, Any],
+        block: int,
+        bar: Any,
+        depth: int = 4,
+        fetch: Callable[[dict[str, Any]], dict[str, Any]] = jax.device_get,
+    ):
+        self.sink, self.block, self.bar, self.fetch = sink, block, bar, fetch
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -338,7 +375,7 @@ class _Writer:
                 start, n_valid, rows = item
                 if not buffered:
                     first = start
-                for name, value in jax.device_get(rows).items():
+                for name, value in self.fetch(rows).items():
                     buffered.setdefault(name, []).append(np.asarray(value)[:n_valid])
                 n_buffered += n_valid
                 if n_buffered >= self.block:
@@ -378,6 +415,7 @@ def execute(
     results to the host and the sink (``_Writer``), so the device waits for neither end.
     """
     place = place or placement(plan.devices)
+    lock = place.lockstep
     params = place.replicated(params)
     key = jax.random.key(plan.seed)
     need_key = any(s.needs_key for s in scorers)
@@ -390,7 +428,10 @@ def execute(
 
             bar = stack.enter_context(tqdm(total=data.n_obs, unit="cells", desc="ablate"))
         block = anndata_io.read_rows(config.n_input, plan.batch_size)
-        writer = _Writer(sink, block, bar)
+        fetch: Callable[[dict[str, Any]], dict[str, Any]] = jax.device_get
+        if lock is not None:  # this process's rows of the global per-cell arrays
+            fetch = lambda rows: {k: lock.own_rows(v) for k, v in rows.items()}  # noqa: E731
+        writer = _Writer(sink, block, bar, fetch=fetch)
         try:
             for start, n_valid, batch in batches(
                 params, data, plan, config=config, groups=groups, place=place
@@ -399,28 +440,71 @@ def execute(
                     key, sub = jax.random.split(key)
                 else:
                     sub = key
+                if lock is not None and need_key:
+                    sub = place.replicated(sub)
                 rows: dict[str, Any] = {}
                 for i, scorer in enumerate(scorers):
                     out, totals[i] = scorer.score(batch, totals[i], sub)
                     rows.update(out)
-                writer.put(start, n_valid, rows)
+                if n_valid:
+                    writer.put(start, n_valid, rows)
         finally:
             writer.close()
+    n_obs = data.n_obs
+    if lock is not None:  # the totals are sums over every process's cells
+        totals = [lock.host(t) for t in totals]
+        n_obs = lock.n_obs
     finished: dict[str, np.ndarray] = {}
     for scorer, total in zip(scorers, totals, strict=True):
-        finished.update(scorer.finish(total, data.n_obs))
+        finished.update(scorer.finish(total, n_obs))
     return finished
+
+
+class OwnRows:
+    """A scorer run by each process on its own rows and local devices in a distributed run: for
+    per-cell work whose host-side steps differ between processes (the refit's restarts)."""
+
+    def __init__(self, scorer: Any, lockstep: Any, local: Placement):
+        self.scorer, self.lockstep, self.local = scorer, lockstep, local
+        self.fields, self.needs_key = scorer.fields, scorer.needs_key
+
+    def init(self) -> Any:
+        return self.scorer.init()
+
+    def score(self, batch: Batch, totals: Any, key: jax.Array) -> tuple[dict[str, Any], Any]:
+        own = Batch(*(self.local.cells(self.lockstep.own_rows(a)) for a in batch))
+        return self.scorer.score(own, totals, key)
+
+    def finish(self, totals: Any, n_obs: int) -> dict[str, np.ndarray]:
+        return self.scorer.finish(totals, n_obs)
 
 
 # -- a whole ablation run: resolve, plan, execute, assemble -----------------------------------------
 def decoder_inputs(
-    params: LDVAEParams, data: anndata_io.CellData, plan: Plan, *, config: LDVAEConfig
+    params: LDVAEParams,
+    data: anndata_io.CellData,
+    plan: Plan,
+    *,
+    config: LDVAEConfig,
+    place: Placement | None = None,
 ) -> np.ndarray:
-    """Decoder input at the posterior mean of every cell of ``data`` (n_obs, n_latent), host."""
-    out = np.empty((data.n_obs, config.n_latent), np.dtype(plan.dtype))
-    place = placement(plan.devices)
-    for start, n_valid, batch in batches(place.replicated(params), data, plan, config=config):
-        out[start : start + n_valid] = np.asarray(batch.z)[:n_valid]
+    """Decoder input at the posterior mean of every cell of ``data`` (n_obs, n_latent), host.
+    On the global mesh of a distributed run: of every process's cells (an all-gather per
+    minibatch), in row order."""
+    place = place or placement(plan.devices)
+    lock = place.lockstep
+    n_obs = data.n_obs if lock is None else lock.n_obs
+    out = np.empty((n_obs, config.n_latent), np.dtype(plan.dtype))
+    placed = batches(place.replicated(params), data, plan, config=config, place=place)
+    for m, (start, n_valid, batch) in enumerate(placed):
+        if lock is None:
+            out[start : start + n_valid] = np.asarray(batch.z)[:n_valid]
+            continue
+        z, b, n = lock.gather(batch.z), plan.batch_size, lock.cluster.num_processes
+        for p in range(n):
+            lo, hi = shard_rows((p, n), n_obs)
+            count = int(np.clip(hi - lo - m * b, 0, b))
+            out[lo + m * b : lo + m * b + count] = z[p * b : p * b + count]
     return out
 
 
@@ -470,9 +554,9 @@ class Options(NamedTuple):
     gene_scores: bool = False
     shapley: str | None = None  # "exact", "permutation" or None
     n_permutations: int = 0
-    # distributed runs: the decoder inputs of this process's rows -> those of every process, in
-    # row order (``distributed.gather_array``), so "mean"/"median" cover all input cells
-    gather: Callable[[np.ndarray], np.ndarray] | None = None
+    # distributed runs: the global mesh (``distributed.Lockstep``); this process scores its rows
+    # on it, baselines and totals cover every process's cells
+    lockstep: Any = None
 
 
 def ablate(model_: Any, adata: Any, opts: Options, *, output: Any, overwrite: bool) -> Any:
@@ -508,8 +592,13 @@ def ablate(model_: Any, adata: Any, opts: Options, *, output: Any, overwrite: bo
     dtype = np.dtype(model_.dtype)
     n_dev = len(opts.devices)
     vectorize = vectorize_default(opts.devices)
+    lock = opts.lockstep
     size = opts.batch_size or choose_batch_size(
-        data.n_obs, cfg.n_input, len(idx), itemsize=dtype.itemsize, vectorize=vectorize
+        data.n_obs if lock is None else lock.max_rows,
+        cfg.n_input,
+        len(idx),
+        itemsize=dtype.itemsize,
+        vectorize=vectorize,
     )
     size = int(-(-size // n_dev) * n_dev)  # a multiple of the device count
 
@@ -541,19 +630,22 @@ def ablate(model_: Any, adata: Any, opts: Options, *, output: Any, overwrite: bo
         params = model_.params
         stats = None
         if isinstance(opts.baseline, str) and opts.baseline in ("mean", "median"):
-            if opts.gather is None:  # over all input cells, shards too
+            if lock is None:  # over all input cells, shards too
                 stats_plan = make_plan(np.zeros(cfg.n_latent), "zero", (0, full.n_obs))
                 stats = decoder_inputs(params, full, stats_plan, config=cfg)
-            else:  # each process its own rows, then all of them
+            else:  # each process its own rows, gathered on the global mesh
                 stats_plan = make_plan(np.zeros(cfg.n_latent), "zero", (lo, hi))
-                stats = opts.gather(decoder_inputs(params, data, stats_plan, config=cfg))
+                stats = decoder_inputs(
+                    params, data, stats_plan, config=cfg, place=lockstep_placement(lock)
+                )
         base_name, base_values = ablation.resolve_baseline(opts.baseline, stats, cfg.n_latent)
         if opts.refit:
             from linear_decoder_jax import refit  # optax: only for refits
 
             refit.check_baseline(base_values, idx, model_.latent_names, config=cfg)
         plan = make_plan(base_values, base_name, (lo, hi))
-        place = placement(plan.devices)
+        local = placement(plan.devices)
+        place = local if lock is None else lockstep_placement(lock)
         scorers: list[Any] = [
             ablation.SweepScorer(
                 params, plan, config=cfg, place=place, gene_scores=opts.gene_scores
@@ -580,10 +672,10 @@ def ablate(model_: Any, adata: Any, opts: Options, *, output: Any, overwrite: bo
                 optimizer=optimizer,  # type: ignore[arg-type]
                 steps=steps,
                 tol=tol,
-                mesh=place.mesh,
+                mesh=local.mesh,
             )
             refit_settings = scorer.settings()
-            scorers.append(scorer)
+            scorers.append(scorer if lock is None else OwnRows(scorer, lock, local))
         sizes = {"obs": data.n_obs, "ablated": len(idx), "latent": cfg.n_latent}
         shapes = {}
         for s in scorers:

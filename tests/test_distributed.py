@@ -30,6 +30,7 @@ def _env(devices: int) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["LDJ_COMPILATION_CACHE"] = "0"
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # importing jax here set it; a user's shell has none
     return env
 
 
@@ -107,6 +108,34 @@ def test_processes_give_the_one_process_result(setup, tmp_path, n, devices):
     assert int(got.groups["n_no_group"]) == 1 == int(whole.groups["n_no_group"])
     assert got.settings["n_processes"] == n and got.settings["n_devices"] == n * devices
     assert not any(tmp_path.glob(".*")), "parts or temporaries left behind"
+
+
+@pytest.mark.parametrize(("n", "devices"), [(2, 2), (3, 1)])
+def test_gene_scores_and_exact_shapley_give_the_one_process_result(setup, tmp_path, n, devices):
+    """Totals reduced on the global mesh (mean LFC, per-group gene sums and cell counts) and
+    the explained shares equal a one-process run."""
+    model, adata, tmp = setup
+    out = tmp_path / "out.h5ad"
+    extra = ["--baseline", "mean", "--groupby", "group", "--gene-scores", "--shapley", "exact"]
+    procs = _launch(tmp / "model", tmp / "cells.h5ad", out, n, *extra, devices=devices)
+    for p in procs:
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-3000:]
+    got = ldj.AblationResult.read(out)
+    whole = ldj.ablate(
+        model, adata, baseline="mean", groupby="group", gene_scores=True, shapley="exact"
+    )
+    np.testing.assert_allclose(
+        got.settings["baseline_values"], whole.settings["baseline_values"], rtol=1e-9
+    )
+    fields = ("delta_nll", "mean_lfc", "gain_nll", "shapley_nll", "gene_n_cells")
+    for key in (*fields, "gene_delta_nll", "gene_lfc"):
+        a, b = np.asarray(got.arrays[key]), np.asarray(whole.arrays[key])
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9, err_msg=key)
+    np.testing.assert_allclose(
+        got.explained().to_numpy(float), whole.explained().to_numpy(float), rtol=1e-9
+    )
+    assert got.settings["n_processes"] == n and got.settings["n_devices"] == n * devices
 
 
 def test_refit_samples_and_mean_baseline(setup, tmp_path):
@@ -193,3 +222,34 @@ def test_cli_refuses_distributed_flags_without_distributed(setup, tmp_path, caps
         "ldj: error: --coordinator, --num-processes and --process-id need --distributed."
     ]
     assert not (tmp_path / "o.h5ad").exists()
+
+
+def test_a_killed_coordinator_stops_the_others(setup, tmp_path):
+    """SIGKILL of process 0 (it hosts the runtime's service) mid-run: the other exits non-zero
+    within the timeout with one line naming process 0 and no stack trace; no output, no parts."""
+    model, adata, tmp = setup
+    out = tmp_path / "out.h5ad"
+    out.write_bytes(b"old result")
+    extra = ["--overwrite", "--refit", "--refit-steps", "200", "--refit-tol", "0"]
+    procs = _launch(tmp / "model", tmp / "cells.h5ad", out, 2, *extra)
+    parts = tmp_path / ".out.h5ad.ldj-parts"
+    deadline = time.monotonic() + 120
+    while not parts.exists() and time.monotonic() < deadline:  # every process joined and checked
+        time.sleep(0.2)
+    assert parts.exists()
+    time.sleep(1.0)
+    procs[0].send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    _, err = procs[1].communicate(timeout=TIMEOUT * 6)
+    assert procs[1].returncode not in (0, None)
+    assert time.monotonic() - killed_at < TIMEOUT * 4
+    lines = [line for line in err.splitlines() if not line.startswith("ldj: compiling")]
+    assert lines == [
+        "ldj: error: lost the coordinator, process 0; process 1 stops, no output written."
+    ], err[-2000:]
+    assert not any(
+        line.startswith(("***", "F1", "Check failed", "  @")) for line in err.splitlines()
+    )
+    procs[0].wait()
+    assert out.read_bytes() == b"old result"
+    assert not parts.exists() and not any(tmp_path.glob(".out.h5ad.tmp-*"))
