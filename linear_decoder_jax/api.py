@@ -627,8 +627,9 @@ def ablate(
         ``coordinator="HOST:PORT"``, ``num_processes``, ``process_id``, or its auto-detection on
         Slurm, Open MPI and TPU pods) into one global mesh over every process's devices (as many
         per process), each feeding its own rows; ``refit`` runs per process on its own devices
-        (it is per cell); process 0 writes ``output`` (required). A process silent for ``timeout`` seconds, or any failure, ends every process
-        with a one-line error and no output. Must be called before any other JAX computation.
+        (it is per cell); process 0 writes ``output`` (required). A process silent for
+        ``timeout`` seconds, or any failure, ends every process with a one-line error and no
+        output. Must be called before any other JAX computation.
 
     Returns
     -------

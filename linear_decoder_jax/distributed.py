@@ -303,6 +303,8 @@ class Lockstep:
         import jax
         from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+        from linear_decoder_jax import run
+
         self.cluster, self.n_obs = cluster, n_obs
         self._minibatches = itertools.count()
 
@@ -313,13 +315,8 @@ class Lockstep:
         self.mesh = Mesh(np.asarray(devices), ("cells",))
         self.split = NamedSharding(self.mesh, PartitionSpec("cells"))
         self.whole = NamedSharding(self.mesh, PartitionSpec())
-        self.max_rows = max(
-            hi - lo
-            for lo, hi in (
-                (p * n_obs // cluster.num_processes, (p + 1) * n_obs // cluster.num_processes)
-                for p in range(cluster.num_processes)
-            )
-        )
+        n = cluster.num_processes
+        self.max_rows = max(hi - lo for lo, hi in (run.shard_rows((p, n), n_obs) for p in range(n)))
 
     def cells(self, arrays: Any) -> Any:
         """This process's rows of a minibatch -> global arrays split over cells."""

@@ -73,6 +73,21 @@ def _errors(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("ldj: error:")]
 
 
+def _kill_mid_run(tmp, out, parts, *, n, victim):
+    """Launch ``n`` slow processes (long refits) over an existing ``out``, SIGKILL ``victim``
+    once every process has joined and checked (the parts folder exists): (processes, kill time)."""
+    out.write_bytes(b"old result")
+    extra = ["--overwrite", "--refit", "--refit-steps", "200", "--refit-tol", "0"]
+    procs = _launch(tmp / "model", tmp / "cells.h5ad", out, n, *extra)
+    deadline = time.monotonic() + 120
+    while not parts.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert parts.exists()
+    time.sleep(1.0)
+    procs[victim].send_signal(signal.SIGKILL)
+    return procs, time.monotonic()
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
@@ -160,18 +175,8 @@ def test_a_killed_process_stops_the_others(setup, tmp_path):
     """SIGKILL of one process mid-run: the others exit non-zero within the timeout, naming it;
     no output appears and an existing one is untouched; no parts are left."""
     model, adata, tmp = setup
-    out = tmp_path / "out.h5ad"
-    out.write_bytes(b"old result")
-    extra = ["--overwrite", "--refit", "--refit-steps", "200", "--refit-tol", "0"]
-    procs = _launch(tmp / "model", tmp / "cells.h5ad", out, 3, *extra)
-    parts = tmp_path / ".out.h5ad.ldj-parts"
-    deadline = time.monotonic() + 120
-    while not parts.exists() and time.monotonic() < deadline:  # every process joined and checked
-        time.sleep(0.2)
-    assert parts.exists()
-    time.sleep(1.0)
-    procs[1].send_signal(signal.SIGKILL)
-    killed_at = time.monotonic()
+    out, parts = tmp_path / "out.h5ad", tmp_path / ".out.h5ad.ldj-parts"
+    procs, killed_at = _kill_mid_run(tmp, out, parts, n=3, victim=1)
     for i in (0, 2):
         _, err = procs[i].communicate(timeout=TIMEOUT * 6)
         assert procs[i].returncode not in (0, None)
@@ -228,18 +233,8 @@ def test_a_killed_coordinator_stops_the_others(setup, tmp_path):
     """SIGKILL of process 0 (it hosts the runtime's service) mid-run: the other exits non-zero
     within the timeout with one line naming process 0 and no stack trace; no output, no parts."""
     model, adata, tmp = setup
-    out = tmp_path / "out.h5ad"
-    out.write_bytes(b"old result")
-    extra = ["--overwrite", "--refit", "--refit-steps", "200", "--refit-tol", "0"]
-    procs = _launch(tmp / "model", tmp / "cells.h5ad", out, 2, *extra)
-    parts = tmp_path / ".out.h5ad.ldj-parts"
-    deadline = time.monotonic() + 120
-    while not parts.exists() and time.monotonic() < deadline:  # every process joined and checked
-        time.sleep(0.2)
-    assert parts.exists()
-    time.sleep(1.0)
-    procs[0].send_signal(signal.SIGKILL)
-    killed_at = time.monotonic()
+    out, parts = tmp_path / "out.h5ad", tmp_path / ".out.h5ad.ldj-parts"
+    procs, killed_at = _kill_mid_run(tmp, out, parts, n=2, victim=0)
     _, err = procs[1].communicate(timeout=TIMEOUT * 6)
     assert procs[1].returncode not in (0, None)
     assert time.monotonic() - killed_at < TIMEOUT * 4
