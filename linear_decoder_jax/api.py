@@ -701,7 +701,6 @@ def ablate(
     with contextlib.ExitStack() as stack:
         if isinstance(adata, str | os.PathLike):
             adata = stack.enter_context(anndata_io.BackedAnnData(adata))
-        anndata_io.check_obs_writable(adata.obs)
         if cluster is not None:
             from linear_decoder_jax import distributed as distributed_
 

@@ -407,12 +407,14 @@ def execute(
     groups: np.ndarray | None = None,
     place: Placement | None = None,
     progress: bool = False,
+    watch: Callable[[], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """Run every scorer over ``data`` (the plan's rows), writing per-cell rows into ``sink[name]``
     (arrays or datasets of ``n_obs`` rows); returns the scorers' finished totals.
 
     Three threads: reading and placement (``batches``), dispatch (this one), and the copy of the
     results to the host and the sink (``_Writer``), so the device waits for neither end.
+    ``watch`` is called before each minibatch: work running beside the sweep raises through it.
     """
     place = place or placement(plan.devices)
     lock = place.lockstep
@@ -436,6 +438,8 @@ def execute(
             for start, n_valid, batch in batches(
                 params, data, plan, config=config, groups=groups, place=place
             ):
+                if watch is not None:
+                    watch()
                 if need_key:  # else the key is unused: skip a dispatch per minibatch
                     key, sub = jax.random.split(key)
                 else:
@@ -532,6 +536,46 @@ def embeddings(adata: Any) -> dict[str, np.ndarray]:
     return out
 
 
+class ObsRows:
+    """The obs rows [lo, hi) of ``adata`` for the result, checked writable first
+    (``anndata_io.check_obs_writable``). A streamed h5ad whose obs is not read yet is read on a
+    thread beside the sweep (anndata and pandas take ~0.8 s to import); :meth:`check` raises its
+    error while the sweep runs, so an unwritable column still stops the run in seconds."""
+
+    def __init__(self, adata: Any, lo: int, hi: int):
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+        def load() -> None:
+            try:
+                obs = adata.obs.iloc[lo:hi].copy()
+                anndata_io.check_obs_writable(obs)
+                self._value = obs
+            except BaseException as err:  # raised by check() or result()
+                self._error = err
+
+        if isinstance(adata, anndata_io.BackedAnnData) and not adata.obs_loaded:
+            self._thread = threading.Thread(target=load, daemon=True)
+            self._thread.start()
+        else:
+            load()
+            self.check()
+
+    def check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
+    def result(self) -> Any:
+        self.wait()
+        self.check()
+        return self._value
+
+
 class Options(NamedTuple):
     """The user's options of an ablation run, validated by the facade (``api.ablate``)."""
 
@@ -602,7 +646,6 @@ def ablate(model_: Any, adata: Any, opts: Options, *, output: Any, overwrite: bo
     )
     size = int(-(-size // n_dev) * n_dev)  # a multiple of the device count
 
-    obs = adata.obs.iloc[lo:hi].copy()
     codes = None if all_codes is None else all_codes[lo:hi]
     if opts.gene_scores:
         attribution.check_gene_budget(
@@ -694,6 +737,8 @@ def ablate(model_: Any, adata: Any, opts: Options, *, output: Any, overwrite: bo
                 stream = results.H5adStream(tmp, shapes)
                 stack.callback(stream.close)
                 sink = stream.arrays
+            obs_rows = ObsRows(adata, lo, hi)
+            stack.callback(obs_rows.wait)  # no reading thread outlives the run, even on error
             totals = execute(
                 params,
                 data,
@@ -704,7 +749,9 @@ def ablate(model_: Any, adata: Any, opts: Options, *, output: Any, overwrite: bo
                 groups=codes,
                 place=place,
                 progress=opts.progress,
+                watch=obs_rows.check,
             )
+            obs = obs_rows.result()
             arrays = {**(sink if stream is None else stream.read_back()), **totals}
             names = [model_.latent_names[i] for i in idx]
             settings = {

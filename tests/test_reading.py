@@ -143,3 +143,122 @@ def test_check_counts_dense_and_sparse_agree():
     anndata_io.check_counts(np.abs(x), allow_non_integer=False)
     with pytest.raises(IncompatibleDataError, match=r"first in cell 3\)"):
         anndata_io.check_counts(sp.csr_matrix(x.astype(np.int32)), allow_non_integer=False)
+
+
+# Streamed h5ad: h5py alone until the obs table is needed -----------------------------------------
+def test_streamed_h5ad_reads_counts_and_covariates_without_anndata(tmp_path):
+    """Opening a file, aligning it with the model and reading every minibatch imports neither
+    anndata nor pandas (their ~0.8 s import then overlaps the sweep), and gives the same
+    minibatches as the in-memory AnnData."""
+    import subprocess
+    import sys
+
+    model = random_model(0, dispersion="gene-label")  # batch and label columns both read
+    adata = random_adata(model, n_obs=45)
+    adata.X = sp.csr_matrix(adata.X)
+    path = tmp_path / "cells.h5ad"
+    adata.write_h5ad(path)
+    model.save(tmp_path / "model")
+    code = f"""
+import sys
+import numpy as np
+import linear_decoder_jax as ldj
+from linear_decoder_jax import anndata_io
+model = ldj.load({str(tmp_path / "model")!r})
+with anndata_io.BackedAnnData({str(path)!r}) as backed:
+    data = model.prepare(backed)
+    mbs = list(anndata_io.minibatches(data, 16))
+assert "anndata" not in sys.modules and "pandas" not in sys.modules, "imported"
+np.savez({str(tmp_path / "mb.npz")!r}, batch=data.batch, label=data.label,
+         names=data.obs_names, index=np.stack([m.nz_index for m in mbs]),
+         count=np.stack([m.nz_count for m in mbs]))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    got = np.load(tmp_path / "mb.npz")
+    data = model.prepare(adata)
+    mbs = list(anndata_io.minibatches(data, 16))
+    np.testing.assert_array_equal(got["batch"], data.batch)
+    np.testing.assert_array_equal(got["label"], data.label)
+    np.testing.assert_array_equal(got["names"], data.obs_names.astype(str))
+    np.testing.assert_array_equal(got["index"], np.stack([m.nz_index for m in mbs]))
+    np.testing.assert_array_equal(got["count"], np.stack([m.nz_count for m in mbs]))
+
+
+def test_obs_columns_read_with_h5py_equal_anndata(tmp_path):
+    import anndata
+    import pandas as pd
+
+    n = 12
+    obs = pd.DataFrame(index=[f"cell{i}" for i in range(n)])
+    obs["cat"] = pd.Categorical(["a", "b", None, "c"] * 3)  # a missing category too
+    obs["strings"] = pd.array([f"s{i % 4}" for i in range(n)], dtype=object)
+    obs["ints"] = np.arange(n) % 3
+    obs["floats"] = np.linspace(0, 1, n)
+    obs["flags"] = np.arange(n) % 2 == 0
+    obs["nullable"] = pd.array([1, None, 3] * 4, dtype="Int64")  # anndata's reader
+    obs["int_cats"] = pd.Categorical(np.arange(n) % 2)  # so are numeric categories
+    adata = anndata.AnnData(X=np.zeros((n, 3), np.float32), obs=obs)
+    path = tmp_path / "obs.h5ad"
+    adata.write_h5ad(path)
+    with anndata_io.BackedAnnData(path) as backed:
+        np.testing.assert_array_equal(backed.obs_names, adata.obs_names.to_numpy())
+        # plain encodings with h5py; the others ("nullable", "int_cats") through anndata
+        for column in obs.columns:
+            assert backed.obs_loaded == (column == "int_cats")
+            got = backed.obs_column(column)
+            want = adata.obs[column].to_numpy()
+            np.testing.assert_array_equal(np.asarray(got).astype(str), want.astype(str), column)
+        assert backed.obs_loaded and backed.obs_column("missing") is None
+
+
+@pytest.mark.parametrize("rows", [(0, 0), (0, 29), (5, 17), (26, 29), (27, 40), (10, 11)])
+def test_h5csr_row_ranges_equal_anndata(tmp_path, rows):
+    import anndata
+    import h5py
+
+    rng = np.random.default_rng(3)
+    dense = sp.random(29, 11, density=0.3, random_state=rng, dtype=np.float32).toarray()
+    dense[[3, 26]] = 0  # empty rows
+    x = sp.csr_matrix(dense)
+    path = tmp_path / "x.h5ad"
+    anndata.AnnData(X=x).write_h5ad(path)
+    lo, hi = rows
+    with h5py.File(path, "r") as f:
+        ours = anndata_io.H5CSR(f["X"])[lo:hi]
+        theirs = anndata.io.sparse_dataset(f["X"])[lo:hi]
+        assert ours.shape == theirs.shape and anndata_io.H5CSR(f["X"]).shape == (29, 11)
+        np.testing.assert_array_equal(ours.toarray(), theirs.toarray())
+
+
+def test_streamed_obs_error_stops_the_run_early(tmp_path, monkeypatch):
+    """The obs table of a streamed file is read beside the sweep; its error stops the sweep at
+    the next minibatch (not at the end) and nothing is written."""
+    import time
+
+    import linear_decoder_jax as ldj
+    from linear_decoder_jax import ablation
+
+    model = random_model(0)
+    adata = random_adata(model, n_obs=400)
+    path = tmp_path / "cells.h5ad"
+    adata.write_h5ad(path)
+
+    def unwritable(obs, **kw):
+        raise IncompatibleDataError("obs column 'x' cannot be written")
+
+    scored = []
+    score = ablation.SweepScorer.score
+
+    def slow(self, *args):
+        scored.append(1)
+        time.sleep(0.05)  # 100 minibatches: 5 s, far longer than reading obs
+        return score(self, *args)
+
+    monkeypatch.setattr(anndata_io, "check_obs_writable", unwritable)
+    monkeypatch.setattr(ablation.SweepScorer, "score", slow)
+    out = tmp_path / "out.h5ad"
+    with pytest.raises(IncompatibleDataError, match="cannot be written"):
+        ldj.ablate(model, path, output=out, batch_size=4)
+    assert len(scored) < 50
+    assert not out.exists() and not list(tmp_path.glob(".out.h5ad*"))
