@@ -11,6 +11,7 @@ messages name the CLI's flags where the library's name its keyword arguments.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import sys
@@ -593,4 +594,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def console_main() -> None:
-    sys.exit(main())
+    """The ``ldj`` command. Once a command has returned, its files are closed and renamed into
+    place, so the process ends without the interpreter's teardown of jax's runtime and of every
+    module (~0.5 s of a 5 s ``ldj ablate``, measured). A distributed run exits normally: its
+    cluster client shuts down at exit."""
+    code = main()
+    jax = sys.modules.get("jax")  # imported by the commands that need it
+    if jax is not None and jax.distributed.is_initialized():
+        sys.exit(code)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -118,6 +118,25 @@ def test_errors_are_one_line(converted, argv, message, tmp_path):
     assert not (tmp_path / "x.h5ad").exists()
 
 
+def test_command_output_is_complete_despite_the_fast_exit(converted, tmp_path):
+    """``ldj`` ends without the interpreter's teardown (``os._exit``): the result file, the
+    summary on a pipe (block-buffered) and the exit code must all be there."""
+    import anndata
+
+    t, _, data = converted
+    out = tmp_path / "r.h5ad"
+    proc = subprocess.run(
+        [sys.executable, "-m", "linear_decoder_jax", "ablate", str(t.saved), str(data), "-o", out],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.rstrip().endswith(f"wrote {out}")
+    back = anndata.read_h5ad(out)
+    assert back.obsm["delta_nll"].shape[0] == back.n_obs > 0
+    assert not list(tmp_path.glob(".r.h5ad*"))
+
+
 def test_help_does_not_import_jax():
     code = (
         "import sys; from linear_decoder_jax.cli import main\n"
