@@ -414,7 +414,8 @@ def execute(
 
     Three threads: reading and placement (``batches``), dispatch (this one), and the copy of the
     results to the host and the sink (``_Writer``), so the device waits for neither end.
-    ``watch`` is called before each minibatch: work running beside the sweep raises through it.
+    ``watch`` is called after each minibatch is dispatched: work beside the sweep starts and
+    raises through it.
     """
     place = place or placement(plan.devices)
     lock = place.lockstep
@@ -438,8 +439,6 @@ def execute(
             for start, n_valid, batch in batches(
                 params, data, plan, config=config, groups=groups, place=place
             ):
-                if watch is not None:
-                    watch()
                 if need_key:  # else the key is unused: skip a dispatch per minibatch
                     key, sub = jax.random.split(key)
                 else:
@@ -452,6 +451,8 @@ def execute(
                     rows.update(out)
                 if n_valid:
                     writer.put(start, n_valid, rows)
+                if watch is not None:
+                    watch()
         finally:
             writer.close()
     n_obs = data.n_obs
@@ -539,8 +540,9 @@ def embeddings(adata: Any) -> dict[str, np.ndarray]:
 class ObsRows:
     """The obs rows [lo, hi) of ``adata`` for the result, checked writable first
     (``anndata_io.check_obs_writable``). A streamed h5ad whose obs is not read yet is read on a
-    thread beside the sweep (anndata and pandas take ~0.8 s to import); :meth:`check` raises its
-    error while the sweep runs, so an unwritable column still stops the run in seconds."""
+    thread beside the sweep (anndata and pandas take ~0.8 s to import), started by the first
+    :meth:`check`, once the first minibatch is dispatched; :meth:`check` raises its error while
+    the sweep runs, so an unwritable column still stops the run in seconds."""
 
     def __init__(self, adata: Any, lo: int, hi: int):
         self._value: Any = None
@@ -557,20 +559,22 @@ class ObsRows:
 
         if isinstance(adata, anndata_io.BackedAnnData) and not adata.obs_loaded:
             self._thread = threading.Thread(target=load, daemon=True)
-            self._thread.start()
         else:
             load()
             self.check()
 
     def check(self) -> None:
+        if self._thread is not None and self._thread.ident is None:
+            self._thread.start()
         if self._error is not None:
             raise self._error
 
     def wait(self) -> None:
-        if self._thread is not None:
+        if self._thread is not None and self._thread.ident is not None:
             self._thread.join()
 
     def result(self) -> Any:
+        self.check()
         self.wait()
         self.check()
         return self._value
