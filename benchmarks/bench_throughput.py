@@ -46,13 +46,12 @@ HERE = Path(__file__).parent
 ROOT = HERE.parent
 N_VARS, N_LATENT = 2_000, 10
 
-# The CLI in a child: the wall clock when the first minibatch is scored (synchronised once) and
-# the peak RSS, printed for the parent.
+# The CLI in a child, ended as the ``ldj`` command ends (``console_main``): the wall clock when
+# the first minibatch is scored (synchronised once) and the peak RSS, printed for the parent.
 CHILD = """
 import resource, sys, time
 import jax
-from linear_decoder_jax import ablation
-from linear_decoder_jax.cli import main
+from linear_decoder_jax import ablation, cli
 score, first = ablation.SweepScorer.score, []
 def timed(self, *args):
     out = score(self, *args)
@@ -61,10 +60,14 @@ def timed(self, *args):
         first.append(time.time())
     return out
 ablation.SweepScorer.score = timed
-code = main(sys.argv[1:])
-print("RESULT", first[0], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-      file=sys.stderr)
-sys.exit(code)
+main = cli.main
+def reported(argv=None):
+    code = main(argv)
+    print("RESULT", first[0], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+          file=sys.stderr)
+    return code
+cli.main = reported
+cli.console_main()
 """
 
 
