@@ -608,7 +608,9 @@ def _open_store(path: Path) -> tuple[Any, Any]:
 
 def _strings(node: Any) -> np.ndarray:
     """A string (or other 1-D) dataset of an h5ad file, as str."""
-    return np.asarray(node.asstr()[...] if node.dtype.kind == "O" else node[...]).astype(str)
+    if node.dtype.kind in "OS":  # variable or fixed-length UTF-8: object arrays, as pandas has
+        return np.asarray(node.asstr()[...], dtype=object)
+    return np.asarray(node[...]).astype(str).astype(object)
 
 
 def _index(group: Any) -> np.ndarray:

@@ -603,6 +603,9 @@ def console_main() -> None:
     if jax is not None and jax.distributed.is_initialized():
         sys.exit(code)
     logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:  # a closed pipe (ldj info | head -1): nothing left to say
+            pass
     os._exit(code)

@@ -579,6 +579,12 @@ class ObsRows:
         self.check()
         return self._value
 
+    def __enter__(self) -> ObsRows:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wait()
+
 
 class Options(NamedTuple):
     """The user's options of an ablation run, validated by the facade (``api.ablate``)."""
@@ -673,10 +679,13 @@ def ablate(model_: Any, adata: Any, opts: Options, *, output: Any, overwrite: bo
             group_names=group_names,
         )
 
-    with model_.precision():
+    # in memory: checked here, before any work; a streamed file: read beside the work
+    obs_rows = ObsRows(adata, lo, hi)
+    with model_.precision(), obs_rows:  # no reading thread outlives the run, even on error
         params = model_.params
         stats = None
         if isinstance(opts.baseline, str) and opts.baseline in ("mean", "median"):
+            obs_rows.check()  # a streamed file's obs is read beside this pass
             if lock is None:  # over all input cells, shards too
                 stats_plan = make_plan(np.zeros(cfg.n_latent), "zero", (0, full.n_obs))
                 stats = decoder_inputs(params, full, stats_plan, config=cfg)
@@ -741,8 +750,6 @@ def ablate(model_: Any, adata: Any, opts: Options, *, output: Any, overwrite: bo
                 stream = results.H5adStream(tmp, shapes)
                 stack.callback(stream.close)
                 sink = stream.arrays
-            obs_rows = ObsRows(adata, lo, hi)
-            stack.callback(obs_rows.wait)  # no reading thread outlives the run, even on error
             totals = execute(
                 params,
                 data,

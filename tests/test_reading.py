@@ -170,7 +170,7 @@ with anndata_io.BackedAnnData({str(path)!r}) as backed:
     mbs = list(anndata_io.minibatches(data, 16))
 assert "anndata" not in sys.modules and "pandas" not in sys.modules, "imported"
 np.savez({str(tmp_path / "mb.npz")!r}, batch=data.batch, label=data.label,
-         names=data.obs_names, index=np.stack([m.nz_index for m in mbs]),
+         names=data.obs_names.astype(str), index=np.stack([m.nz_index for m in mbs]),
          count=np.stack([m.nz_count for m in mbs]))
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

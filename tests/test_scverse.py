@@ -168,8 +168,10 @@ def test_unwritable_obs_fails_before_the_sweep(model, monkeypatch) -> None:
     adata = counts()
     adata.obs["bad"] = [object()] * adata.n_obs
     monkeypatch.setattr(run, "execute", lambda *a, **k: pytest.fail("the sweep started"))
-    with pytest.raises(IncompatibleDataError, match="obs column 'bad' .* cannot be written"):
-        ldj.ablate(model, adata)
+    monkeypatch.setattr(run, "decoder_inputs", lambda *a, **k: pytest.fail("the stats started"))
+    for baseline in ("zero", "mean"):  # "mean": before the baseline's pass over the cells too
+        with pytest.raises(IncompatibleDataError, match="obs column 'bad' .* cannot be written"):
+            ldj.ablate(model, adata, baseline=baseline)
 
 
 # 4. groupby ------------------------------------------------------------------------------------
