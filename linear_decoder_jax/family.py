@@ -1,0 +1,114 @@
+"""Model families: what the run pipeline needs from a model, and nothing more.
+
+A family is a frozen, hashable object holding one model's static configuration (no arrays), so
+jitted functions take it as a static argument. Its methods are pure functions of a parameter
+pytree and one minibatch. The scorers (plain sweep, gene scores, Shapley, refit, traversal) talk
+to this protocol only: a family that can encode and decode with some latents replaced gets every
+score. A family may add a fast path of its own (LinearSCVI's rank-one sweep,
+``families.linear_scvi``); the generic path is the reference it is tested against.
+
+Units. A result column ablates a *unit*: by default one latent (``unit_latents`` is
+``((0,), (1,), ...)``). A family whose decoder is additive over splits of several latents (DRVI)
+may also ablate whole splits (``decode(..., split_mask=...)``); the result then has one column per
+split, named by :meth:`Family.split_names`.
+
+Families without loadings. Where a LinearSCVI result uses its loadings (``varm["loadings"]``,
+``compare``'s loading correlation, ``enrichment(score="loadings")``, the gene panels), a family
+whose :meth:`Family.loadings` is ``None`` uses the sweep's ``mean_lfc`` instead: the mean over
+cells of each gene's log-fold change when the latent is set to its baseline, which for LinearSCVI
+is the loading times the mean shift, up to the normaliser.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal, NamedTuple, Protocol, runtime_checkable
+
+import jax
+
+Array = jax.Array
+LibraryChoice = Literal["model", "observed"]
+
+
+class Encoded(NamedTuple):
+    """A minibatch encoded once, shared by every scorer."""
+
+    qz_m: Array  # (b, n_latent) posterior mean, encoder space
+    qz_v: Array  # (b, n_latent) posterior variance
+    z: Array  # (b, n_latent) decoder input at the posterior mean
+    log_library: Array  # (b, 1) log library per the run's library choice
+
+
+class Rates(NamedTuple):
+    """A decoder's output: what the likelihood needs per cell and gene."""
+
+    scale: Array  # (b, n_vars) normalized expression, rows sum to 1
+    mu: Array  # (b, n_vars) mean counts
+    theta: Array | None  # (b, n_vars) inverse dispersion; None for Poisson
+    zi_logits: Array | None  # (b, n_vars) zero-inflation logits; ZINB only
+
+
+@runtime_checkable
+class Family(Protocol):
+    """One model family, configured: static, hashable, no arrays.
+
+    ``name`` is recorded in ``config.json`` and in ``uns["ablation"]["family"]``.
+    """
+
+    name: ClassVar[str]
+
+    @property
+    def n_latent(self) -> int: ...
+
+    @property
+    def n_vars(self) -> int: ...
+
+    def latent_names(self) -> list[str]:
+        """One name per latent, in column order (``Z_0 ...`` for LinearSCVI)."""
+        ...
+
+    def unit_latents(self) -> tuple[tuple[int, ...], ...]:
+        """The latents each split holds (``((0,), (1,), ...)`` when every latent is its own)."""
+        ...
+
+    def split_names(self) -> list[str]:
+        """One name per split (the latent names when every latent is its own split)."""
+        ...
+
+    def encode(
+        self, params: Any, x: Array, batch: Array, label: Array, *, library: LibraryChoice
+    ) -> Encoded:
+        """Encode counts ``x`` (b, n_vars) with integer covariates ``batch``/``label`` (b,)."""
+        ...
+
+    def decoder_input(self, z: Array) -> Array:
+        """Map an encoder-space latent (b, n_latent) to the decoder input (a draw from q(z|x))."""
+        ...
+
+    def decode(
+        self,
+        params: Any,
+        z: Array,
+        log_library: Array,
+        batch: Array,
+        label: Array,
+        *,
+        split_mask: Array | None = None,
+    ) -> Rates:
+        """Decode decoder input ``z`` (b, n_latent). ``split_mask`` (b, n_splits) or (n_splits,),
+        1 keeps a split's term in the decoder's aggregation, 0 removes it (families whose decoder
+        is not additive over splits raise ``ConfigError`` when it is given)."""
+        ...
+
+    def log_prob(self, x: Array, rates: Rates) -> Array:
+        """Per-gene log-likelihood (b, n_vars) of counts ``x`` under ``rates``."""
+        ...
+
+    def loadings(self, params: Any) -> Array | None:
+        """(n_vars, n_latent) linear loadings when the decoder has them, else ``None``."""
+        ...
+
+
+def latent_names(n_latent: int, prefix: str = "Z_") -> list[str]:
+    """``Z_0 ... Z_{K-1}``: the one place latent names are built (scvi-tools' ``get_loadings``
+    columns; DRVI families pass their own prefix)."""
+    return [f"{prefix}{i}" for i in range(n_latent)]
