@@ -10,7 +10,7 @@ counts, ~10 % non-zeros, written in row blocks), and:
    timed inside) on the first size, extrapolated linearly in N to the others.
 2. ``api_steady``: ``ldj.ablate(model, adata)`` in memory, everything compiled, vs ``sweep``:
    the compiled work alone over the same minibatches, already read and placed on the device:
-   the encoder (``run.encode_counts``, a fifth to a third of it) and the scorer
+   the encoder (``pipeline.encode_counts``, a fifth to a third of it) and the scorer
    (``ablation.SweepScorer.score``). The ratio is the pipeline's cost: reading, the non-zero
    scan, copies, the writer, assembling the result.
 3. ``api_streamed``: ``ldj.ablate(model, "cells.h5ad", output=...)`` vs ``api_steady``.
@@ -148,7 +148,7 @@ def in_process(model: Any, adata: Any, path: Path, out: Path, repeats: int) -> d
     import jax
 
     import linear_decoder_jax as ldj
-    from linear_decoder_jax import ablation, anndata_io, run
+    from linear_decoder_jax import ablation, anndata_io, pipeline
 
     cfg = model.config
     ldj.ablate(model, adata)  # compile
@@ -156,10 +156,10 @@ def in_process(model: Any, adata: Any, path: Path, out: Path, repeats: int) -> d
     with model.precision():
         data = model.prepare(adata)
         devices = tuple(jax.local_devices()[:1])
-        size = run.choose_batch_size(
+        size = pipeline.choose_batch_size(
             data.n_obs, cfg.n_input, cfg.n_latent, itemsize=4, vectorize=False
         )
-        plan = run.Plan(
+        plan = pipeline.Plan(
             latents=tuple(range(cfg.n_latent)),
             baseline_name="zero",
             baseline=(0.0,) * cfg.n_latent,
@@ -173,7 +173,7 @@ def in_process(model: Any, adata: Any, path: Path, out: Path, repeats: int) -> d
             rows=(0, data.n_obs),
             vectorize=False,
         )
-        place = run.placement(devices)
+        place = pipeline.Placement(devices)
         params = model.params
         placed = []  # read and placed once: the sweep below is the compiled work alone
         for mb in anndata_io.minibatches(data, size, dtype=np.float32, n_vars=cfg.n_input):
@@ -181,18 +181,18 @@ def in_process(model: Any, adata: Any, path: Path, out: Path, repeats: int) -> d
             group = np.full(len(mb.batch), -1, np.int32)
             placed.append(place.cells((mb.nz_index, mb.nz_count, mb.batch, mb.label, valid, group)))
         jax.block_until_ready(placed)
-        scorer = ablation.SweepScorer(params, plan, config=cfg, place=place)
+        scorer = ablation.SweepScorer(model.family, params, plan, place=place)
         key = jax.random.key(0)
 
         def sweep() -> None:
             totals, rows = scorer.init(), []
             for nz_index, nz_count, batch, label, valid, group in placed:
-                x, post, z, log_library = run.encode_counts(
-                    params, nz_index, nz_count, config=cfg, library=plan.library
+                x, enc = pipeline.encode_counts(
+                    model.family, params, nz_index, nz_count, batch, label, library=plan.library
                 )
-                b = run.Batch(
-                    x, nz_index, nz_count, batch, label, valid, group, post.qz_m, post.qz_v, z,
-                    log_library,
+                b = pipeline.Batch(
+                    x, nz_index, nz_count, batch, label, valid, group, enc.qz_m, enc.qz_v, enc.z,
+                    enc.log_library,
                 )  # fmt: skip
                 out_rows, totals = scorer.score(b, totals, key)
                 rows.append(out_rows)

@@ -2,7 +2,7 @@
 
 ``delta_nll[c, k] = NLL(x_c | latent k replaced) - NLL(x_c | full)`` in nats, with the model's own
 likelihood, dispersion and library. Removing latent k moves the decoder logits by a rank-one term,
-``(baseline_k - z_k) * loadings[:, k]`` (BatchNorm folded in, ``model.affine_head``), so one
+``(baseline_k - z_k) * loadings[:, k]`` (BatchNorm folded in, ``Family.affine_heads``), so one
 minibatch is encoded and decoded once, then every latent is scored inside the same ``jit``: its
 log softmax is the full one plus that shift minus one log-normaliser per cell. The difference is
 taken gene by gene on the z-dependent part of the log-likelihood only (its value at ``x = 0``
@@ -25,8 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from linear_decoder_jax import attribution, model
-from linear_decoder_jax.config import LDVAEConfig
+from linear_decoder_jax import attribution, schema
 from linear_decoder_jax.distributions import (
     count_term,
     log_prob_constant,
@@ -37,9 +36,9 @@ from linear_decoder_jax.distributions import (
     rate_term_gene_change,
 )
 from linear_decoder_jax.errors import ConfigError
+from linear_decoder_jax.family import AffineFamily, Family, affine_logits, sample_gaussian
 from linear_decoder_jax.options import BASELINES, Baseline, Mode
-from linear_decoder_jax.params import LDVAEParams
-from linear_decoder_jax.run import Batch, Plan
+from linear_decoder_jax.pipeline import Batch, Placement, Plan
 
 BaselineSpec = Baseline | float | Sequence[float] | np.ndarray
 
@@ -60,7 +59,8 @@ class MinibatchScores(NamedTuple):
 
 
 def _score(
-    params: LDVAEParams,
+    family: AffineFamily,
+    params: Any,
     nz_index: jax.Array,
     nz_count: jax.Array,
     z: jax.Array,
@@ -72,12 +72,11 @@ def _score(
     latents: jax.Array,
     group: jax.Array,
     *,
-    config: LDVAEConfig,
     mode: Mode,
     vectorize: bool,
     n_groups: int | None = None,
 ):
-    """delta_nll, delta_l1, full NLL and the lfc sums for decoder input ``z`` (batch, n_latent);
+    """The rank-one fast path of an affine family (``family.AffineFamily``): delta_nll, delta_l1, full NLL and the lfc sums for decoder input ``z`` (batch, n_latent);
     with ``n_groups`` (gene scores) also the per-gene, per-group sums (``attribution.GeneSums``)
     of the cells' ``group`` codes.
 
@@ -86,18 +85,16 @@ def _score(
     latents share (the full model's softmax, its per-gene reference terms, theta) is computed
     once, then each latent's body works on (batch, n_vars) arrays.
     """
-    lik = config.gene_likelihood
-    theta = model.dispersion(params, batch, label, config=config)
-    heads = [model.affine_head(params.decoder.factor, config=config)]
-    if lik == "zinb":
-        heads.append(model.affine_head(params.decoder.dropout, config=config))
+    lik = family.likelihood
+    theta = family.dispersion(params, batch, label)
+    heads = family.affine_heads(params)
 
-    full = [model.affine_logits(h, z, batch) for h in heads]
+    full = [affine_logits(h, z, batch) for h in heads]
     # "keep" ablates from the all-baseline point: every latent but k at its baseline.
     if mode == "drop":
         start = full
     else:
-        start = [model.affine_logits(h, jnp.broadcast_to(baseline, z.shape), batch) for h in heads]
+        start = [affine_logits(h, jnp.broadcast_to(baseline, z.shape), batch) for h in heads]
 
     def softmax(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(rho, log normaliser) with one exp per entry."""
@@ -206,7 +203,7 @@ def _score(
             return delta, l1, lfc, None
         return delta, l1, lfc, (genes, attribution.segment_total(weights, lse_change))
 
-    # run.vectorize_default: the batched body on accelerators, a loop over latents on CPU
+    # pipeline.vectorize_default: the batched body on accelerators, a loop over latents on CPU
     if vectorize:
         delta, l1, lfc, per_gene = jax.vmap(one)(per_latent)
     else:
@@ -223,56 +220,153 @@ def _score(
     return delta.T, l1.T, nll, lfc.T, sums
 
 
+def _score_generic(
+    family: Family,
+    params: Any,
+    x: jax.Array,
+    z: jax.Array,
+    log_library: jax.Array,
+    batch: jax.Array,
+    label: jax.Array,
+    valid: jax.Array,
+    baseline: jax.Array,
+    latents: jax.Array,
+    group: jax.Array,
+    *,
+    units: tuple[tuple[int, ...], ...] | None,
+    mode: Mode,
+    vectorize: bool,
+    n_groups: int | None = None,
+):
+    """The same scores as :func:`_score` for any family, by decoding once per ablated unit.
+
+    A latent unit is replaced in ``z`` (``where(mask, baseline, z)`` for "drop", the reverse for
+    "keep"); a split unit (``units``) is removed from the decoder's aggregation (``split_mask``),
+    or kept alone. The NLL change is the per-gene difference of the family's log-likelihood, the
+    log fold change that of the log normalized expression."""
+    full = family.decode(params, z, log_library, batch, label)
+    lp_full = family.log_prob(x, full)  # (b, n_vars)
+    nll = -lp_full.sum(-1)
+    log_scale = jnp.log(full.scale)
+    n_latent = z.shape[1]
+    weights = None if n_groups is None else attribution.group_weights(group, valid, n_groups)
+    if units is None:
+        masks = jax.nn.one_hot(latents, n_latent, dtype=bool)  # (n_ablated, n_latent)
+    else:
+        masks = jax.nn.one_hot(latents, len(units), dtype=bool)  # (n_ablated, n_splits)
+    off = z != baseline[None, :]  # (b, n_latent)
+
+    def one(mask: jax.Array):
+        if units is not None:  # remove the split from the aggregation, or keep it alone
+            keep = ~mask if mode == "drop" else mask
+            rates = family.decode(
+                params, z, log_library, batch, label, split_mask=keep.astype(z.dtype)
+            )
+            moved = jnp.ones(z.shape[0], bool)
+        else:
+            if mode == "drop":
+                zk = jnp.where(mask[None, :], baseline[None, :], z)
+                moved = jnp.any(off & mask[None, :], axis=1)
+            else:
+                zk = jnp.where(mask[None, :], z, baseline[None, :])
+                moved = jnp.any(off & ~mask[None, :], axis=1)
+            rates = family.decode(params, zk, log_library, batch, label)
+        per_gene = lp_full - family.log_prob(x, rates)  # NLL change per gene
+        delta = jnp.where(moved, per_gene.sum(-1), 0.0)
+        l1 = jnp.where(moved, jnp.abs(rates.scale - full.scale).sum(-1), 0.0)
+        lfc_cells = jnp.where(moved[:, None], jnp.log(rates.scale) - log_scale, 0.0)
+        lfc = jnp.sum(lfc_cells * valid[:, None], axis=0)
+        if weights is None:
+            return delta, l1, lfc, None
+        moved_weights = weights * moved[None, :].astype(weights.dtype)
+        genes = attribution.segment_total(moved_weights, per_gene)
+        return delta, l1, lfc, (genes, attribution.segment_total(weights, lfc_cells))
+
+    if vectorize:
+        delta, l1, lfc, per_gene = jax.vmap(one)(masks)
+    else:
+        delta, l1, lfc, per_gene = jax.lax.map(one, masks)
+    sums = None
+    if weights is not None:
+        gene_delta, gene_lfc = per_gene  # (n_ablated, rows, n_vars) each
+        sums = attribution.GeneSums(
+            delta_nll=gene_delta.transpose(1, 0, 2),
+            lse_change=jnp.zeros((weights.shape[0], masks.shape[0]), z.dtype),
+            shift=jnp.zeros((weights.shape[0], n_latent), z.dtype),
+            n_cells=weights.sum(axis=1),
+            lfc=gene_lfc.transpose(1, 0, 2),
+        )
+    return delta.T, l1.T, nll, lfc.T, sums
+
+
 @functools.partial(
-    jax.jit, static_argnames=("config", "mode", "n_samples", "vectorize", "n_groups")
+    jax.jit, static_argnames=("family", "units", "mode", "n_samples", "vectorize", "n_groups")
 )
 def sweep_minibatch(
-    params: LDVAEParams,
+    family: Family,
+    params: Any,
     batch: Batch,
     baseline: jax.Array,
     latents: jax.Array,
     key: jax.Array,
     *,
-    config: LDVAEConfig,
     mode: Mode,
     n_samples: int,
     vectorize: bool,
     n_groups: int | None = None,
+    units: tuple[tuple[int, ...], ...] | None = None,
 ) -> MinibatchScores:
-    """Score every latent in ``latents`` for one encoded minibatch; see the module docstring.
+    """Score every unit in ``latents`` for one encoded minibatch; see the module docstring.
 
-    ``n_samples > 0`` averages over draws z ~ q(z|x) made from ``key`` and adds their standard
-    error; ``vectorize`` batches the latents (``vmap``) instead of looping over them.
-    ``n_groups`` (at the posterior mean only, ``n_samples == 0``): also the per-gene scores summed
-    over each of the ``n_groups`` groups of ``batch.group`` and over all cells
-    (``attribution.GeneSums``).
+    An affine family (``family.AffineFamily``) ablating latents takes the rank-one fast path
+    (:func:`_score`), any other the generic path (:func:`_score_generic`). ``n_samples > 0``
+    averages over draws z ~ q(z|x) made from ``key`` and adds their standard error;
+    ``vectorize`` batches the latents (``vmap``) instead of looping over them. ``n_groups`` (at
+    the posterior mean only, ``n_samples == 0``): also the per-gene scores summed over each of
+    the ``n_groups`` groups of ``batch.group`` and over all cells (``attribution.GeneSums``).
     """
     if n_groups is not None and n_samples:
         raise ConfigError("Gene scores are computed at the posterior mean: use n_samples=0.")
-    score = functools.partial(
-        _score,
-        params,
-        batch.nz_index,
-        batch.nz_count,
-        log_library=batch.log_library,
-        batch=batch.batch,
-        label=batch.label,
-        valid=batch.valid,
-        baseline=baseline,
-        latents=latents,
-        group=batch.group,
-        config=config,
-        mode=mode,
-        vectorize=vectorize,
-    )
+    if units is None and isinstance(family, AffineFamily):
+        score = functools.partial(
+            _score,
+            family,
+            params,
+            batch.nz_index,
+            batch.nz_count,
+            log_library=batch.log_library,
+            batch=batch.batch,
+            label=batch.label,
+            valid=batch.valid,
+            baseline=baseline,
+            latents=latents,
+            group=batch.group,
+            mode=mode,
+            vectorize=vectorize,
+        )
+    else:
+        score = functools.partial(
+            _score_generic,
+            family,
+            params,
+            batch.x,
+            log_library=batch.log_library,
+            batch=batch.batch,
+            label=batch.label,
+            valid=batch.valid,
+            baseline=baseline,
+            latents=latents,
+            group=batch.group,
+            units=units,
+            mode=mode,
+            vectorize=vectorize,
+        )
     delta, l1, nll, lfc, genes = score(z=batch.z, n_groups=n_groups)
     se = jnp.zeros_like(delta)
     if n_samples:
 
         def draw(carry, k):
-            zs = model.z_transformation(
-                model.sample_gaussian(batch.qz_m, batch.qz_v, key=k), config=config
-            )
+            zs = family.decoder_input(sample_gaussian(batch.qz_m, batch.qz_v, key=k))
             d = score(z=zs)[0]
             return (carry[0] + d, carry[1] + d * d), None
 
@@ -285,7 +379,7 @@ def sweep_minibatch(
 
 
 class SweepScorer:
-    """The plain sweep as a scorer of the run pipeline (``run.execute``): per cell ``nll``,
+    """The plain sweep as a scorer of the run pipeline (``pipeline.execute``): per cell ``nll``,
     ``delta_nll``, ``delta_l1`` and ``latent`` (plus ``delta_nll_se`` with ``n_samples > 0``);
     totals: the summed log fold changes, finished as ``mean_lfc``. ``gene_scores``: also the
     per-gene, per-group sums of the same pass (``attribution.GeneSums``), finished as
@@ -293,48 +387,51 @@ class SweepScorer:
 
     def __init__(
         self,
-        params: LDVAEParams,
+        family: Family,
+        params: Any,
         plan: Plan,
         *,
-        config: LDVAEConfig,
-        place: Any,
+        place: Placement,
         gene_scores: bool = False,
     ):
-        self.params, self.plan, self.config = params, plan, config
+        self.family, self.params, self.plan = family, params, plan
         self.n_groups = len(plan.group_names) if gene_scores else None
         self.baseline = place.replicated(np.asarray(plan.baseline, dtype=plan.dtype))
         self.latents = place.replicated(np.asarray(plan.latents, dtype=np.int32))
         self.place = place
         self.needs_key = plan.n_samples > 0
+        self.fast = plan.units is None and isinstance(family, AffineFamily)
         self.fields = ("nll", "delta_nll", "delta_l1", "latent") + (
             ("delta_nll_se",) if plan.n_samples else ()
         )
 
     def init(self) -> tuple[jax.Array, attribution.GeneSums | None]:
-        shape = (self.config.n_input, len(self.plan.latents))
+        shape = (self.family.n_vars, len(self.plan.latents))
         genes = None
         if self.n_groups is not None:
             genes = attribution.GeneSums.zeros(
                 self.n_groups,
                 len(self.plan.latents),
-                self.config.n_input,
-                self.config.n_latent,
+                self.family.n_vars,
+                self.family.n_latent,
                 dtype=self.plan.dtype,
+                lfc=not self.fast,
             )
         return self.place.replicated((np.zeros(shape, self.plan.dtype), genes))
 
     def score(self, batch: Batch, totals: jax.Array, key: jax.Array):
         out = sweep_minibatch(
+            self.family,
             self.params,
             batch,
             self.baseline,
             self.latents,
             key,
-            config=self.config,
             mode=self.plan.mode,
             n_samples=self.plan.n_samples,
             vectorize=self.plan.vectorize,
             n_groups=self.n_groups,
+            units=self.plan.units,
         )
         rows = {"nll": out.nll, "delta_nll": out.delta_nll, "delta_l1": out.delta_l1}
         rows["latent"] = batch.z
@@ -349,13 +446,19 @@ class SweepScorer:
         lfc_sum, genes = totals
         out = {"mean_lfc": np.asarray(lfc_sum) / n_obs}
         if genes is not None:
-            loadings = model.affine_head(self.params.decoder.factor, config=self.config).loadings
+            loadings = None if not self.fast else np.asarray(self.family.loadings(self.params))
             out.update(
                 attribution.finish_gene_scores(
-                    genes, np.asarray(loadings), self.plan.latents, mode=self.plan.mode
+                    genes, loadings, self.plan.latents, mode=self.plan.mode
                 )
             )
         return out
+
+    def settings(self) -> dict[str, Any]:
+        """The names of the gene tables' group rows (gene scores)."""
+        if self.n_groups is None:
+            return {}
+        return {"gene_groups": [*self.plan.group_names, schema.ALL_CELLS]}
 
 
 def resolve_baseline(

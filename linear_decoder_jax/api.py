@@ -21,19 +21,24 @@ import functools
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from linear_decoder_jax import ablation, anndata_io, checkpoint, model, options, run
+from linear_decoder_jax import ablation, anndata_io, checkpoint, model, options, pipeline
 from linear_decoder_jax._atomic import check_destination
 from linear_decoder_jax._text import preview
 from linear_decoder_jax.config import LDVAEConfig, ModelSpec
 from linear_decoder_jax.errors import ConfigError, IncompatibleDataError
+from linear_decoder_jax.families.linear_scvi import LinearSCVIFamily
+from linear_decoder_jax.family import Family, sample_gaussian
 from linear_decoder_jax.params import LDVAEParams, from_flat
 from linear_decoder_jax.results import AblationResult, h5ad_name
+
+if TYPE_CHECKING:
+    from linear_decoder_jax import assemble
 
 DType = Literal["float32", "float64"]
 DEFAULT_BATCH_SIZE = 1024
@@ -51,6 +56,14 @@ class AffineDecoders(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
+def _encode(params, x, *, config: LDVAEConfig) -> tuple[model.Posterior, jax.Array, jax.Array]:
+    """(posterior, decoder input at its mean, the model's log library) of counts ``x``."""
+    post = model.inference(params, x, config=config)
+    z = model.z_transformation(post.qz_m, config=config)
+    return post, z, model.library(post, x, config=config)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
 def _decode(params, z, log_library, batch, label, *, config: LDVAEConfig) -> model.Decoded:
     return model.generative(params, z, log_library, batch, label, config=config)
 
@@ -63,6 +76,7 @@ def _nll(params, x, z, log_library, batch, label, *, config: LDVAEConfig) -> jax
 
 # get_affine_decoder through one compile, not one per eager op (~15 on a model's first use)
 _affine_head = jax.jit(model.affine_head, static_argnames=("config",))
+_loadings = jax.jit(lambda family, params: family.loadings(params), static_argnums=0)
 
 
 def _is_model_dir(path: Path) -> bool:
@@ -139,9 +153,12 @@ class LinearSCVI:
         *,
         dtype: DType = "float32",
         path: str | None = None,
+        family: Family | None = None,
     ):
         if dtype not in ("float32", "float64"):
             raise ConfigError(f"Expected dtype 'float32' or 'float64', got {dtype!r} instead.")
+        # the decoder the scorers see: LinearSCVI's own, or (tests) the same maths another way
+        self.family: Family = family or LinearSCVIFamily(spec.model)
         self.spec = spec
         self.path = path
         self.dtype: DType = dtype
@@ -164,7 +181,7 @@ class LinearSCVI:
     @property
     def latent_names(self) -> list[str]:
         """``Z_0 ... Z_{K-1}``, the column names scvi-tools' ``get_loadings`` uses."""
-        return run.latent_names(self.n_latent)
+        return self.family.latent_names()
 
     def __repr__(self) -> str:
         c = self.config
@@ -250,8 +267,9 @@ class LinearSCVI:
         data = adata if isinstance(adata, anndata_io.CellData) else self.prepare(adata)
 
         def fn(mb: anndata_io.Minibatch) -> dict:
-            post, z, lib = run.encode(self.params, jnp.asarray(mb.x), config=self.config)
-            return {"qz_m": post.qz_m, "qz_v": post.qz_v, "z": z, "library": lib}
+            x, b, lab = (jnp.asarray(a) for a in (mb.x, mb.batch, mb.label))
+            enc = pipeline.encode(self.family, self.params, x, b, lab)
+            return {"qz_m": enc.qz_m, "qz_v": enc.qz_v, "z": enc.z, "library": enc.log_library}
 
         return self._map(data, batch_size, fn)
 
@@ -306,7 +324,7 @@ class LinearSCVI:
             return enc["z"]
         with self.precision():
             qz_m, qz_v = jnp.asarray(enc["qz_m"]), jnp.asarray(enc["qz_v"])
-            draw = model.sample_gaussian(qz_m, qz_v, key=jax.random.key(seed))
+            draw = sample_gaussian(qz_m, qz_v, key=jax.random.key(seed))
             return np.asarray(model.z_transformation(draw, config=self.config))
 
     def decode(
@@ -402,7 +420,7 @@ class LinearSCVI:
 
         def fn(mb: anndata_io.Minibatch) -> dict:
             nonlocal key
-            post, z, lib = run.encode(self.params, jnp.asarray(mb.x), config=cfg)
+            post, z, lib = _encode(self.params, jnp.asarray(mb.x), config=cfg)
             if latent is not None:
                 z = jnp.asarray(_pad_rows(latent[mb.start : mb.start + mb.n_valid], len(mb.x)))
             draws = [(z, lib)]
@@ -410,10 +428,10 @@ class LinearSCVI:
                 draws = []
                 for _ in range(n_samples):
                     key, kz, kl = jax.random.split(key, 3)
-                    zs = model.sample_gaussian(post.qz_m, post.qz_v, key=kz)
+                    zs = sample_gaussian(post.qz_m, post.qz_v, key=kz)
                     ls = lib
                     if not cfg.use_observed_lib_size:
-                        ls = model.sample_gaussian(post.ql_m, post.ql_v, key=kl)
+                        ls = sample_gaussian(post.ql_m, post.ql_v, key=kl)
                     draws.append((model.z_transformation(zs, config=cfg), ls))
             batches = (
                 [jnp.asarray(mb.batch)]
@@ -486,7 +504,7 @@ class LinearSCVI:
 
         def fn(mb: anndata_io.Minibatch) -> dict:
             x = jnp.asarray(mb.x)
-            _, z, lib = run.encode(self.params, x, config=self.config)
+            _, z, lib = _encode(self.params, x, config=self.config)
             if latent is not None:
                 z = jnp.asarray(_pad_rows(latent[mb.start : mb.start + mb.n_valid], len(mb.x)))
             nll = _nll(
@@ -521,6 +539,25 @@ class LinearSCVI:
         loadings = self.get_affine_decoder().scale.loadings
         return pd.DataFrame(loadings, index=self.var_names, columns=self.latent_names)
 
+    def run_model(self) -> assemble.Model:
+        """What the run pipeline needs of this model: family, parameters (device arrays: call
+        inside :meth:`precision`), identity and loadings."""
+        from linear_decoder_jax import assemble
+
+        loadings = _loadings(self.family, self.params)
+        return assemble.Model(
+            family=self.family,
+            params=self.params,
+            dtype=self.dtype,
+            var_names=self.var_names,
+            fingerprint=self.fingerprint(),
+            source={
+                "model": self.path or "",
+                "scvi_version": str(self.spec.source.get("scvi_version") or ""),
+            },
+            loadings=None if loadings is None else np.asarray(loadings),
+        )
+
 
 def _pad_rows(a: np.ndarray, n: int) -> np.ndarray:
     return a if len(a) == n else np.pad(a, ((0, n - len(a)), (0, 0)))
@@ -530,35 +567,36 @@ def ablate(
     model_: LinearSCVI,
     adata: Any,
     *,
-    latents: Sequence[int] | None = None,
-    baseline: ablation.BaselineSpec = options.DEFAULT_BASELINE,
-    mode: options.Mode = options.DEFAULT_MODE,
-    groupby: str | None = None,
-    groupby_max: int = options.DEFAULT_GROUPBY_MAX,
-    layer: str | None = anndata_io.AUTO,
-    use_raw: bool = False,
-    batch_size: int | None = None,
-    library: options.LibraryChoice = options.DEFAULT_LIBRARY,
-    n_samples: int = 0,
-    seed: int = 0,
-    allow_non_integer: bool = False,
-    progress: bool = False,
+    latents: Sequence[int] | None = options.SweepOptions.latents,
+    baseline: ablation.BaselineSpec = options.SweepOptions.baseline,
+    mode: options.Mode = options.SweepOptions.mode,
+    unit: options.Unit = options.SweepOptions.unit,
+    groupby: str | None = options.DataOptions.groupby,
+    groupby_max: int = options.DataOptions.groupby_max,
+    layer: str | None = options.DataOptions.layer,
+    use_raw: bool = options.DataOptions.use_raw,
+    batch_size: int | None = options.ExecutionOptions.batch_size,
+    library: options.LibraryChoice = options.SweepOptions.library,
+    n_samples: int = options.SweepOptions.n_samples,
+    seed: int = options.SweepOptions.seed,
+    allow_non_integer: bool = options.DataOptions.allow_non_integer,
+    progress: bool = options.ExecutionOptions.progress,
     output: str | os.PathLike | None = None,
     overwrite: bool = False,
-    devices: int | None = None,
-    shard: tuple[int, int] | None = None,
-    refit: bool = False,
-    refit_steps: int | None = None,
-    refit_tol: float = options.DEFAULT_REFIT_TOL,
-    optimizer: options.Optimizer = options.DEFAULT_OPTIMIZER,
-    gene_scores: bool = False,
-    shapley: options.Shapley | None = None,
-    n_permutations: int = options.DEFAULT_N_PERMUTATIONS,
-    distributed: bool = False,
-    coordinator: str | None = None,
-    num_processes: int | None = None,
-    process_id: int | None = None,
-    timeout: float = options.DEFAULT_DISTRIBUTED_TIMEOUT,
+    devices: int | None = options.ExecutionOptions.devices,
+    shard: tuple[int, int] | None = options.ExecutionOptions.shard,
+    refit: bool = options.RefitOptions.refit,
+    refit_steps: int | None = options.RefitOptions.refit_steps,
+    refit_tol: float = options.RefitOptions.refit_tol,
+    optimizer: options.Optimizer = options.RefitOptions.optimizer,
+    gene_scores: bool = options.SweepOptions.gene_scores,
+    shapley: options.Shapley | None = options.ShapleyOptions.shapley,
+    n_permutations: int = options.ShapleyOptions.n_permutations,
+    distributed: bool = options.DistributedOptions.distributed,
+    coordinator: str | None = options.DistributedOptions.coordinator,
+    num_processes: int | None = options.DistributedOptions.num_processes,
+    process_id: int | None = options.DistributedOptions.process_id,
+    timeout: float = options.DistributedOptions.timeout,
 ) -> AblationResult:
     """Score every latent for every cell: how much worse the reconstruction gets without it.
 
@@ -576,6 +614,10 @@ def ablate(
         decoder input), a number, or one value per latent.
     mode
         "drop": latent k at its baseline. "keep": every latent except k at its baseline.
+    unit
+        "latent": one result column per latent; "split": one per split of a decoder that is
+        additive over splits (DRVI), the split removed from the aggregation ("drop") or kept
+        alone ("keep").
     groupby
         obs column for group summaries (mean, median, fraction of cells with delta > 0). Cells
         without a value are counted and left out of the tables.
@@ -638,31 +680,16 @@ def ablate(
         needed to explain the cell. In a distributed run every process returns the whole result,
         read from ``output`` (shared storage) once process 0 has written it.
     """
-    if mode not in options.MODES:
-        raise ConfigError(f"Expected mode one of {options.MODES}, got {mode!r} instead.")
-    if library not in options.LIBRARIES:
-        raise ConfigError(f"Expected library one of {options.LIBRARIES}, got {library!r} instead.")
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 0:
-        raise ConfigError(f"Expected n_samples >= 0, got {n_samples!r} instead.")
-    if batch_size is not None and (
-        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
-    ):
-        raise ConfigError(f"Expected batch_size >= 1, got {batch_size!r} instead.")
-    if gene_scores and n_samples:
-        raise ConfigError("gene_scores are computed at the posterior mean: use n_samples=0.")
-    refit_plan = None
-    if refit:
-        from linear_decoder_jax import refit as refit_  # optax: only for refits
-
-        steps = refit_.check_options(
-            optimizer=optimizer, steps=refit_steps, tol=refit_tol, mode=mode
-        )
-        refit_plan = (optimizer, steps, float(refit_tol))
+    kwargs = {
+        k: v for k, v in locals().items() if k not in ("model_", "adata", "output", "overwrite")
+    }
+    opts = options.split(kwargs)  # every option checked here, before any work
+    dist: options.DistributedOptions = opts.pop(options.DistributedOptions)
     if output is not None:
         h5ad_name(output)
         check_destination(output, overwrite=overwrite)
     cluster = None
-    if distributed:
+    if dist.distributed:
         if output is None or shard is not None:
             msg = (
                 "A distributed run writes one output and splits the rows itself: pass output= "
@@ -677,35 +704,37 @@ def ablate(
             process_id=process_id,
             timeout=timeout,
         )
-    opts = run.Options(
-        latents=latents,
-        baseline=baseline,
-        mode=mode,
-        groupby=groupby,
-        groupby_max=groupby_max,
-        layer=layer,
-        use_raw=use_raw,
-        batch_size=batch_size,
-        library=library,
-        n_samples=n_samples,
-        seed=seed,
-        allow_non_integer=allow_non_integer,
-        progress=progress,
-        devices=run.resolve_devices(devices),
-        shard=shard,
-        refit=refit_plan,
-        gene_scores=bool(gene_scores),
-        shapley=shapley,
-        n_permutations=n_permutations,
-    )
+    device_list = pipeline.resolve_devices(devices)
     with contextlib.ExitStack() as stack:
         if isinstance(adata, str | os.PathLike):
             adata = stack.enter_context(anndata_io.BackedAnnData(adata))
+        data_opts = opts[options.DataOptions]
+        if groupby is not None:  # a missing or continuous column is refused before any work
+            anndata_io.group_codes(adata.obs, groupby, max_groups=data_opts.groupby_max)
+        full = model_.prepare(
+            adata,
+            allow_non_integer=data_opts.allow_non_integer,
+            layer=data_opts.layer,
+            use_raw=data_opts.use_raw,
+        )
+        with model_.precision():
+            run_model = model_.run_model()
         if cluster is not None:
             from linear_decoder_jax import distributed as distributed_
 
             assert output is not None  # checked above
             return distributed_.ablate(
-                model_, adata, opts, output=output, cluster=cluster, overwrite=overwrite
+                run_model,
+                adata,
+                full,
+                opts,
+                devices=device_list,
+                output=output,
+                cluster=cluster,
+                overwrite=overwrite,
             )
-        return run.ablate(model_, adata, opts, output=output, overwrite=overwrite)
+        from linear_decoder_jax import assemble
+
+        return assemble.ablate(
+            run_model, adata, full, opts, devices=device_list, output=output, overwrite=overwrite
+        )

@@ -3,7 +3,7 @@ likelihood each latent explains (Shapley values over the latents).
 
 Notation: cell c with decoder input ``z`` (K latents; for "ln" models the softmax output, so every
 coalition below lives in decoder-input space, as the plain sweep), baseline ``b``, factor-head
-loadings ``L`` (genes x K, BatchNorm folded, ``model.affine_head``), ``NLL(S)`` the cell's NLL with
+loadings ``L`` (genes x K, BatchNorm folded, ``Family.affine_heads``), ``NLL(S)`` the cell's NLL with
 the latents in S at ``z`` and the others at ``b`` (``N`` all latents: the full model).
 
 **Per-gene scores** (computed inside the plain sweep's per-latent body, ``ablation._score``): the
@@ -55,8 +55,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from linear_decoder_jax import model
-from linear_decoder_jax.config import LDVAEConfig
 from linear_decoder_jax.distributions import (
     Likelihood,
     count_term,
@@ -64,9 +62,9 @@ from linear_decoder_jax.distributions import (
     rate_term_change,
 )
 from linear_decoder_jax.errors import ConfigError
-from linear_decoder_jax.options import MAX_EXACT_SHAPLEY_LATENTS, SHAPLEY, Shapley
-from linear_decoder_jax.params import LDVAEParams
-from linear_decoder_jax.run import Batch
+from linear_decoder_jax.family import AffineDecoder, AffineFamily, Family
+from linear_decoder_jax.options import Shapley
+from linear_decoder_jax.pipeline import Batch
 
 Array = jax.Array
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -80,15 +78,21 @@ class GeneSums(NamedTuple):
     lse_change: Array | np.ndarray  # (rows, n_ablated) change of the log normaliser of rho
     shift: Array | np.ndarray  # (rows, n_latent) baseline - z
     n_cells: Array | np.ndarray  # (rows,)
+    # (rows, n_ablated, n_vars) summed log fold changes (the generic path); None: an affine
+    # family's fast path, whose lfc comes from ``shift`` and ``lse_change`` (G2)
+    lfc: Array | np.ndarray | None = None
 
     @staticmethod
-    def zeros(n_groups: int, n_ablated: int, n_vars: int, n_latent: int, *, dtype: Any) -> GeneSums:
+    def zeros(
+        n_groups: int, n_ablated: int, n_vars: int, n_latent: int, *, dtype: Any, lfc: bool
+    ) -> GeneSums:
         rows = n_groups + 1
         return GeneSums(
             np.zeros((rows, n_ablated, n_vars), dtype),
             np.zeros((rows, n_ablated), dtype),
             np.zeros((rows, n_latent), dtype),
             np.zeros(rows, dtype),
+            np.zeros((rows, n_ablated, n_vars), dtype) if lfc else None,
         )
 
 
@@ -126,22 +130,26 @@ def gene_group_sums(
 
 def add_sums(a: GeneSums, b: GeneSums) -> GeneSums:
     """Totals of two parts (sums add)."""
-    return GeneSums(*(x + y for x, y in zip(a, b, strict=True)))
+    return jax.tree.map(lambda x, y: x + y, a, b)
 
 
 def finish_gene_scores(
-    sums: GeneSums, loadings: np.ndarray, latents: Sequence[int], *, mode: str
+    sums: GeneSums, loadings: np.ndarray | None, latents: Sequence[int], *, mode: str
 ) -> dict[str, np.ndarray]:
     """Group means of the per-gene scores: ``gene_delta_nll`` and ``gene_lfc`` (rows x n_ablated x
-    n_vars; NaN for an empty group) and ``gene_n_cells``. ``loadings``: factor head (n_vars, K)."""
+    n_vars; NaN for an empty group) and ``gene_n_cells``. ``loadings``: the factor head
+    (n_vars, K) of the fast path (G2); None when the sums hold the log fold changes."""
     delta = np.asarray(sums.delta_nll, np.float64)
     n = np.asarray(sums.n_cells, np.float64)
-    shift = np.asarray(sums.shift, np.float64)
-    k = loadings.shape[1]
-    pick = np.eye(k)[list(latents)]  # (n_ablated, K): m_k of identity (G2)
-    mask = pick if mode == "drop" else 1.0 - pick
-    lfc = np.einsum("aj,rj,gj->rag", mask, shift, np.asarray(loadings, np.float64))
-    lfc -= np.asarray(sums.lse_change, np.float64)[:, :, None]
+    if loadings is None:
+        lfc = np.asarray(sums.lfc, np.float64)
+    else:
+        shift = np.asarray(sums.shift, np.float64)
+        k = loadings.shape[1]
+        pick = np.eye(k)[list(latents)]  # (n_ablated, K): m_k of identity (G2)
+        mask = pick if mode == "drop" else 1.0 - pick
+        lfc = np.einsum("aj,rj,gj->rag", mask, shift, np.asarray(loadings, np.float64))
+        lfc -= np.asarray(sums.lse_change, np.float64)[:, :, None]
     with np.errstate(invalid="ignore", divide="ignore"):
         scale = np.where(n > 0, 1.0 / n, np.nan)[:, None, None]
     dtype = np.asarray(sums.delta_nll).dtype
@@ -186,47 +194,25 @@ def shapley_matrix(n_latent: int) -> np.ndarray:
     return np.where(masks > 0, inside[:, None], outside[:, None])
 
 
-def check_shapley(method: str, n_latent: int, n_permutations: int, *, max_exact: int) -> None:
-    """Validate the Shapley options (ConfigError naming the fix)."""
-    if method not in SHAPLEY:
-        raise ConfigError(f"Expected shapley one of {SHAPLEY} or None, got {method!r} instead.")
-    if method == "exact" and n_latent > max_exact:
-        msg = (
-            f"Exact Shapley values enumerate 2^{n_latent} coalitions per cell (limit "
-            f"K <= {max_exact}); use shapley='permutation' with n_permutations."
-        )
-        raise ConfigError(msg)
-    if method == "permutation" and (
-        isinstance(n_permutations, bool)
-        or not isinstance(n_permutations, int)
-        or n_permutations < 4
-        or n_permutations % 2
-    ):
-        msg = f"Expected an even n_permutations >= 4 (antithetic pairs), got {n_permutations!r}."
-        raise ConfigError(msg)
-
-
 class _Context(NamedTuple):
     """What every coalition of one minibatch shares: the full model's reference terms."""
 
-    heads: list[model.AffineDecoder]
+    heads: list[AffineDecoder]
     theta: Array
     reference: Array
     count_full: Array
 
 
-def _context(params: LDVAEParams, batch: Batch, *, config: LDVAEConfig) -> _Context:
-    lik = config.gene_likelihood
-    heads = [model.affine_head(params.decoder.factor, config=config)]
-    if lik == "zinb":
-        heads.append(model.affine_head(params.decoder.dropout, config=config))
-    theta = model.dispersion(params, batch.batch, batch.label, config=config)
+def _context(family: AffineFamily, params: Any, batch: Batch) -> _Context:
+    lik = family.likelihood
+    heads = family.affine_heads(params)
+    theta = family.dispersion(params, batch.batch, batch.label)
     mu, zi = _decode(heads, batch.z, batch)
     count_full = _counts(mu, zi, theta, batch, likelihood=lik)
     return _Context(heads, theta, rate_reference(mu, theta, zi, likelihood=lik), count_full)
 
 
-def _decode(heads: list[model.AffineDecoder], z: Array, batch: Batch) -> tuple[Array, Array | None]:
+def _decode(heads: list[AffineDecoder], z: Array, batch: Batch) -> tuple[Array, Array | None]:
     """(mu, zero-inflation logits or None) for decoder input ``z``."""
     logits = [
         jnp.matmul(z, h.loadings.T, precision=_HIGHEST)
@@ -248,10 +234,11 @@ def _counts(
 
 
 def coalition_loglik(
-    ctx: _Context, batch: Batch, baseline: Array, mask: Array, *, config: LDVAEConfig
+    family: AffineFamily, ctx: _Context, batch: Batch, baseline: Array, mask: Array
 ) -> Array:
-    """``u(S) = LL(S) - LL(N)`` per cell (b,) for coalition ``mask`` (K,) (S1, S3)."""
-    lik = config.gene_likelihood
+    """``u(S) = LL(S) - LL(N)`` per cell (b,) for coalition ``mask`` (K,) (S1, S3): the affine
+    fast path (coalition logits without the rest of the decoder)."""
+    lik = family.likelihood
     z = jnp.where(mask[None, :] > 0, batch.z, baseline[None, :])
     mu, zi = _decode(ctx.heads, z, batch)
     dense = rate_term_change(mu, ctx.theta, ctx.reference, zi, likelihood=lik)
@@ -260,53 +247,63 @@ def coalition_loglik(
 
 
 def _values(
-    params: LDVAEParams,
+    family: Family,
+    params: Any,
     batch: Batch,
     baseline: Array,
     masks: Array,
     *,
-    config: LDVAEConfig,
     chunk: int | None,
 ) -> Array:
     """``u(S)`` for every coalition of ``masks`` (n, K): (n, b). ``chunk``: coalitions decoded at
-    once (``vmap``), None one after another (CPU)."""
-    ctx = _context(params, batch, config=config)
-    one = functools.partial(coalition_loglik, ctx, batch, baseline, config=config)
+    once (``vmap``), None one after another (CPU). Any family: the decode of ``where(S, z, b)``,
+    differenced gene by gene against the full model's log-likelihood."""
+    if isinstance(family, AffineFamily):
+        ctx = _context(family, params, batch)
+        fast = functools.partial(coalition_loglik, family, ctx, batch, baseline)
+        return jax.lax.map(fast, masks, batch_size=chunk)
+    args = (batch.log_library, batch.batch, batch.label)
+    full = family.log_prob(batch.x, family.decode(params, batch.z, *args))
+
+    def one(mask: Array) -> Array:
+        z = jnp.where(mask[None, :] > 0, batch.z, baseline[None, :])
+        return (family.log_prob(batch.x, family.decode(params, z, *args)) - full).sum(-1)
+
     return jax.lax.map(one, masks, batch_size=chunk)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "chunk"))
+@functools.partial(jax.jit, static_argnames=("family", "chunk"))
 def shapley_exact(
-    params: LDVAEParams,
+    family: Family,
+    params: Any,
     batch: Batch,
     baseline: Array,
     *,
-    config: LDVAEConfig,
     chunk: int | None = None,
 ) -> tuple[Array, Array]:
     """(gain (b,), phi (b, K)): exact Shapley values over all 2^K coalitions (S2-S4)."""
-    k = config.n_latent
+    k = family.n_latent
     masks = jnp.asarray(coalition_masks(k), batch.z.dtype)
-    u = _values(params, batch, baseline, masks, config=config, chunk=chunk)  # (2^K, b)
+    u = _values(family, params, batch, baseline, masks, chunk=chunk)  # (2^K, b)
     weights = jnp.asarray(shapley_matrix(k), batch.z.dtype)
     phi = jnp.matmul(u.T, weights, precision=_HIGHEST)
     return u[-1] - u[0], phi
 
 
-@functools.partial(jax.jit, static_argnames=("config", "n_permutations", "chunk"))
+@functools.partial(jax.jit, static_argnames=("family", "n_permutations", "chunk"))
 def shapley_permutation(
-    params: LDVAEParams,
+    family: Family,
+    params: Any,
     batch: Batch,
     baseline: Array,
     key: Array,
     *,
-    config: LDVAEConfig,
     n_permutations: int,
     chunk: int | None = None,
 ) -> tuple[Array, Array, Array]:
     """(gain (b,), phi (b, K), standard error (b, K)) from ``n_permutations`` permutations drawn
     from ``key`` in antithetic pairs (S7); every permutation's values sum to the gain."""
-    k, half = config.n_latent, n_permutations // 2
+    k, half = family.n_latent, n_permutations // 2
     perms = jax.vmap(lambda kk: jax.random.permutation(kk, k))(jax.random.split(key, half))
     perms = jnp.concatenate([perms, perms[:, ::-1]], axis=0)  # (M, K): i and i + M/2 reversed
     rank = jnp.argsort(perms, axis=1)  # rank[m, j]: step at which latent j joins
@@ -314,7 +311,7 @@ def shapley_permutation(
     inner = prefix[:, 1:k].reshape(-1, k)  # coalitions strictly between empty and full
     ends = jnp.stack([jnp.zeros(k, bool), jnp.ones(k, bool)])
     masks = jnp.concatenate([ends, inner], axis=0).astype(batch.z.dtype)
-    u = _values(params, batch, baseline, masks, config=config, chunk=chunk)
+    u = _values(family, params, batch, baseline, masks, chunk=chunk)
     b = u.shape[1]
     path = jnp.concatenate(
         [
@@ -338,16 +335,15 @@ class ShapleyScorer:
 
     def __init__(
         self,
-        params: LDVAEParams,
+        family: Family,
+        params: Any,
         plan: Any,
         *,
-        config: LDVAEConfig,
         place: Any,
         method: Shapley,
         n_permutations: int,
     ):
-        check_shapley(method, config.n_latent, n_permutations, max_exact=MAX_EXACT_SHAPLEY_LATENTS)
-        self.params, self.plan, self.config = params, plan, config
+        self.family, self.params, self.plan = family, params, plan
         self.method, self.n_permutations = method, n_permutations
         self.baseline = place.replicated(np.asarray(plan.baseline, dtype=plan.dtype))
         self.needs_key = method == "permutation"
@@ -355,7 +351,7 @@ class ShapleyScorer:
             ("shapley_nll_se",) if method == "permutation" else ()
         )
         # accelerators decode many coalitions at once; CPU one after another (cache-resident)
-        per = plan.batch_size * config.n_input * np.dtype(plan.dtype).itemsize * 8
+        per = plan.batch_size * family.n_vars * np.dtype(plan.dtype).itemsize * 8
         self.chunk = max(1, (1024 * 2**20) // per) if plan.vectorize else None
 
     def init(self) -> tuple[()]:
@@ -364,15 +360,15 @@ class ShapleyScorer:
     def score(self, batch: Batch, totals: tuple[()], key: Array) -> tuple[dict[str, Any], Any]:
         if self.method == "exact":
             gain, phi = shapley_exact(
-                self.params, batch, self.baseline, config=self.config, chunk=self.chunk
+                self.family, self.params, batch, self.baseline, chunk=self.chunk
             )
             return {"gain_nll": gain, "shapley_nll": phi}, totals
         gain, phi, se = shapley_permutation(
+            self.family,
             self.params,
             batch,
             self.baseline,
             key,
-            config=self.config,
             n_permutations=self.n_permutations,
             chunk=self.chunk,
         )
@@ -380,3 +376,9 @@ class ShapleyScorer:
 
     def finish(self, totals: tuple[()], n_obs: int) -> dict[str, np.ndarray]:
         return {}
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "shapley": self.method,
+            "n_permutations": self.n_permutations if self.method == "permutation" else 0,
+        }

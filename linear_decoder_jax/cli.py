@@ -65,33 +65,6 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_baseline(value: str):
-    import numpy as np
-
-    if value in options.BASELINES:
-        return value
-    if value.endswith(".npy"):
-        from linear_decoder_jax.errors import ConfigError
-
-        try:
-            return np.load(value, allow_pickle=False)
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"Cannot read baseline values from {value}: {err}") from err
-    try:
-        return float(value)
-    except ValueError:
-        msg = f"--baseline must be zero, mean, median, a number or a .npy file, got {value!r}."
-        raise argparse.ArgumentTypeError(msg) from None
-
-
-def _parse_latents(value: str) -> list[int]:
-    try:
-        return [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        msg = f"--latents must be comma-separated integers such as 0,3, got {value!r}."
-        raise argparse.ArgumentTypeError(msg) from None
-
-
 def _compilation_cache() -> None:
     if os.environ.get("LDJ_COMPILATION_CACHE", "1") != "0":
         from linear_decoder_jax._cache import enable_compilation_cache
@@ -132,38 +105,10 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
             timeout=args.timeout,
         )
     model = ldj.load(args.model, prefix=args.prefix, dtype="float64" if args.float64 else "float32")
+    values = options.values(args, options.ALL)
+    values["progress"] = sys.stderr.isatty()
     result = ldj.ablate(  # streams DATA from disk and writes OUT as it goes
-        model,
-        args.data,
-        output=args.output,
-        overwrite=args.overwrite,
-        devices=args.devices,
-        shard=args.shard,
-        latents=args.latents,
-        baseline=args.baseline,
-        mode=args.mode,
-        groupby=args.groupby,
-        groupby_max=args.groupby_max,
-        layer="auto" if args.layer is None else args.layer,
-        use_raw=args.use_raw,
-        batch_size=args.batch_size,
-        library=args.library,
-        n_samples=args.n_samples,
-        seed=args.seed,
-        allow_non_integer=args.allow_non_integer,
-        progress=sys.stderr.isatty(),
-        refit=args.refit,
-        refit_steps=args.refit_steps,
-        refit_tol=args.refit_tol,
-        optimizer=args.optimizer,
-        gene_scores=args.gene_scores,
-        shapley=args.shapley,
-        n_permutations=args.n_permutations,
-        distributed=args.distributed,
-        coordinator=args.coordinator,
-        num_processes=args.num_processes,
-        process_id=args.process_id,
-        timeout=args.timeout,
+        model, args.data, output=args.output, overwrite=args.overwrite, **values
     )
     if args.distributed and result.settings.get("n_processes") and not _is_process_zero():
         return 0  # process 0 reports the distributed run
@@ -185,17 +130,6 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     print(result.summary())
     print(f"wrote {Path(args.output).absolute()}")
     return 0
-
-
-def _parse_shard(value: str) -> tuple[int, int]:
-    try:
-        i, n = (int(v) for v in value.split("/"))
-    except ValueError:
-        msg = f"--shard must look like I/N (e.g. 0/4), got {value!r}."
-        raise argparse.ArgumentTypeError(msg) from None
-    if not 0 <= i < n:
-        raise argparse.ArgumentTypeError(f"--shard {value}: need 0 <= I < N.")
-    return i, n
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -312,110 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="cells to score: .h5ad file or .zarr store (folder or zip)")
     p.add_argument("-o", "--output", required=True, help="result .h5ad to write")
     p.add_argument("--prefix", help="file-name prefix of a scvi-tools model")
-    p.add_argument(
-        "--baseline",
-        type=_parse_baseline,
-        default=options.DEFAULT_BASELINE,
-        help="zero | mean | median | VALUE | FILE.npy (one value per latent)",
-    )
-    p.add_argument("--mode", choices=options.MODES, default=options.DEFAULT_MODE)
-    p.add_argument("--latents", type=_parse_latents, help="comma-separated indices, e.g. 0,3")
-    p.add_argument("--groupby", help="obs column for group summaries")
-    p.add_argument(
-        "--groupby-max",
-        type=int,
-        default=options.DEFAULT_GROUPBY_MAX,
-        help="refuse a numeric --groupby column with more distinct values (default "
-        f"{options.DEFAULT_GROUPBY_MAX}; bin it instead)",
-    )
-    p.add_argument(
-        "--layer",
-        help="where the counts are: a layer name, or X (default: the layer the model was set up "
-        "with if the data has it, else X)",
-    )
-    p.add_argument("--use-raw", action="store_true", help="read the counts from .raw")
-    p.add_argument("--batch-size", type=int, help="cells per minibatch (default: automatic)")
-    p.add_argument("--library", choices=options.LIBRARIES, default=options.DEFAULT_LIBRARY)
-    p.add_argument(
-        "--n-samples",
-        type=int,
-        default=0,
-        help="average over this many draws z ~ q(z|x) (default 0: posterior mean)",
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--allow-non-integer",
-        action="store_true",
-        help="accept counts that are fractional by nature (e.g. ambient-corrected); not for "
-        "log-normalised data: point --layer or --use-raw at the raw counts instead",
-    )
     p.add_argument("--float64", action="store_true", help="compute in double precision")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    p.add_argument("--devices", type=int, help="use this many local devices (default: all)")
-    p.add_argument(
-        "--refit",
-        action="store_true",
-        help="also score unique contributions: re-fit the other latents per cell (slower)",
-    )
-    p.add_argument(
-        "--refit-steps",
-        type=int,
-        help="step budget per fit (default: "
-        + ", ".join(f"{n} {o}" for o, n in options.DEFAULT_REFIT_STEPS.items())
-        + ")",
-    )
-    p.add_argument(
-        "--refit-tol",
-        type=float,
-        default=options.DEFAULT_REFIT_TOL,
-        help=f"gradient-norm tolerance (default {options.DEFAULT_REFIT_TOL:g})",
-    )
-    p.add_argument(
-        "--optimizer",
-        choices=options.OPTIMIZERS,
-        default=options.DEFAULT_OPTIMIZER,
-        help="refit optimiser",
-    )
-    p.add_argument(
-        "--gene-scores",
-        action="store_true",
-        help="also each gene's mean NLL change and log fold change per latent and --groupby group",
-    )
-    p.add_argument(
-        "--shapley",
-        choices=options.SHAPLEY,
-        help="decompose each cell's likelihood gain over the latents (exact: K <= "
-        f"{options.MAX_EXACT_SHAPLEY_LATENTS})",
-    )
-    p.add_argument(
-        "--n-permutations",
-        type=int,
-        default=options.DEFAULT_N_PERMUTATIONS,
-        help=f"permutations for --shapley permutation (default {options.DEFAULT_N_PERMUTATIONS})",
-    )
-    p.add_argument(
-        "--shard",
-        type=_parse_shard,
-        help="I/N: score only the I-th of N row ranges; join parts with `ldj merge`",
-    )
+    options.add_arguments(p, options.GROUPS["run"])
     d = p.add_argument_group(
         "distributed", "one command on every process of a cluster (jax.distributed); one OUT"
     )
-    d.add_argument(
-        "--distributed",
-        action="store_true",
-        help="join a multi-process run (auto-detected on Slurm, Open MPI, TPU pods)",
-    )
-    d.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address")
-    d.add_argument("--num-processes", type=int, metavar="N", help="processes in the run")
-    d.add_argument("--process-id", type=int, metavar="I", help="this process, 0 <= I < N")
-    d.add_argument(
-        "--timeout",
-        type=float,
-        default=options.DEFAULT_DISTRIBUTED_TIMEOUT,
-        help="seconds a process may be silent before every process stops "
-        f"(default {options.DEFAULT_DISTRIBUTED_TIMEOUT:g})",
-    )
+    options.add_arguments(d, options.GROUPS["distributed"])
     p.set_defaults(func=_cmd_ablate)
 
     p = sub.add_parser("merge", help="join `ldj ablate --shard` parts into one result")

@@ -16,7 +16,9 @@ GeneLikelihood = Literal["nb", "zinb", "poisson"]
 Dispersion = Literal["gene", "gene-batch", "gene-label"]
 LatentDistribution = Literal["normal", "ln"]
 
-FORMAT_VERSION = 1
+# 2: config.json names the model family ("family"); version-1 directories are LinearSCVI models
+FORMAT_VERSION = 2
+FORMAT_VERSIONS = (1, 2)
 
 
 def _check_choice(name: str, value: Any, literal: Any) -> None:
@@ -113,10 +115,12 @@ class ModelSpec:
     model: LDVAEConfig
     data: DataRegistry
     source: dict[str, Any] = field(default_factory=dict)
+    family: str = "linear_scvi"  # ``Family.name`` of the model
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "format_version": FORMAT_VERSION,
+            "family": self.family,
             "model": self.model.to_dict(),
             "data": self.data.to_dict(),
             "source": dict(self.source),
@@ -125,11 +129,15 @@ class ModelSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
         version = d.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in FORMAT_VERSIONS:
             msg = (
-                f"Expected config format_version {FORMAT_VERSION}, got {version!r} instead; "
-                "re-run `ldj convert` with this version of linear-decoder-jax."
+                f"Expected config format_version one of {FORMAT_VERSIONS}, got {version!r} "
+                "instead; re-run `ldj convert` with this version of linear-decoder-jax."
             )
+            raise ConfigError(msg)
+        family = d.get("family", "linear_scvi") if version >= 2 else "linear_scvi"
+        if family != "linear_scvi":
+            msg = f"Expected model family 'linear_scvi', got {family!r} instead."
             raise ConfigError(msg)
         return cls(
             model=LDVAEConfig.from_dict(d["model"]),

@@ -62,6 +62,7 @@ def run(out: str | None = None, *, overwrite: bool = False) -> int:
     n_genes = len(planted["genes"])
     # Genes the latent raises in the planted cells: loadings signed by where the cells sit.
     side = np.sign(result.latent[in_planted, k].mean() - result.latent[~in_planted, k].mean())
+    assert result.loadings is not None  # a LinearSCVI result
     raised = genes[np.argsort(-side * result.loadings[:, k])[:n_genes]]
     overlap = len(set(raised) & set(planted["genes"]))
 

@@ -3,7 +3,7 @@
 Every process runs the same command on the same (shared-storage) data. ``jax.distributed``
 joins them (explicit coordinator, or its auto-detection: Slurm, Open MPI, TPU pods). The sweep runs
 on one global mesh over every process's devices (:class:`Lockstep`: cells split, parameters
-replicated): process i feeds its own rows ``run.shard_rows((i, n))`` of every global minibatch, all
+replicated): process i feeds its own rows ``pipeline.shard_rows((i, n))`` of every global minibatch, all
 processes run as many minibatches of the same shapes (padding cells, widths agreed), and each
 keeps the per-cell rows of its own cells, streamed to a hidden part next to the output; process 0
 then assembles the one output atomically with the merge code and removes the parts.
@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -42,8 +43,10 @@ from typing import Any
 
 import numpy as np
 
+from linear_decoder_jax import anndata_io
 from linear_decoder_jax.errors import DistributedError
-from linear_decoder_jax.options import DEFAULT_DISTRIBUTED_TIMEOUT as DEFAULT_TIMEOUT
+from linear_decoder_jax.options import DistributedOptions
+from linear_decoder_jax.pipeline import Placement, shard_rows
 
 _POLL = 0.5  # seconds between checks of the key-value store
 _GRACE = 3.0  # seconds process 0 keeps the service up after a failure (watchdogs poll each 1 s)
@@ -81,7 +84,7 @@ def initialize(
     coordinator: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
-    timeout: float = DEFAULT_TIMEOUT,
+    timeout: float = DistributedOptions.timeout,
 ) -> Cluster:
     """Join the run through ``jax.distributed.initialize`` (its auto-detection when the three
     values are None) within ``timeout`` seconds; a wrong process count or an unreachable
@@ -292,9 +295,9 @@ def gather_array(cluster: Cluster, name: str, array: np.ndarray) -> list[np.ndar
     return [np.frombuffer(p, dtype=array.dtype).reshape(-1, *tail) for p in parts]
 
 
-class Lockstep:
-    """One global mesh over every process's devices (``k`` per process; cells split, parameters
-    replicated), with what ``run`` needs to keep the processes in lockstep on it: each feeds its
+class Lockstep(Placement):
+    """The placement of a distributed run: one global mesh over every process's devices (``k``
+    per process; cells split, parameters replicated), kept in lockstep: each process feeds its
     own rows of every global minibatch, pads to the minibatch count of the process with the most
     rows, and widens its non-zero block to the widest of the processes' (agreed per minibatch
     through the key-value store, off the device stream)."""
@@ -303,9 +306,7 @@ class Lockstep:
         import jax
         from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-        from linear_decoder_jax import run
-
-        self.cluster, self.n_obs = cluster, n_obs
+        self.cluster, self.total = cluster, n_obs
         self._minibatches = itertools.count()
 
         def local(p: int) -> list[Any]:
@@ -316,7 +317,7 @@ class Lockstep:
         self.split = NamedSharding(self.mesh, PartitionSpec("cells"))
         self.whole = NamedSharding(self.mesh, PartitionSpec())
         n = cluster.num_processes
-        self.max_rows = max(hi - lo for lo, hi in (run.shard_rows((p, n), n_obs) for p in range(n)))
+        self.max_rows = max(hi - lo for lo, hi in (shard_rows((p, n), n_obs) for p in range(n)))
 
     def cells(self, arrays: Any) -> Any:
         """This process's rows of a minibatch -> global arrays split over cells."""
@@ -335,7 +336,31 @@ class Lockstep:
 
         return jax.tree.map(put, tree)
 
-    def own_rows(self, a: Any) -> np.ndarray:
+    def minibatches(
+        self, data: anndata_io.CellData, size: int, *, dtype: Any, n_vars: int
+    ) -> Iterator[anndata_io.Minibatch]:
+        """This process's minibatches, non-zero blocks as wide as the widest process's, then empty
+        ones up to the count of the process with the most rows."""
+        count = 0
+        for mb in anndata_io.minibatches(data, size, dtype=dtype, n_vars=n_vars):
+            extra = self.width(mb.nz_index.shape[1]) - mb.nz_index.shape[1]
+            mb.nz_index = np.pad(mb.nz_index, ((0, 0), (0, extra)))
+            mb.nz_count = np.pad(mb.nz_count, ((0, 0), (0, extra)))
+            count += 1
+            yield mb
+        while count < -(-self.max_rows // size):
+            width = self.width(anndata_io.nz_width(0, n_vars))
+            empty = np.zeros(size, np.int32)
+            index = np.zeros((size, width), np.int32)
+            yield anndata_io.Minibatch(
+                data.n_obs, 0, n_vars, empty, empty, index, index.astype(dtype)
+            )
+            count += 1
+
+    def own_rows(self, rows: dict[str, Any]) -> dict[str, Any]:
+        return {k: self._own(v) for k, v in rows.items()}
+
+    def _own(self, a: Any) -> np.ndarray:
         """This process's rows of a global per-cell array (host; local arrays pass through)."""
         if isinstance(a, np.ndarray) or a.is_fully_addressable:
             return np.asarray(a)
@@ -352,7 +377,7 @@ class Lockstep:
                 out[first - lo : last - lo] = np.asarray(shard.data)[first - start : last - start]
         return out
 
-    def host(self, tree: Any) -> Any:
+    def totals(self, tree: Any) -> Any:
         """Global totals (reduced over every process's cells) -> host arrays."""
         import jax
         from jax.experimental import multihost_utils
@@ -364,11 +389,18 @@ class Lockstep:
 
         return jax.tree.map(get, tree)
 
-    def gather(self, a: Any) -> np.ndarray:
-        """Every process's rows of a global per-cell array, in process order (host)."""
+    def n_obs(self, local: int) -> int:
+        return self.total
+
+    def stitch(self, out: np.ndarray, start: int, n_valid: int, rows: Any, m: int) -> None:
         from jax.experimental import multihost_utils
 
-        return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+        z = np.asarray(multihost_utils.process_allgather(rows, tiled=True))
+        b, n = z.shape[0] // self.cluster.num_processes, self.cluster.num_processes
+        for p in range(n):
+            lo, hi = shard_rows((p, n), self.total)
+            count = int(np.clip(hi - lo - m * b, 0, b))
+            out[lo + m * b : lo + m * b + count] = z[p * b : p * b + count]
 
     def width(self, width: int) -> int:
         """The widest non-zero block of the next minibatch over the processes (every process
@@ -439,10 +471,12 @@ def remove_parts(output: str | os.PathLike) -> None:
 
 
 def ablate(
-    model_: Any,
+    model: Any,
     adata: Any,
-    opts: Any,
+    full: Any,
+    opts: dict[type, Any],
     *,
+    devices: list[Any],
     output: str | os.PathLike,
     cluster: Cluster,
     overwrite: bool,
@@ -451,7 +485,7 @@ def ablate(
     process 0) the one output. Every process returns the assembled result (read from the output
     on shared storage). Any failure ends every process (one line on stderr, exit status 1), with no
     output written."""
-    from linear_decoder_jax import merge, run
+    from linear_decoder_jax import assemble, merge, options
     from linear_decoder_jax.results import AblationResult
 
     pid, n = cluster.process_id, cluster.num_processes
@@ -467,27 +501,36 @@ def ablate(
     watchdog = Watchdog(cluster, on_failure=clean).start()
     try:
         described = {
-            "model": model_.fingerprint(),
-            "dtype": model_.dtype,
+            "model": model.fingerprint,
+            "dtype": model.dtype,
             "n_obs": int(adata.n_obs),
             "output": str(target),
-            **{
-                k: v
-                for k, v in opts._asdict().items()
-                if k not in ("devices", "progress", "lockstep")
-            },
         }
+        for o in opts.values():  # how each process runs may differ: devices, progress bar
+            described.update(options.to_dict(o))
+        for own in ("devices", "progress"):
+            described.pop(own, None)
         check_same(cluster, described)
-        n_devices = gather_array(cluster, "devices", np.asarray([len(opts.devices)], np.int64))
+        n_devices = gather_array(cluster, "devices", np.asarray([len(devices)], np.int64))
         counts = sorted({int(d[0]) for d in n_devices})
         if len(counts) > 1:
             msg = f"Every process must use as many devices (the global mesh), got {counts}."
             raise DistributedError(msg)
         folder.mkdir(exist_ok=True)
         part = folder / f"part-{pid}-of-{n}.h5ad"
-        lockstep = Lockstep(cluster, len(opts.devices), int(adata.n_obs))
-        opts = opts._replace(shard=(pid, n), lockstep=lockstep)
-        run.ablate(model_, adata, opts, output=part, overwrite=True)
+        lockstep = Lockstep(cluster, len(devices), int(adata.n_obs))
+        run = options.ExecutionOptions
+        opts = {**opts, run: dataclasses.replace(opts[run], shard=(pid, n))}
+        assemble.ablate(
+            model,
+            adata,
+            full,
+            opts,
+            devices=devices,
+            output=part,
+            overwrite=True,
+            lockstep=lockstep,
+        )
         mark(cluster, "done")
         if cluster.is_coordinator:
             wait_for(cluster, "done", list(range(n)))

@@ -24,9 +24,11 @@ from __future__ import annotations
 from typing import Any, ClassVar, Literal, NamedTuple, Protocol, runtime_checkable
 
 import jax
+import jax.numpy as jnp
 
 Array = jax.Array
 LibraryChoice = Literal["model", "observed"]
+Likelihood = Literal["nb", "zinb", "poisson"]
 
 
 class Encoded(NamedTuple):
@@ -58,6 +60,12 @@ class Family(Protocol):
 
     @property
     def n_latent(self) -> int: ...
+
+    @property
+    def simplex(self) -> bool:
+        """Whether the decoder input is ``softmax(u)`` of the encoder-space latent (logistic
+        normal): the refit then holds ``softmax(u)_k`` at the baseline."""
+        ...
 
     @property
     def n_vars(self) -> int: ...
@@ -108,7 +116,42 @@ class Family(Protocol):
         ...
 
 
-def latent_names(n_latent: int, prefix: str = "Z_") -> list[str]:
-    """``Z_0 ... Z_{K-1}``: the one place latent names are built (scvi-tools' ``get_loadings``
-    columns; DRVI families pass their own prefix)."""
-    return [f"{prefix}{i}" for i in range(n_latent)]
+class AffineDecoder(NamedTuple):
+    """A decoder head whose logits are affine in the decoder input (BatchNorm folded in).
+
+    ``logits = z @ loadings.T + offsets[batch] + intercept`` reproduces the head's output exactly.
+    """
+
+    loadings: Array  # (n_vars, n_latent)
+    offsets: Array  # (n_batch, n_vars); zeros when the model has one batch
+    intercept: Array  # (n_vars,)
+
+
+def affine_logits(head: AffineDecoder, z: Array, batch: Array) -> Array:
+    """Logits of a folded head (:func:`affine_head`) for decoder input ``z`` (n_obs, n_latent)."""
+    return z @ head.loadings.T + head.offsets[batch] + head.intercept[None, :]
+
+
+@runtime_checkable
+class AffineFamily(Family, Protocol):
+    """A family whose decoder is a softmax over genes of logits affine in ``z`` (LinearSCVI).
+
+    Replacing latents then moves the logits by a low-rank term, which the scorers' fast paths use
+    (the rank-one sweep, coalition decodes without the encoder's layers, the refit's heads). Every
+    fast path equals the generic path within float32 rounding (tests/test_family.py).
+    """
+
+    likelihood: Likelihood  # "zinb" adds the zero-inflation head
+
+    def affine_heads(self, params: Any) -> list[AffineDecoder]:
+        """The scale head, then (ZINB) the zero-inflation head."""
+        ...
+
+    def dispersion(self, params: Any, batch: Array, label: Array) -> Array:
+        """theta per cell and gene (b, n_vars)."""
+        ...
+
+
+def sample_gaussian(mean: Array, var: Array, *, key: Array) -> Array:
+    """One reparameterised draw from N(mean, var), e.g. z ~ q(z|x) in encoder space."""
+    return mean + jnp.sqrt(var) * jax.random.normal(key, mean.shape, mean.dtype)

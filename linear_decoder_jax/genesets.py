@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from linear_decoder_jax.errors import ConfigError, GeneSetError
+from linear_decoder_jax.schema import latent_names
 from linear_decoder_jax.stats import RankSum, bh
 
 N_LEADING = 10  # genes listed in ``leading_genes``
@@ -102,8 +103,11 @@ def _scores(
         if hasattr(source, "get_loadings"):  # a LinearSCVI model
             frame = source.get_loadings()
             return frame.to_numpy(np.float64), list(frame.index), list(frame.columns)
+        if source.loadings is None:  # a family without loadings: the mean per-gene effect
+            lfc = np.asarray(source.arrays["mean_lfc"], dtype=np.float64)
+            return lfc, list(source.var_names), list(source.latent_names)
         loadings = np.asarray(source.loadings, dtype=np.float64)
-        return loadings, list(source.var_names), [f"Z_{k}" for k in range(loadings.shape[1])]
+        return loadings, list(source.var_names), latent_names(loadings.shape[1])
     if score not in ("delta_nll", "lfc"):
         msg = f"Expected score 'loadings', 'delta_nll' or 'lfc', got {score!r} instead."
         raise ConfigError(msg)

@@ -65,6 +65,20 @@ def _shared_genes(model_a: Any, model_b: Any, genes: Genes) -> list[str]:
     return shared
 
 
+def gene_effects(model: Any, adata: Any) -> pd.DataFrame:
+    """Genes x latents: the effective loadings of a linear family, else (a family without
+    loadings) the mean log-fold change of each gene when the latent is set to zero over the cells
+    of ``adata`` (the sweep's ``mean_lfc``; ``family`` module)."""
+    if hasattr(model, "get_loadings"):
+        return model.get_loadings()
+    from linear_decoder_jax.api import ablate
+
+    result = ablate(model, adata)
+    return pd.DataFrame(
+        np.asarray(result.arrays["mean_lfc"]), index=model.var_names, columns=result.latent_names
+    )
+
+
 def compare(
     model_a: Any,
     model_b: Any,
@@ -96,12 +110,16 @@ def compare(
         matrices ``"corr_cells"`` and ``"corr_loadings"`` (DataFrames, A's latents x B's latents),
         which ``ldj.pl.latent_correlation`` draws in matched order.
     """
+    families = (model_a.family.name, model_b.family.name)
+    if families[0] != families[1]:
+        msg = f"Cannot compare latents of two model families ({families[0]} and {families[1]})."
+        raise IncompatibleDataError(msg)
     shared = _shared_genes(model_a, model_b, genes)
     z_a = model_a.get_latent_representation(adata, batch_size=batch_size)
     z_b = model_b.get_latent_representation(adata, batch_size=batch_size)
     cells = correlation(z_a, z_b)
-    load_a = model_a.get_loadings().loc[shared]
-    load_b = model_b.get_loadings().loc[shared]
+    load_a = gene_effects(model_a, adata).loc[shared]
+    load_b = gene_effects(model_b, adata).loc[shared]
     loadings = correlation(load_a.to_numpy(), load_b.to_numpy())
     names_a, names_b = list(load_a.columns), list(load_b.columns)
     rows, cols = linear_sum_assignment(np.nan_to_num(np.abs(cells)), maximize=True)

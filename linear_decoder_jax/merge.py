@@ -8,6 +8,7 @@ whole result in obs order, streaming the large arrays.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,10 +19,17 @@ import numpy as np
 from linear_decoder_jax import schema
 from linear_decoder_jax._atomic import atomic_path, check_destination
 from linear_decoder_jax.errors import IncompatibleDataError
-from linear_decoder_jax.results import AblationResult, H5adStream, explained_shares, group_tables
+from linear_decoder_jax.options import ExecutionOptions
+from linear_decoder_jax.results import AblationResult, H5adStream, derive
 
-# Settings that may differ between parts (how each part was run, not what it computed).
-_PER_PART = {"shard", "rows", "batch_size", "n_devices", "versions", "source_model"}
+# Settings that may differ between parts: how each part was run (the execution options, and
+# where it ran), not what it computed. A part of another family or unit differs in what.
+_PER_PART = {f.name for f in dataclasses.fields(ExecutionOptions)} | {
+    "rows",
+    "n_devices",
+    "versions",
+    "source_model",
+}
 
 
 def _comparable(settings: dict[str, Any]) -> dict[str, Any]:
@@ -141,15 +149,7 @@ def merge_parts(
             )
             settings.update(extra)
             obs = pd.concat([r.obs for r in results])
-            groupby = settings.get("groupby") or None
-            explained = None
-            if groupby is not None and arrays.get("shapley_nll") is not None:
-                explained = explained_shares(
-                    np.asarray(arrays["gain_nll"]),
-                    np.asarray(arrays["shapley_nll"]),
-                    obs[groupby],
-                    [f"Z_{k}" for k in range(arrays["shapley_nll"].shape[1])],
-                )
+            groups, explained = derive(arrays, obs, settings)
             merged = AblationResult(
                 arrays=arrays,
                 loadings=first.loadings,
@@ -159,11 +159,7 @@ def merge_parts(
                 embeddings={
                     k: np.concatenate([r.embeddings[k] for r in results]) for k in first.embeddings
                 },
-                groups=None
-                if groupby is None
-                else group_tables(
-                    arrays["delta_nll"], obs[groupby].to_numpy(), list(settings["latent_names"])
-                ),
+                groups=groups,
                 explained_table=explained,
             )
             stream.finish(merged)

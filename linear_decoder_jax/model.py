@@ -13,9 +13,10 @@ import jax
 import jax.numpy as jnp
 
 from linear_decoder_jax import layers
-from linear_decoder_jax._typing import Codes, Counts, Latent, LogLibrary, PerCell, PerGene, PRNGKey
+from linear_decoder_jax._typing import Codes, Counts, Latent, LogLibrary, PerCell, PerGene
 from linear_decoder_jax.config import LDVAEConfig
 from linear_decoder_jax.distributions import log_prob
+from linear_decoder_jax.family import AffineDecoder
 from linear_decoder_jax.params import Layer, LDVAEParams
 
 Array = jax.Array
@@ -37,17 +38,6 @@ class Decoded(NamedTuple):
     mu: Array  # (n_obs, n_vars) exp(library) * scale
     theta: Array  # (n_obs, n_vars) inverse dispersion
     zi_logits: Array | None  # (n_obs, n_vars), ZINB only
-
-
-class AffineDecoder(NamedTuple):
-    """A decoder head with eval-mode BatchNorm folded in.
-
-    ``logits = z @ loadings.T + offsets[batch] + intercept`` reproduces the head's output exactly.
-    """
-
-    loadings: Array  # (n_vars, n_latent)
-    offsets: Array  # (n_batch, n_vars); zeros when the model has one batch
-    intercept: Array  # (n_vars,)
 
 
 def encoder_input(x: Counts, *, config: LDVAEConfig) -> PerGene:
@@ -87,11 +77,6 @@ def library(
     return posterior.ql_m
 
 
-def sample_gaussian(mean: Latent, var: Latent, *, key: PRNGKey) -> Latent:
-    """One reparameterised draw from N(mean, var), e.g. z ~ q(z|x) in encoder space."""
-    return mean + jnp.sqrt(var) * jax.random.normal(key, mean.shape, mean.dtype)
-
-
 def affine_head(head: Layer, *, config: LDVAEConfig) -> AffineDecoder:
     """Fold a decoder head's Linear + eval BatchNorm into loadings, batch offsets and intercept."""
     kernel = head.dense.kernel  # (n_latent + n_batch_onehot, n_vars)
@@ -107,11 +92,6 @@ def affine_head(head: Layer, *, config: LDVAEConfig) -> AffineDecoder:
     if w_b.shape[0] == 0:  # one batch: no one-hot columns, offset 0
         w_b = jnp.zeros((1, kernel.shape[1]), kernel.dtype)
     return AffineDecoder(loadings=w_z.T, offsets=w_b, intercept=intercept)
-
-
-def affine_logits(head: AffineDecoder, z: Latent, batch: Codes) -> PerGene:
-    """Logits of a folded head (:func:`affine_head`) for decoder input ``z`` (n_obs, n_latent)."""
-    return z @ head.loadings.T + head.offsets[batch] + head.intercept[None, :]
 
 
 def head_logits(head: Layer, z: Latent, batch: Codes, *, config: LDVAEConfig) -> PerGene:

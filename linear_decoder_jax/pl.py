@@ -115,7 +115,12 @@ def view(result: Any, *, data: Any = None) -> ResultView:
             obs=result.obs,
             embeddings=dict(result.embeddings),
             mean_lfc=np.asarray(result.mean_lfc),
-            loadings=np.asarray(result.loadings),
+            loadings=results.gene_effects(
+                result.loadings,
+                np.asarray(result.mean_lfc),
+                np.asarray(result.settings["latents"]),
+                len(result.settings.get("all_latent_names", result.latent_names)),
+            ),
             var_names=list(result.var_names),
             latents=np.asarray(result.settings["latents"], dtype=np.int64),
             latent_names=result.latent_names,
@@ -143,7 +148,6 @@ def _from_anndata(adata: Any) -> ResultView:
         ("obsm", "delta_nll"),
         ("obsm", "latent"),
         ("varm", "mean_lfc"),
-        ("varm", "loadings"),
     ):
         if key not in getattr(adata, where):
             raise IncompatibleDataError(f"The ablation result has no {where}[{key!r}].")
@@ -159,7 +163,12 @@ def _from_anndata(adata: Any) -> ResultView:
         obs=adata.obs,
         embeddings=embeddings,
         mean_lfc=np.asarray(adata.varm["mean_lfc"]),
-        loadings=np.asarray(adata.varm["loadings"]),
+        loadings=results.gene_effects(
+            np.asarray(adata.varm["loadings"]) if "loadings" in adata.varm else None,
+            np.asarray(adata.varm["mean_lfc"]),
+            np.asarray(settings["latents"]),
+            len(settings.get("all_latent_names", names)),
+        ),
         var_names=[str(v) for v in adata.var_names],
         latents=np.asarray(settings["latents"], dtype=np.int64),
         latent_names=names,
@@ -225,7 +234,7 @@ def _resolve(latent: Latent, *, n_latent: int, latents: np.ndarray, names: list[
         if latent in names:
             j = names.index(latent)
             return int(latents[j]), j
-        every = [f"Z_{i}" for i in range(n_latent)]
+        every = schema.latent_names(n_latent)
         if latent not in every:
             shown = ", ".join(every[:6]) + (" ..." if n_latent > 6 else "")
             msg = f"Unknown latent {latent!r}; the model's latents are {shown}."
@@ -682,7 +691,7 @@ def explained(
     groupby = groupby or str(v.settings.get("groupby") or "") or None
     labels = _group_values(v, groupby) if groupby else pd.Series(np.full(len(v.gain), ALL_CELLS))
     table = results.explained_shares(
-        v.gain, v.shapley, labels, [f"Z_{k}" for k in range(v.shapley.shape[1])]
+        v.gain, v.shapley, labels, schema.latent_names(v.shapley.shape[1])
     )
     if groupby is None:
         table = table.iloc[[-1]]

@@ -48,7 +48,6 @@ them (``shard_map``), each device running its own loops.
 from __future__ import annotations
 
 import functools
-import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -56,14 +55,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from linear_decoder_jax import model
 from linear_decoder_jax._text import preview
-from linear_decoder_jax.config import LDVAEConfig
 from linear_decoder_jax.distributions import log_prob_constant, log_prob_varying
 from linear_decoder_jax.errors import ConfigError
-from linear_decoder_jax.options import DEFAULT_REFIT_STEPS, OPTIMIZERS, Optimizer
-from linear_decoder_jax.params import LDVAEParams
-from linear_decoder_jax.run import Batch, Plan
+from linear_decoder_jax.family import AffineFamily, Family
+from linear_decoder_jax.options import Optimizer
+from linear_decoder_jax.pipeline import Batch, Plan
 
 LBFGS_MEMORY = 10  # optax.lbfgs default
 MAX_LINESEARCH_STEPS = 20  # optax.lbfgs default zoom linesearch budget
@@ -72,7 +69,7 @@ ADAM_DECAY_STEPS = 500  # around the optimum with gradient norm ~ curvature * ra
 
 
 class Heads(NamedTuple):
-    """The z-dependent part of the decoder heads (BatchNorm folded in, ``model.affine_head``)."""
+    """The z-dependent part of an affine family's heads (BatchNorm folded in, ``Family.affine_heads``)."""
 
     loadings: jax.Array  # (n_vars, n_latent)
     zi_loadings: jax.Array | None  # (n_vars, n_latent), ZINB only
@@ -83,11 +80,13 @@ class Lanes(NamedTuple):
 
     x: jax.Array  # (lanes, n_vars)
     log_library: jax.Array  # (lanes,)
-    offset: jax.Array  # (lanes, n_vars) batch offset + intercept of the scale head
+    offset: jax.Array | None  # (lanes, n_vars) batch offset + intercept of the scale head
     zi_offset: jax.Array | None  # (lanes, n_vars), ZINB only
-    theta: jax.Array  # (lanes, n_vars)
-    reference: jax.Array  # (lanes, n_vars) per-gene varying log-likelihood at the encoder mean
+    theta: jax.Array | None  # (lanes, n_vars); the affine fast path only
+    reference: jax.Array  # (lanes, n_vars) per-gene log-likelihood at the encoder mean
     mask: jax.Array  # (lanes, n_latent) bool: coordinates held at the baseline
+    batch: jax.Array  # (lanes,) int32 covariates (the generic path decodes with them)
+    label: jax.Array  # (lanes,) int32
 
 
 class Fit(NamedTuple):
@@ -110,34 +109,14 @@ class RefitScores(NamedTuple):
     restarted: np.ndarray  # (n_valid,) bool, the full fit was restarted
 
 
-def check_options(*, optimizer: Any, steps: Any, tol: Any, mode: str) -> int:
-    """Validate the refit options; returns the step budget (the optimiser's default for None)."""
-    if optimizer not in OPTIMIZERS:
-        msg = f"Expected optimizer one of {OPTIMIZERS}, got {optimizer!r} instead."
-        raise ConfigError(msg)
-    if steps is None:
-        steps = DEFAULT_REFIT_STEPS[optimizer]
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
-        raise ConfigError(f"Expected refit_steps >= 0 (an integer), got {steps!r} instead.")
-    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not float(tol) >= 0:
-        raise ConfigError(f"Expected refit_tol >= 0, got {tol!r} instead.")
-    if mode != "drop":
-        msg = (
-            f"refit=True re-fits the other latents with latent k at its baseline, which is "
-            f'mode="drop"; got mode={mode!r} instead.'
-        )
-        raise ConfigError(msg)
-    return int(steps)
-
-
 def check_baseline(
-    baseline: np.ndarray, latents: np.ndarray, names: list[str], *, config: LDVAEConfig
+    baseline: np.ndarray, latents: np.ndarray, names: list[str], *, family: Family
 ) -> None:
     """Refuse baselines the "ln" constraint ``softmax(u)_k = b_k`` cannot meet at finite ``u``:
     ``b_k`` outside (0, 1) for an ablated latent k, or any ``b_k`` with a single latent."""
-    if config.latent_distribution != "ln":
+    if not family.simplex:
         return
-    bad = [int(k) for k in latents if config.n_latent == 1 or not 0.0 < baseline[k] < 1.0]
+    bad = [int(k) for k in latents if family.n_latent == 1 or not 0.0 < baseline[k] < 1.0]
     if bad:
         got = preview(f"{names[k]}={baseline[k]:g}" for k in bad)
         msg = (
@@ -149,34 +128,40 @@ def check_baseline(
 
 
 # -- the objective, for one lane -------------------------------------------------------------------
-def complete(v: jax.Array, mask: jax.Array, baseline: jax.Array, *, config: LDVAEConfig):
+def complete(v: jax.Array, mask: jax.Array, baseline: jax.Array, *, family: Family):
     """The full problem's point (n_latent,) of constrained variable ``v``: masked entries of ``z``
     at the baseline; for "ln" the masked ``u_k = logit(b_k) + logsumexp(u_-k)``, so that
     ``softmax(u)_k = b_k`` exactly. ``J(v)`` does not depend on masked entries of ``v``."""
-    if config.latent_distribution != "ln":
+    if not family.simplex:
         return jnp.where(mask, baseline, v)
     free = jax.nn.logsumexp(jnp.where(mask, -jnp.inf, v))
     return jnp.where(mask, jnp.log(baseline) - jnp.log1p(-baseline) + free, v)
 
 
-def _log_prob(w: jax.Array, lane: Lanes, heads: Heads, *, config: LDVAEConfig) -> jax.Array:
-    """Per-gene z-dependent log-likelihood (n_vars,) of decoder input ``w`` for one lane."""
+def _log_prob(w: jax.Array, lane: Lanes, heads: Any, *, family: Family) -> jax.Array:
+    """Per-gene log-likelihood (n_vars,) of decoder input ``w`` for one lane: its z-dependent
+    part through an affine family's folded heads (:class:`Heads`, the fast path), else the whole
+    of it through the family's decoder (``heads`` is then the family's parameters)."""
+    if not isinstance(heads, Heads):
+        args = (lane.log_library[None, None], lane.batch[None], lane.label[None])
+        return family.log_prob(lane.x[None, :], family.decode(heads, w[None, :], *args))[0]
+    assert isinstance(family, AffineFamily) and lane.offset is not None and lane.theta is not None
     logits = heads.loadings @ w + lane.offset
     mu = jnp.exp(lane.log_library + jax.nn.log_softmax(logits))
     zi = None
     if heads.zi_loadings is not None:
         assert lane.zi_offset is not None  # ZINB lanes carry both
         zi = heads.zi_loadings @ w + lane.zi_offset
-    return log_prob_varying(lane.x, mu, lane.theta, zi, likelihood=config.gene_likelihood)
+    return log_prob_varying(lane.x, mu, lane.theta, zi, likelihood=family.likelihood)
 
 
 def objective(
-    v: jax.Array, lane: Lanes, heads: Heads, baseline: jax.Array, *, config: LDVAEConfig
+    v: jax.Array, lane: Lanes, heads: Any, baseline: jax.Array, *, family: Family
 ) -> jax.Array:
     """J at the completed point ``u = complete(v)`` minus a per-cell constant:
     ``-sum_g (log p_g(u) - reference_g) + 0.5 * ||u||^2``."""
-    u = complete(v, lane.mask, baseline, config=config)
-    lp = _log_prob(model.z_transformation(u, config=config), lane, heads, config=config)
+    u = complete(v, lane.mask, baseline, family=family)
+    lp = _log_prob(family.decoder_input(u), lane, heads, family=family)
     return -jnp.sum(lp - lane.reference) + 0.5 * jnp.sum(u * u)
 
 
@@ -230,16 +215,16 @@ def solve(
     return jax.lax.while_loop(cond, body, init)[-1]
 
 
-@functools.partial(jax.jit, static_argnames=("config", "optimizer", "mesh", "vectorize"))
+@functools.partial(jax.jit, static_argnames=("family", "optimizer", "mesh", "vectorize"))
 def fit_lanes(
-    heads: Heads,
+    heads: Any,
     lanes: Lanes,
     v0: jax.Array,
     baseline: jax.Array,
     max_steps: jax.Array,
     tol: jax.Array,
     *,
-    config: LDVAEConfig,
+    family: Family,
     optimizer: Optimizer,
     mesh: jax.sharding.Mesh | None = None,
     vectorize: bool = True,
@@ -249,9 +234,9 @@ def fit_lanes(
     returned points are completed (:func:`complete`): points of the full problem."""
 
     def one(lane: Lanes, v: jax.Array, steps: jax.Array) -> Fit:
-        fun = functools.partial(objective, lane=lane, heads=heads, baseline=baseline, config=config)
+        fun = functools.partial(objective, lane=lane, heads=heads, baseline=baseline, family=family)
         fit = solve(fun, v, steps, tol, optimizer=optimizer)
-        return fit._replace(v=complete(fit.v, lane.mask, baseline, config=config))
+        return fit._replace(v=complete(fit.v, lane.mask, baseline, family=family))
 
     run = jax.vmap(one)
     if not vectorize:
@@ -267,58 +252,66 @@ def fit_lanes(
 # -- one minibatch -------------------------------------------------------------------------------
 class _Cells(NamedTuple):
     lanes: Lanes  # one lane per cell, nothing masked
-    heads: Heads
+    heads: Any  # Heads (affine fast path) or the family's parameters
     v0: jax.Array  # (batch, n_latent) encoder mean qz_m
     constant: jax.Array  # (batch,) J = objective + constant (all lgamma terms included)
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _prepare(params, x, log_library, qz_m, batch, label, *, config: LDVAEConfig) -> _Cells:
+@functools.partial(jax.jit, static_argnames=("family",))
+def _prepare(params, x, log_library, qz_m, batch, label, *, family: Family) -> _Cells:
     """Lanes of one encoded minibatch (the run's posterior and library, in float64)."""
     x, log_library, qz_m = (a.astype(jnp.float64) for a in (x, log_library, qz_m))
-    scale = model.affine_head(params.decoder.factor, config=config)
-    heads = Heads(scale.loadings, None)
-    zi_offset = None
-    if config.gene_likelihood == "zinb":
-        zi = model.affine_head(params.decoder.dropout, config=config)
-        heads = Heads(scale.loadings, zi.loadings)
-        zi_offset = zi.offsets[batch] + zi.intercept[None, :]
-    theta = model.dispersion(params, batch, label, config=config)
     n, k = qz_m.shape
     lanes = Lanes(
         x=x,
         log_library=log_library[:, 0],
-        offset=scale.offsets[batch] + scale.intercept[None, :],
-        zi_offset=zi_offset,
-        theta=theta,
+        offset=None,
+        zi_offset=None,
+        theta=None,
         reference=jnp.zeros_like(x),
         mask=jnp.zeros((n, k), bool),
+        batch=batch,
+        label=label,
     )
+    heads: Any = params
+    if isinstance(family, AffineFamily):
+        affine = family.affine_heads(params)
+        heads = Heads(affine[0].loadings, affine[1].loadings if len(affine) > 1 else None)
+        lanes = lanes._replace(
+            offset=affine[0].offsets[batch] + affine[0].intercept[None, :],
+            zi_offset=None
+            if len(affine) == 1
+            else affine[1].offsets[batch] + affine[1].intercept[None, :],
+            theta=family.dispersion(params, batch, label),
+        )
 
     def reference(lane: Lanes, v: jax.Array) -> jax.Array:
-        return _log_prob(model.z_transformation(v, config=config), lane, heads, config=config)
+        return _log_prob(family.decoder_input(v), lane, heads, family=family)
 
     ref = jax.vmap(reference)(lanes, qz_m)
     lanes = lanes._replace(reference=ref)
-    lik = config.gene_likelihood
-    constant = -(ref.sum(-1) + log_prob_constant(x, theta, likelihood=lik).sum(-1))
+    constant = -ref.sum(-1)
+    if isinstance(family, AffineFamily):  # the fast path's reference is the z-dependent part
+        assert lanes.theta is not None
+        lik = family.likelihood
+        constant = constant - log_prob_constant(x, lanes.theta, likelihood=lik).sum(-1)
     return _Cells(lanes, heads, qz_m, constant)
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _constrained_start(lanes: Lanes, full_v, baseline, k, *, config: LDVAEConfig):
+@functools.partial(jax.jit, static_argnames=("family",))
+def _constrained_start(lanes: Lanes, full_v, baseline, k, *, family: Family):
     """Lanes with latent ``k`` held at the baseline, and their start points: the full optimum,
     completed (:func:`complete`)."""
     mask = jnp.broadcast_to(jnp.arange(full_v.shape[1]) == k, full_v.shape)
-    v0 = jax.vmap(functools.partial(complete, baseline=baseline, config=config))(full_v, mask)
+    v0 = jax.vmap(functools.partial(complete, baseline=baseline, family=family))(full_v, mask)
     return lanes._replace(mask=mask), v0
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def full_objective(heads: Heads, lanes: Lanes, v: jax.Array, baseline: jax.Array, *, config):
+@functools.partial(jax.jit, static_argnames=("family",))
+def full_objective(heads: Any, lanes: Lanes, v: jax.Array, baseline: jax.Array, *, family: Family):
     """The full problem's objective at completed constrained end points ``v`` (lanes, n_latent)."""
     free = lanes._replace(mask=jnp.zeros_like(lanes.mask))
-    fun = functools.partial(objective, heads=heads, baseline=baseline, config=config)
+    fun = functools.partial(objective, heads=heads, baseline=baseline, family=family)
     return jax.vmap(lambda lane, vv: fun(vv, lane))(free, v)
 
 
@@ -333,7 +326,7 @@ SCORE_FIELDS = ("unique_delta_nll", "refit_grad_norm", "refit_converged")
 
 
 class RefitScorer:
-    """The refit as a scorer of the run pipeline (``run.execute``): per cell and ablated latent
+    """The refit as a scorer of the run pipeline (``pipeline.execute``): per cell and ablated latent
     ``unique_delta_nll``, ``refit_grad_norm`` and ``refit_converged``, from the run's encoded
     minibatch (no second read or encode; the posterior mean is the full fit's start point).
 
@@ -348,16 +341,16 @@ class RefitScorer:
 
     def __init__(
         self,
-        params: LDVAEParams,
+        family: Family,
+        params: Any,
         plan: Plan,
         *,
-        config: LDVAEConfig,
         optimizer: Optimizer,
         steps: int,
         tol: float,
         mesh: jax.sharding.Mesh | None = None,
     ):
-        self.config, self.plan, self.mesh = config, plan, mesh
+        self.family, self.plan, self.mesh = family, plan, mesh
         self.optimizer, self.steps, self.tol = optimizer, int(steps), float(tol)
         self.latents = np.asarray(plan.latents, np.int32)
         with jax.enable_x64(True):
@@ -388,9 +381,9 @@ class RefitScorer:
 
     def minibatch(self, mb: Batch) -> RefitScores:
         """Refit scores of every row of ``mb`` (padding rows included; call under x64)."""
-        cfg, base, steps = self.config, self.baseline, self.steps
+        cfg, base, steps = self.family, self.baseline, self.steps
         n = mb.x.shape[0]
-        cells = _prepare(self.params, mb.x, mb.log_library, mb.qz_m, mb.batch, mb.label, config=cfg)
+        cells = _prepare(self.params, mb.x, mb.log_library, mb.qz_m, mb.batch, mb.label, family=cfg)
         tol = jnp.asarray(self.tol, jnp.float64)
 
         def fit(lanes: Lanes, v0: jax.Array, budget: np.ndarray) -> Fit:
@@ -401,7 +394,7 @@ class RefitScorer:
                 base,
                 jnp.asarray(budget, jnp.int32),
                 tol,
-                config=cfg,
+                family=cfg,
                 optimizer=self.optimizer,
                 mesh=self.mesh,
                 vectorize=self.plan.vectorize,
@@ -415,7 +408,7 @@ class RefitScorer:
             """One call per latent (same lane count as the full fits: one compilation)."""
             out = []
             for k in self.latents:
-                lanes, v0 = _constrained_start(cells.lanes, start.v, base, int(k), config=cfg)
+                lanes, v0 = _constrained_start(cells.lanes, start.v, base, int(k), family=cfg)
                 out.append((lanes, fit(lanes, v0, budget)))
             return out
 
@@ -427,7 +420,7 @@ class RefitScorer:
             # stopped in a worse local minimum. Restart it from there, then re-run that cell's
             # constrained fits from the new optimum and keep the better ends.
             at = np.stack(
-                [full_objective(cells.heads, ln, f.v, base, config=cfg) for ln, f in runs]
+                [full_objective(cells.heads, ln, f.v, base, family=cfg) for ln, f in runs]
             )  # (a, n)
             margin = 0.5 * self.tol**2  # within the full fit's own tolerance
             restart = valid & (at.min(0) < np.asarray(full.value) - margin)

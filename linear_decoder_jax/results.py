@@ -19,6 +19,7 @@ import numpy as np
 from linear_decoder_jax import schema
 from linear_decoder_jax._atomic import atomic_path
 from linear_decoder_jax.errors import ConfigError, IncompatibleDataError, OutputExistsError
+from linear_decoder_jax.schema import latent_names
 
 TOP_CELLS = 10
 
@@ -68,6 +69,41 @@ def explained_shares(
     return pd.DataFrame(np.asarray(rows), index=[*names, schema.ALL_CELLS], columns=latent_names)
 
 
+def gene_effects(
+    loadings: np.ndarray | None, mean_lfc: np.ndarray, latents: np.ndarray, n_latent: int
+) -> np.ndarray:
+    """(n_vars, n_latent) per-gene effect of each latent: a linear family's loadings, else (a
+    family without loadings) the sweep's ``mean_lfc`` in the ablated latents' columns (NaN in the
+    others)."""
+    if loadings is not None:
+        return np.asarray(loadings)
+    out = np.full((mean_lfc.shape[0], n_latent), np.nan, np.asarray(mean_lfc).dtype)
+    out[:, np.asarray(latents, np.int64)] = np.asarray(mean_lfc)
+    return out
+
+
+def derive(
+    arrays: dict[str, Any], obs: Any, settings: dict[str, Any]
+) -> tuple[dict[str, Any] | None, Any]:
+    """The group tables of a finished result (``uns["ablation_groups"]`` and, with Shapley
+    values, ``uns["ablation_explained"]``), or ``(None, None)`` without a ``groupby``. One
+    place for a run (``assemble``) and a merge of its parts (``merge``)."""
+    groupby = settings.get("groupby") or None
+    if groupby is None:
+        return None, None
+    groups = group_tables(
+        arrays["delta_nll"], obs[groupby].to_numpy(), list(settings["latent_names"])
+    )
+    explained = None
+    if arrays.get("shapley_nll") is not None:
+        k = arrays["shapley_nll"].shape[1]
+        names = list(settings.get("all_latent_names", latent_names(k)))
+        explained = explained_shares(
+            np.asarray(arrays["gain_nll"]), np.asarray(arrays["shapley_nll"]), obs[groupby], names
+        )
+    return groups, explained
+
+
 def top_cells(
     delta: np.ndarray, obs_names: np.ndarray, latent_names: list[str], n_top: int = TOP_CELLS
 ):
@@ -90,7 +126,9 @@ class AblationResult:
     the run did not compute it."""
 
     arrays: dict[str, np.ndarray]  # schema fields present, by name
-    loadings: np.ndarray  # (n_vars, K)
+    # (n_vars, K) a linear family's loadings; None for a family without (``family`` module:
+    # ``mean_lfc`` stands in for them)
+    loadings: np.ndarray | None
     obs: Any  # pandas DataFrame indexed by obs_names (input obs columns)
     var_names: list[str]
     settings: dict[str, Any]
@@ -121,7 +159,7 @@ class AblationResult:
             return self.explained_table
         if groupby not in self.obs:
             raise IncompatibleDataError(f"groupby column {groupby!r} is not in the result's obs.")
-        names = [f"Z_{k}" for k in range(self.shapley.shape[1])]
+        names = list(self.settings.get("all_latent_names", latent_names(self.shapley.shape[1])))
         return explained_shares(
             np.asarray(self.gain), np.asarray(self.shapley), self.obs[groupby], names
         )
@@ -242,7 +280,8 @@ class AblationResult:
                 getattr(adata, f.slot)[f.name] = np.asarray(value)
         for key, value in self.embeddings.items():
             adata.obsm[key] = value
-        adata.varm[schema.LOADINGS.name] = self.loadings
+        if self.loadings is not None:
+            adata.varm[schema.LOADINGS.name] = self.loadings
         adata.uns.update(self._uns())
         return adata
 
@@ -314,7 +353,8 @@ class AblationResult:
             embeddings = {
                 k: np.asarray(v[...]) for k, v in f["obsm"].items() if k not in schema.obsm_keys()
             }
-            loadings = np.asarray(f["varm"][schema.LOADINGS.name][...])
+            node = f["varm"].get(schema.LOADINGS.name)
+            loadings = None if node is None else np.asarray(node[...])
             var_names = list(read_elem(f["var"]).index)
         missing = [
             x.name for x in schema.FIELDS if x.when == schema.ALWAYS and x.name not in arrays
@@ -409,7 +449,9 @@ class H5adStream:
         f = self.file
         n, g = len(result.obs), len(result.var_names)
         obs = result.obs.copy()
-        varm: dict[str, Any] = {schema.LOADINGS.name: result.loadings}
+        varm: dict[str, Any] = {}
+        if result.loadings is not None:
+            varm[schema.LOADINGS.name] = result.loadings
         for fld in schema.FIELDS:
             value = result.arrays.get(fld.name)
             if value is None:

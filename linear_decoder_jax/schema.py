@@ -5,7 +5,7 @@ dimensions, its dtype, when it is present and what it means. The in-memory write
 (``AblationResult.to_anndata``), the streamed writer (``results.H5adStream``), the reader
 (``AblationResult.read``), ``ldj merge``, ``ldj.pl`` and ``ldj report`` iterate over :data:`FIELDS`;
 the README's and the docs' schema tables are generated from it (:func:`markdown_table`, checked by
-``tests/test_schema.py``). A new score is one scorer (``run.py``) plus its rows here.
+``tests/test_schema.py``). A new score is one scorer (``pipeline.Scorer``) plus its rows here.
 
 Dimension names: ``obs`` cells, ``vars`` genes, ``latent`` all K latents, ``ablated`` the A ablated
 latents (result column order), ``group`` the ``groupby`` categories then all cells (their names:
@@ -181,10 +181,13 @@ UNS: tuple[tuple[str, str, str], ...] = (
     (
         "ablation",
         ALWAYS,
-        "settings and provenance: baseline, baseline_values (reuse them in another run or shard), "
-        "mode, latents, latent_names, library, n_samples, seed, dtype, batch_size, n_devices, "
-        "groupby, shard, rows, n_obs_total, versions, source_model, model_fingerprint; refit, and "
-        "with it refit_optimizer, refit_steps, refit_tol, refit_objective",
+        "settings and provenance: family (the model family), unit (latent or split), baseline, "
+        "baseline_values (reuse them in another run or shard), mode, latents, latent_names (the "
+        "result columns), all_latent_names (the model's), library, n_samples, seed, dtype, "
+        "batch_size, n_devices, groupby, shard, rows, n_obs_total, versions, source_model, "
+        "source_scvi_version, model_fingerprint; gene_scores, and with it gene_groups; shapley, "
+        "n_permutations; refit, and with it refit_optimizer, refit_steps, refit_tol, "
+        "refit_objective",
     ),
     (
         "ablation_groups",
@@ -199,6 +202,12 @@ UNS: tuple[tuple[str, str, str], ...] = (
         "explained by each latent",
     ),
 )
+
+
+def latent_names(n_latent: int, prefix: str = "Z_") -> list[str]:
+    """``Z_0 ... Z_{K-1}``: the one place latent names are built (scvi-tools' ``get_loadings``
+    columns; a family may pass its own prefix)."""
+    return [f"{prefix}{i}" for i in range(n_latent)]
 
 
 def fields(slot: Slot) -> tuple[Field, ...]:

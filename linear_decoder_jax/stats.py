@@ -37,6 +37,7 @@ import pandas as pd
 from scipy import stats as sps
 
 from linear_decoder_jax.errors import ConfigError, IncompatibleDataError
+from linear_decoder_jax.schema import latent_names
 
 ALPHA = 0.05  # padj below this is marked significant in summaries and reports
 INACTIVE_TOL = 1e-3  # nats: a latent whose |delta| stays below this in every cell is inactive
@@ -130,7 +131,7 @@ def _names_for(result: Any, width: int) -> list[str]:
     names = list(result.latent_names)
     if width == len(names):
         return names
-    return [f"Z_{k}" for k in range(width)]  # a score over every latent of the model
+    return latent_names(width)  # a score over every latent of the model
 
 
 def score_matrix(result: Any, score: str) -> np.ndarray:

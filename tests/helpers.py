@@ -50,8 +50,8 @@ def random_adata(model: ldj.LinearSCVI, n_obs: int = 37, seed: int = 1, zero_cel
 
 
 def plan_for(model: ldj.LinearSCVI, n_obs: int, baseline, **overrides):
-    """A ``run.Plan`` over all latents and cells on one device (for tests that drive scorers)."""
-    from linear_decoder_jax import run
+    """A ``pipeline.Plan`` over all latents and cells on one device (for tests that drive scorers)."""
+    from linear_decoder_jax import pipeline
 
     fields = {
         "latents": tuple(range(model.n_latent)),
@@ -61,7 +61,7 @@ def plan_for(model: ldj.LinearSCVI, n_obs: int, baseline, **overrides):
         "library": "model",
         "n_samples": 0,
         "seed": 0,
-        "batch_size": run.choose_batch_size(
+        "batch_size": pipeline.choose_batch_size(
             n_obs, model.config.n_input, model.n_latent, itemsize=4, vectorize=False
         ),
         "dtype": model.dtype,
@@ -70,4 +70,4 @@ def plan_for(model: ldj.LinearSCVI, n_obs: int, baseline, **overrides):
         "vectorize": False,
         **overrides,
     }
-    return run.Plan(**fields)
+    return pipeline.Plan(**fields)

@@ -13,7 +13,7 @@ import pytest
 from helpers import plan_for, random_adata, random_model
 from scipy.special import gammaln
 
-from linear_decoder_jax import ablation, attribution, results, run, schema
+from linear_decoder_jax import ablation, attribution, options, pipeline, results, schema
 from linear_decoder_jax.errors import ConfigError
 
 EPS = 1e-8
@@ -55,7 +55,9 @@ class Truth:
         self.model, self.data = model, data
         self.x = np.asarray(data.rows(0, data.n_obs), np.float64)
         with model.precision():  # counts in the model's dtype, as the run encodes them
-            _, z, lib = run.encode(model.params, self.x.astype(model.dtype), config=model.config)
+            x = self.x.astype(model.dtype)
+            enc = pipeline.encode(model.family, model.params, x, data.batch, data.label)
+            z, lib = enc.z, enc.log_library
         self.z = np.asarray(z, np.float64)
         self.lib = np.asarray(lib, np.float64)[:, 0]
         self.lik = model.config.gene_likelihood
@@ -82,13 +84,13 @@ def execute(model, adata, scorers, *, baseline, groups=None, batch_size=16, **pl
         model, data.n_obs, baseline, batch_size=batch_size, group_names=names, **plan_kw
     )
     with model.precision():
-        place = run.placement(plan.devices)
+        place = pipeline.Placement(plan.devices)
         made = scorers(plan, place)
         sizes = {"obs": data.n_obs, "ablated": len(plan.latents), "latent": model.n_latent}
         fields = [schema.BY_NAME[k] for s in made for k in s.fields]
         sink = {f.name: np.empty(schema.shape(f, sizes)) for f in fields}
-        totals = run.execute(
-            model.params, data, plan, made, sink, config=model.config, groups=groups
+        totals = pipeline.execute(
+            model.family, model.params, data, plan, made, sink, place=place, groups=groups
         )
     return sink, totals
 
@@ -96,9 +98,7 @@ def execute(model, adata, scorers, *, baseline, groups=None, batch_size=16, **pl
 def gene_run(model, adata, *, baseline, mode, groups):
     def make(plan, place):
         return [
-            ablation.SweepScorer(
-                model.params, plan, config=model.config, place=place, gene_scores=True
-            )
+            ablation.SweepScorer(model.family, model.params, plan, place=place, gene_scores=True)
         ]
 
     return execute(model, adata, make, baseline=baseline, groups=groups, mode=mode)
@@ -108,9 +108,9 @@ def shapley_run(model, adata, *, baseline, method="exact", n_permutations=0, see
     def make(plan, place):
         return [
             attribution.ShapleyScorer(
+                model.family,
                 model.params,
                 plan,
-                config=model.config,
                 place=place,
                 method=method,
                 n_permutations=n_permutations,
@@ -265,10 +265,11 @@ def _batch_values(model, adata, base, z_edit):
     data = model.prepare(adata)
     plan = plan_for(model, data.n_obs, base, batch_size=32)
     with model.precision():
-        _, _, batch = next(run.batches(model.params, data, plan, config=model.config))
+        place = pipeline.Placement(plan.devices)
+        _, _, batch = next(pipeline.batches(model.family, model.params, data, plan, place=place))
         batch = batch._replace(z=z_edit(np.asarray(batch.z)))
         gain, phi = attribution.shapley_exact(
-            model.params, batch, np.asarray(base, batch.z.dtype), config=model.config
+            model.family, model.params, batch, np.asarray(base, batch.z.dtype)
         )
     return np.asarray(gain), np.asarray(phi)
 
@@ -325,7 +326,7 @@ def test_agrees_with_the_plain_sweep():
 
         def sweep(mode, model=model, adata=adata, base=base):
             def make(plan, place):
-                return [ablation.SweepScorer(model.params, plan, config=model.config, place=place)]
+                return [ablation.SweepScorer(model.family, model.params, plan, place=place)]
 
             return execute(model, adata, make, baseline=base, mode=mode)[0]["delta_nll"]
 
@@ -366,11 +367,11 @@ def test_group_shares_sum_to_one():
 
 def test_refusals():
     with pytest.raises(ConfigError, match="permutation"):
-        attribution.check_shapley("exact", 13, 0, max_exact=12)
+        options.ShapleyOptions("exact", 0).check(13)
     with pytest.raises(ConfigError, match="even n_permutations"):
-        attribution.check_shapley("permutation", 13, 5, max_exact=12)
+        options.ShapleyOptions("permutation", 5)
     with pytest.raises(ConfigError, match="shapley one of"):
-        attribution.check_shapley("kernel", 3, 0, max_exact=12)
+        options.ShapleyOptions("kernel", 0)  # type: ignore[arg-type]
 
 
 def test_permutation_key_reproducible():

@@ -1,18 +1,29 @@
-"""One place per fact: option lists that must live apart agree (checked, not copied by hand)."""
+"""One place per fact: every option is declared once (``options``); the CLI, the API and the
+recorded settings are built from, or checked against, that declaration."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 from typing import get_args
 
+import numpy as np
+from helpers import random_adata, random_model
+
+import linear_decoder_jax as ldj
 from converters import scvi_ldvae
-from linear_decoder_jax import cli, config, options
+from linear_decoder_jax import api, cli, config, options, schema
 
 
 def _ablate_parser() -> argparse.ArgumentParser:
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return sub.choices["ablate"]
+
+
+def _fields():
+    return [(cls, f) for cls in options.ALL for f in dataclasses.fields(cls)]
 
 
 def test_converter_reads_the_options_config_accepts():
@@ -23,13 +34,40 @@ def test_converter_reads_the_options_config_accepts():
     assert scvi_ldvae._LATENT_DISTRIBUTIONS == get_args(config.LatentDistribution)
 
 
-def test_cli_choices_and_defaults_come_from_the_engines():
+def test_api_defaults_are_the_declared_ones():
+    """``ldj.ablate``'s keyword defaults equal the options' defaults, name for name, and it
+    takes every declared option."""
+    params = inspect.signature(api.ablate).parameters
+    for _, f in _fields():
+        assert f.name in params, f.name
+        assert params[f.name].default == f.default, f.name
+
+
+def test_cli_flags_come_from_the_declarations():
+    """Every declared option with a flag has it, with the declared default and choices."""
     actions = {a.dest: a for a in _ablate_parser()._actions}
-    assert tuple(actions["mode"].choices) == options.MODES
-    assert tuple(actions["library"].choices) == options.LIBRARIES
-    assert tuple(actions["optimizer"].choices) == options.OPTIMIZERS
-    assert actions["mode"].default == options.DEFAULT_MODE
-    assert actions["library"].default == options.DEFAULT_LIBRARY
-    assert actions["optimizer"].default == options.DEFAULT_OPTIMIZER
-    assert actions["refit_tol"].default == options.DEFAULT_REFIT_TOL
-    assert actions["baseline"].default == options.DEFAULT_BASELINE
+    choices = {"mode": options.MODES, "unit": options.UNITS, "library": options.LIBRARIES}
+    choices |= {"optimizer": options.OPTIMIZERS, "shapley": options.SHAPLEY}
+    for _, f in _fields():
+        if f.metadata["cli"].get("flag", True) is None:
+            assert f.name not in actions
+            continue
+        action = actions[f.name]
+        assert action.default == f.default, f.name
+        if f.name in choices:
+            assert tuple(action.choices) == choices[f.name], f.name
+    # a value typed on the command line reaches the API under the same name
+    args = _ablate_parser().parse_args(["m", "d", "-o", "o.h5ad", "--mode", "keep", "--seed", "3"])
+    values = options.values(args, options.ALL)
+    assert values["mode"] == "keep" and values["seed"] == 3
+
+
+def test_recorded_settings_are_documented():
+    """Every key a run records in ``uns["ablation"]`` is named in ``schema.UNS``'s text."""
+    model = random_model(seed=0, n_latent=3)
+    adata = random_adata(model, n_obs=20, seed=1)
+    adata.obs["g"] = np.where(np.arange(20) % 2, "a", "b")
+    result = ldj.ablate(model, adata, groupby="g", gene_scores=True, shapley="exact", refit=True)
+    text = dict((name, doc) for name, _, doc in schema.UNS)["ablation"]
+    missing = [k for k in result.settings if k not in text]
+    assert not missing, missing

@@ -16,7 +16,7 @@ from helpers import plan_for, random_adata, random_model
 from scipy import optimize, special
 
 import linear_decoder_jax as ldj
-from linear_decoder_jax import refit, run
+from linear_decoder_jax import pipeline, refit
 from linear_decoder_jax.cli import main
 from linear_decoder_jax.config import ModelSpec
 
@@ -156,11 +156,14 @@ def refit_sweep(model, adata, baseline, *, vectorize=False):
     data = model.prepare(adata)
     plan = plan_for(model, data.n_obs, baseline, vectorize=vectorize)
     scorer = refit.RefitScorer(
-        model.params, plan, config=model.config, optimizer="lbfgs", steps=100, tol=1e-6
+        model.family, model.params, plan, optimizer="lbfgs", steps=100, tol=1e-6
     )
     out = []
     with model.precision():
-        for _, n_valid, batch in run.batches(model.params, data, plan, config=model.config):
+        place = pipeline.Placement(plan.devices)
+        for _, n_valid, batch in pipeline.batches(
+            model.family, model.params, data, plan, place=place
+        ):
             with jax.enable_x64(True):
                 scores = scorer.minibatch(batch)
             out.append(refit.RefitScores(*(a[:n_valid] for a in scores)))
@@ -276,7 +279,7 @@ def test_ln_constraint_holds_at_end_points(ln_refitted, monkeypatch):
 
     def recording(heads, lanes, v0, baseline, *args, **kwargs):
         fit = fit_lanes(heads, lanes, v0, baseline, *args, **kwargs)
-        at = refit.full_objective(heads, lanes, fit.v, baseline, config=kwargs["config"])
+        at = refit.full_objective(heads, lanes, fit.v, baseline, family=kwargs["family"])
         records.append([np.asarray(a) for a in (lanes.mask, fit.v, fit.value, at)])
         return fit
 

@@ -10,7 +10,7 @@ import pytest
 from helpers import plan_for, random_adata, random_model
 
 import linear_decoder_jax as ldj
-from linear_decoder_jax import ablation, anndata_io, pl, run, schema
+from linear_decoder_jax import ablation, anndata_io, pipeline, pl, schema
 from linear_decoder_jax.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,11 +36,13 @@ def _sweep(model, adata, *, vectorize, mode, n_samples=0):
         batch_size=16,
     )
     with model.precision():
-        place = run.placement(plan.devices)
-        scorer = ablation.SweepScorer(model.params, plan, config=model.config, place=place)
+        place = pipeline.Placement(plan.devices)
+        scorer = ablation.SweepScorer(model.family, model.params, plan, place=place)
         sizes = {"obs": data.n_obs, "ablated": model.n_latent, "latent": model.n_latent}
         sink = {k: np.empty(schema.shape(schema.BY_NAME[k], sizes)) for k in scorer.fields}
-        totals = run.execute(model.params, data, plan, [scorer], sink, config=model.config)
+        totals = pipeline.execute(
+            model.family, model.params, data, plan, [scorer], sink, place=place
+        )
     return sink, totals
 
 
@@ -66,7 +68,7 @@ def test_refit_reads_and_encodes_the_input_once(monkeypatch):
     model = random_model(seed=3, dtype="float64")
     adata = random_adata(model, n_obs=40, seed=4)
     reads, encodes = [], []
-    csr, encode = anndata_io.CellData.csr, run.encode_counts
+    csr, encode = anndata_io.CellData.csr, pipeline.encode_counts
 
     def counting_csr(self, start, stop):
         reads.append(stop - start)
@@ -77,7 +79,7 @@ def test_refit_reads_and_encodes_the_input_once(monkeypatch):
         return encode(*args, **kwargs)
 
     monkeypatch.setattr(anndata_io.CellData, "csr", counting_csr)
-    monkeypatch.setattr(run, "encode_counts", counting_encode)
+    monkeypatch.setattr(pipeline, "encode_counts", counting_encode)
     plain = ldj.ablate(model, adata, batch_size=16)
     n_reads, n_encodes = len(reads), len(encodes)
     assert sum(reads) == adata.n_obs and n_encodes == 3  # one read block, three minibatches

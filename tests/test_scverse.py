@@ -163,12 +163,14 @@ def test_nullable_obs_columns_round_trip(model, tmp_path: Path, capsys) -> None:
 
 
 def test_unwritable_obs_fails_before_the_sweep(model, monkeypatch) -> None:
-    from linear_decoder_jax import run
+    from linear_decoder_jax import assemble
 
     adata = counts()
     adata.obs["bad"] = [object()] * adata.n_obs
-    monkeypatch.setattr(run, "execute", lambda *a, **k: pytest.fail("the sweep started"))
-    monkeypatch.setattr(run, "decoder_inputs", lambda *a, **k: pytest.fail("the stats started"))
+    monkeypatch.setattr(assemble, "execute", lambda *a, **k: pytest.fail("the sweep started"))
+    monkeypatch.setattr(
+        assemble, "decoder_inputs", lambda *a, **k: pytest.fail("the stats started")
+    )
     for baseline in ("zero", "mean"):  # "mean": before the baseline's pass over the cells too
         with pytest.raises(IncompatibleDataError, match="obs column 'bad' .* cannot be written"):
             ldj.ablate(model, adata, baseline=baseline)

@@ -1,0 +1,1 @@
+"""The model families (``family.Family``), one module each."""
