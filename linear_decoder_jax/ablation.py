@@ -327,40 +327,21 @@ def sweep_minibatch(
     """
     if n_groups is not None and n_samples:
         raise ConfigError("Gene scores are computed at the posterior mean: use n_samples=0.")
+    shared = dict(
+        log_library=batch.log_library,
+        batch=batch.batch,
+        label=batch.label,
+        valid=batch.valid,
+        baseline=baseline,
+        latents=latents,
+        group=batch.group,
+        mode=mode,
+        vectorize=vectorize,
+    )
     if units is None and isinstance(family, AffineFamily):
-        score = functools.partial(
-            _score,
-            family,
-            params,
-            batch.nz_index,
-            batch.nz_count,
-            log_library=batch.log_library,
-            batch=batch.batch,
-            label=batch.label,
-            valid=batch.valid,
-            baseline=baseline,
-            latents=latents,
-            group=batch.group,
-            mode=mode,
-            vectorize=vectorize,
-        )
+        score = functools.partial(_score, family, params, batch.nz_index, batch.nz_count, **shared)
     else:
-        score = functools.partial(
-            _score_generic,
-            family,
-            params,
-            batch.x,
-            log_library=batch.log_library,
-            batch=batch.batch,
-            label=batch.label,
-            valid=batch.valid,
-            baseline=baseline,
-            latents=latents,
-            group=batch.group,
-            units=units,
-            mode=mode,
-            vectorize=vectorize,
-        )
+        score = functools.partial(_score_generic, family, params, batch.x, units=units, **shared)
     delta, l1, nll, lfc, genes = score(z=batch.z, n_groups=n_groups)
     se = jnp.zeros_like(delta)
     if n_samples:

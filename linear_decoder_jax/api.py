@@ -709,8 +709,6 @@ def ablate(
         if isinstance(adata, str | os.PathLike):
             adata = stack.enter_context(anndata_io.BackedAnnData(adata))
         data_opts = opts[options.DataOptions]
-        if groupby is not None:  # a missing or continuous column is refused before any work
-            anndata_io.group_codes(adata.obs, groupby, max_groups=data_opts.groupby_max)
         full = model_.prepare(
             adata,
             allow_non_integer=data_opts.allow_non_integer,

@@ -140,6 +140,12 @@ def ablate(
     data_opts: options.DataOptions = opts[options.DataOptions]
     run_opts: options.ExecutionOptions = opts[options.ExecutionOptions]
     family = model.family
+    if sweep.unit == "split" and not family.additive:
+        msg = (
+            f"unit='split' removes a split from an additive decoder's aggregation; a "
+            f"{family.name} model's decoder is not additive: ablate latents (unit='latent')."
+        )
+        raise ConfigError(msg)
     units = family.unit_latents() if sweep.unit == "split" else None
     n_units = len(units) if units is not None else family.n_latent
     unit_names = family.split_names() if units is not None else family.latent_names()

@@ -70,6 +70,11 @@ class Family(Protocol):
     @property
     def n_vars(self) -> int: ...
 
+    @property
+    def additive(self) -> bool:
+        """Whether the decoder is additive over splits (``decode`` takes a ``split_mask``)."""
+        ...
+
     def latent_names(self) -> list[str]:
         """One name per latent, in column order (``Z_0 ...`` for LinearSCVI)."""
         ...

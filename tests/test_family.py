@@ -36,6 +36,7 @@ class GenericLinear:
     n_latent = property(lambda self: self.config.n_latent)
     n_vars = property(lambda self: self.config.n_input)
     simplex = property(lambda self: self.config.latent_distribution == "ln")
+    additive = False
 
     def latent_names(self):
         return latent_names(self.config.n_latent)
@@ -153,6 +154,13 @@ def test_a_result_without_loadings_uses_the_mean_effect(tmp_path):
     sets = {"up": [f"g{i}" for i in np.argsort(-lfc)[:6]], "rest": [f"g{i}" for i in range(10)]}
     ranked = ldj.enrichment(result, sets, min_size=2)
     assert set(ranked["latent"]) == {"Z_1", "Z_3"}
+
+
+def test_splits_need_an_additive_decoder():
+    fast, _ = _pair(10)
+    adata = random_adata(fast, n_obs=10, seed=1)
+    with pytest.raises(ConfigError, match="not additive"):
+        ldj.ablate(fast, adata, unit="split")
 
 
 def test_version_1_directories_load_as_linear_scvi(tmp_path):

@@ -25,7 +25,7 @@ import linear_decoder_jax as ldj
 from linear_decoder_jax.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("linear_decoder_jax", "converters")
+PACKAGES = ("linear_decoder_jax", "linear_decoder_jax.families", "converters")
 # torch, scvi-tools and what scvi-tools brings in for training; none may be imported at run time.
 FORBIDDEN = {"torch", "scvi", "lightning", "pytorch_lightning", "pyro", "torchmetrics"}
 DOCS = ROOT / "docs"
@@ -79,7 +79,12 @@ def test_every_shipped_module_is_checked():
     """The modules setuptools puts in the wheel are the ones the torch-free tests walk."""
     find = _pyproject()["tool"]["setuptools"]["packages"]["find"]
     assert find["include"] == ["linear_decoder_jax*", "converters*"]
-    shipped = {p.parent.name for p in _source_files() if p.name == "__init__.py"}
+    root = Path(ldj.__file__).parent.parent  # converters/ sits beside it
+    shipped = {
+        ".".join(p.parent.relative_to(root).parts)
+        for p in _source_files()
+        if p.name == "__init__.py"
+    }
     assert shipped == set(PACKAGES), "a sub-package appeared: check package-data and the wheel"
 
 

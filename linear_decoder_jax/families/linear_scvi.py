@@ -40,6 +40,10 @@ class LinearSCVIFamily:
         return self.config.latent_distribution == "ln"
 
     @property
+    def additive(self) -> bool:
+        return False
+
+    @property
     def likelihood(self) -> Likelihood:
         return self.config.gene_likelihood
 
