@@ -54,6 +54,9 @@ _SCORE_SOURCE = {
 def bh(pvals: np.ndarray) -> np.ndarray:
     """Benjamini-Hochberg adjusted p-values; NaN entries stay NaN and are not counted as tests.
 
+    ``scipy.stats.false_discovery_control`` over the finite entries; the NaN handling is the only
+    addition (scipy propagates a NaN to every adjusted value).
+
     Parameters
     ----------
     pvals
@@ -67,15 +70,8 @@ def bh(pvals: np.ndarray) -> np.ndarray:
     p = np.asarray(pvals, dtype=np.float64)
     out = np.full(p.shape, np.nan)
     finite = np.isfinite(p)
-    values = p[finite]
-    m = values.size
-    if m == 0:
-        return out
-    order = np.argsort(values, kind="stable")
-    scaled = values[order] * m / np.arange(1, m + 1)
-    adjusted = np.empty(m)
-    adjusted[order] = np.minimum(np.minimum.accumulate(scaled[::-1])[::-1], 1.0)
-    out[finite] = adjusted
+    if finite.any():
+        out[finite] = sps.false_discovery_control(p[finite], method="bh")
     return out
 
 
