@@ -187,6 +187,32 @@ class LinearSCVI:
 
         return module.create(self.config, self.host_params)
 
+    @classmethod
+    def from_flax(cls, variables: dict[str, Any], *, like: LinearSCVI) -> LinearSCVI:
+        """A model holding the weights of Flax ``variables`` (e.g. fine-tuned), with the genes,
+        categories and configuration of ``like``: save it, ablate it, query it.
+
+        Parameters
+        ----------
+        variables
+            Variables of ``like.to_flax()``'s module, after training or not; checked leaf by
+            leaf against ``like.config`` (``module.to_params``).
+        like
+            The model the variables came from: its ``spec`` (configuration, gene names,
+            batch and label categories) and ``dtype`` are the new model's.
+
+        Returns
+        -------
+        LinearSCVI
+            A new model (``path`` None until it is saved); ``like`` is unchanged.
+        """
+        from linear_decoder_jax import module
+
+        if not isinstance(like, LinearSCVI):
+            msg = f"Expected like= a LinearSCVI, got {type(like).__name__} instead."
+            raise ConfigError(msg)
+        return cls(module.to_params(like.config, variables), like.spec, dtype=like.dtype)
+
     def fingerprint(self) -> str:
         """sha256 of the weights and the data registry (``checkpoint.fingerprint``)."""
         return checkpoint.fingerprint(self._host_params, self.spec)
