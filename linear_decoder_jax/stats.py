@@ -231,13 +231,12 @@ def _covariates(result: Any, data: Any) -> pd.DataFrame:
     if data is None:
         return obs
     if isinstance(data, str | os.PathLike):
-        import anndata
+        from linear_decoder_jax import sources
 
-        if not os.path.isfile(data):
+        if not os.path.exists(data):
             raise IncompatibleDataError(f"{data}: no such file.")
-        adata = anndata.read_h5ad(data, backed="r")
-        extra = adata.obs.copy()
-        adata.file.close()
+        with sources.StoreSource(data) as source:  # .h5ad or .zarr: the obs table only
+            extra = source.obs
     else:
         extra = data.obs
     position = pd.Index(extra.index).get_indexer(obs.index)
