@@ -186,7 +186,9 @@ def _candidates(source: sources.Source) -> list[CountsSource]:
     raw_names = source.raw_var_names
     if raw_names is not None:
         raw = source.counts(sources.RAW)
-        out.append(CountsSource(raw, np.asarray(raw_names), ".raw", "use_raw=True (CLI: --use-raw)"))
+        out.append(
+            CountsSource(raw, np.asarray(raw_names), ".raw", "use_raw=True (CLI: --use-raw)")
+        )
     return out
 
 
@@ -224,7 +226,9 @@ def choose_counts(
         raw_names = source.raw_var_names
         if raw_names is None:
             raise IncompatibleDataError("use_raw=True, but this AnnData has no .raw.")
-        return CountsSource(source.counts(sources.RAW), np.asarray(raw_names), ".raw", "use_raw=True")
+        return CountsSource(
+            source.counts(sources.RAW), np.asarray(raw_names), ".raw", "use_raw=True"
+        )
     layers = source.layer_names
     if layer == AUTO:
         layer = model_layer

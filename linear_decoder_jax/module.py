@@ -207,7 +207,7 @@ def to_params(config: LDVAEConfig, variables: Variables) -> LDVAEParams:
             f"(missing {missing}, unexpected {extra})."
         )
         raise ConfigError(msg)
-    fields = {name: parts[name] if name in want else None for name in LDVAEParams._fields}
+    fields: dict[str, Any] = {n: parts[n] if n in want else None for n in LDVAEParams._fields}
     params = LDVAEParams(**fields)
     for name in want:
         got: Any = jax.tree.structure(params._asdict()[name])

@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 
 from linear_decoder_jax import genesets, pl, results, stats
 from linear_decoder_jax._atomic import atomic_path, check_destination
-from linear_decoder_jax.errors import ConfigError, IncompatibleDataError, LDJError
+from linear_decoder_jax.errors import ConfigError, LDJError
 from linear_decoder_jax.genesets import GeneSets
 
 GENES_IN_TABLE = 5  # per side (positive / negative loading) in the top-latents table

@@ -266,7 +266,11 @@ class StoreSource:
     def _index(self, group: Any) -> np.ndarray:
         """The index (obs or var names) of a dataframe group, as an object array of str."""
         values = np.asarray(_read_elem(group[group.attrs["_index"]]))
-        return values.astype(object) if values.dtype.kind in "OTU" else values.astype(str).astype(object)
+        return (
+            values.astype(object)
+            if values.dtype.kind in "OTU"
+            else values.astype(str).astype(object)
+        )
 
     def _column(self, node: Any) -> np.ndarray:
         """The values of one obs column element."""
