@@ -327,7 +327,7 @@ def sweep_minibatch(
     """
     if n_groups is not None and n_samples:
         raise ConfigError("Gene scores are computed at the posterior mean: use n_samples=0.")
-    shared = dict(
+    shared: dict[str, Any] = dict(
         log_library=batch.log_library,
         batch=batch.batch,
         label=batch.label,

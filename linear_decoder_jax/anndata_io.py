@@ -1,31 +1,27 @@
-"""AnnData in: pick the counts, match genes to the model, map categories, iterate minibatches.
+"""Cells in, aligned with a model: pick the counts, match genes, map categories, iterate minibatches.
 
 Stricter than scvi-tools where silence would give wrong numbers: genes the model needs but the data
 lacks are an error naming some of them; the same genes in another order are reordered; extra genes
 are dropped with a warning; an unknown batch or label category is an error naming it; counts that
 are not integers (log-normalised X) are an error naming the layers that do hold counts.
 
-Files (``.h5ad``, ``.zarr`` folders and zip stores) are opened as :class:`BackedAnnData`: var
-names, covariate columns and embeddings are read, counts by row range only. An ``.h5ad`` file is
-read with h5py alone until the whole obs table is asked for: anndata and pandas cost ~0.8 s to
-import, which a run then spends while the sweep runs instead of before it (measured).
+Everything here reads the cells through :class:`linear_decoder_jax.sources.Source` (an AnnData in
+memory, or an ``.h5ad`` file or ``.zarr`` store streamed from disk): var names, a count matrix by
+name, one obs column. How a file is read is the source's business (:mod:`~linear_decoder_jax.sources`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
-import threading
 import warnings
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from linear_decoder_jax import sources
 from linear_decoder_jax._text import preview as _preview
 from linear_decoder_jax.config import ModelSpec
 from linear_decoder_jax.errors import ConfigError, IncompatibleDataError
@@ -177,18 +173,21 @@ def _layer_flag(layer: str) -> str:
     return f"layer={layer!r} (CLI: --layer {layer})"
 
 
-def _sources(adata: Any) -> list[CountsSource]:
-    """Every count matrix candidate of ``adata``: X, each layer, then ``.raw``."""
-    names = np.asarray(adata.var_names)
+def _candidates(source: sources.Source) -> list[CountsSource]:
+    """Every count matrix candidate of ``source``: X, each layer, then ``.raw``."""
+    names = np.asarray(source.var_names)
     out = []
-    if adata.X is not None:
-        out.append(CountsSource(adata.X, names, "X", "layer='X' (CLI: --layer X)"))
-    for key in adata.layers.keys():
-        out.append(CountsSource(adata.layers[key], names, f"layer {key!r}", _layer_flag(key)))
-    raw = getattr(adata, "raw", None)
-    if raw is not None and raw.X is not None:
+    x = source.counts(sources.X)
+    if x is not None:
+        out.append(CountsSource(x, names, "X", "layer='X' (CLI: --layer X)"))
+    for key in source.layer_names:
+        matrix = source.counts(sources.layer(key))
+        out.append(CountsSource(matrix, names, f"layer {key!r}", _layer_flag(key)))
+    raw_names = source.raw_var_names
+    if raw_names is not None:
+        raw = source.counts(sources.RAW)
         out.append(
-            CountsSource(raw.X, np.asarray(raw.var_names), ".raw", "use_raw=True (CLI: --use-raw)")
+            CountsSource(raw, np.asarray(raw_names), ".raw", "use_raw=True (CLI: --use-raw)")
         )
     return out
 
@@ -214,21 +213,26 @@ def _holds_counts(matrix: Any, n_obs: int) -> bool:
 
 
 def choose_counts(
-    adata: Any, model_layer: str | None, *, layer: str | None = AUTO, use_raw: bool = False
+    source: Any, model_layer: str | None, *, layer: str | None = AUTO, use_raw: bool = False
 ) -> CountsSource:
     """The count matrix to score: ``.raw`` with ``use_raw``, else ``layer`` (None or "X" for X;
-    ``"auto"``: the model's layer when ``adata`` has it, else X with a warning)."""
+    ``"auto"``: the model's layer when the data has it, else X with a warning). ``source``: a
+    :class:`~linear_decoder_jax.sources.Source` or an AnnData."""
+    source = sources.as_source(source)
     if use_raw:
         if layer not in (AUTO, None, "X"):
             msg = f"Pass either use_raw=True or layer={layer!r}, not both."
             raise ConfigError(msg)
-        raw = getattr(adata, "raw", None)
-        if raw is None or raw.X is None:
+        raw_names = source.raw_var_names
+        if raw_names is None:
             raise IncompatibleDataError("use_raw=True, but this AnnData has no .raw.")
-        return CountsSource(raw.X, np.asarray(raw.var_names), ".raw", "use_raw=True")
+        return CountsSource(
+            source.counts(sources.RAW), np.asarray(raw_names), ".raw", "use_raw=True"
+        )
+    layers = source.layer_names
     if layer == AUTO:
         layer = model_layer
-        if model_layer is not None and model_layer not in adata.layers:
+        if model_layer is not None and model_layer not in layers:
             warnings.warn(
                 f"The model was set up with counts in layer {model_layer!r}, which this AnnData "
                 "lacks; reading counts from X.",
@@ -236,25 +240,31 @@ def choose_counts(
             )
             layer = None
     if layer is None or layer == "X":
-        if adata.X is None:
+        x = source.counts(sources.X)
+        if x is None:
             raise IncompatibleDataError(
                 "The AnnData has no X matrix; pass layer= (CLI: --layer) to read counts from a "
                 "layer."
             )
-        return CountsSource(adata.X, np.asarray(adata.var_names), "X", "layer='X'")
-    if layer not in adata.layers:
+        return CountsSource(x, np.asarray(source.var_names), "X", "layer='X'")
+    if layer not in layers:
         msg = (
-            f"The AnnData lacks layer {layer!r} (layers: {_preview(adata.layers.keys()) or 'none'});"
+            f"The AnnData lacks layer {layer!r} (layers: {_preview(layers) or 'none'});"
             " choose the counts with layer= (CLI: --layer) or use_raw=True (CLI: --use-raw)."
         )
         raise IncompatibleDataError(msg)
     return CountsSource(
-        adata.layers[layer], np.asarray(adata.var_names), f"layer {layer!r}", _layer_flag(layer)
+        source.counts(sources.layer(layer)),
+        np.asarray(source.var_names),
+        f"layer {layer!r}",
+        _layer_flag(layer),
     )
 
 
-def check_source(adata: Any, source: CountsSource) -> None:
-    """Refuse a count matrix whose sampled rows are not counts; name the ones that are."""
+def check_source(data: Any, source: CountsSource) -> None:
+    """Refuse a count matrix whose sampled rows are not counts; name the ones that are.
+    ``data``: the :class:`~linear_decoder_jax.sources.Source` (or AnnData) it was chosen from."""
+    adata = sources.as_source(data)
     try:
         blocks = _blocks(source.matrix, adata.n_obs)
     except (OSError, KeyError, ValueError, TypeError, IndexError, RuntimeError) as err:
@@ -270,7 +280,7 @@ def check_source(adata: Any, source: CountsSource) -> None:
     except IncompatibleDataError as err:
         others = [
             s
-            for s in _sources(adata)
+            for s in _candidates(adata)
             if s.where != source.where and _holds_counts(s.matrix, adata.n_obs)
         ]
         if not others:
@@ -333,15 +343,17 @@ def map_categories(values: Any, categories: tuple[str, ...], *, what: str, key: 
 
 
 def _covariate(
-    adata: Any, key: str | None, categories: tuple[str, ...], *, what: str, needed: bool
+    source: sources.Source,
+    key: str | None,
+    categories: tuple[str, ...],
+    *,
+    what: str,
+    needed: bool,
 ) -> np.ndarray:
-    n = adata.n_obs
+    n = source.n_obs
     if key is None or not needed:
         return np.zeros(n, dtype=np.int32)
-    if isinstance(adata, BackedAnnData):
-        values = adata.obs_column(key)
-    else:
-        values = adata.obs[key].to_numpy() if key in adata.obs else None
+    values = source.obs_column(key)
     if values is None:
         msg = (
             f"The model needs the {what} column {key!r} in adata.obs, which is missing. Add it "
@@ -361,9 +373,11 @@ def prepare(
 ) -> CellData:
     """Align ``adata`` with the model of ``spec`` (nothing is copied until minibatches are read).
 
-    ``layer`` and ``use_raw`` choose the counts (:func:`choose_counts`); a sample of their rows
-    must hold integer counts unless ``allow_non_integer``.
+    ``adata``: an AnnData or a :class:`~linear_decoder_jax.sources.Source`. ``layer`` and
+    ``use_raw`` choose the counts (:func:`choose_counts`); a sample of their rows must hold
+    integer counts unless ``allow_non_integer``.
     """
+    adata = sources.as_source(adata)
     if adata.n_obs == 0:
         raise IncompatibleDataError("The AnnData has no cells: there is nothing to score.")
     source = choose_counts(adata, spec.data.layer, layer=layer, use_raw=use_raw)
@@ -560,220 +574,3 @@ def _n_vars(data: CellData) -> int:
     if data.gene_index is not None:
         return len(data.gene_index)
     return int(data.counts.shape[1])
-
-
-class BackedRaw(NamedTuple):
-    """``.raw`` of a :class:`BackedAnnData`: its counts element and gene names."""
-
-    X: Any  # noqa: N815 - AnnData's name
-    var_names: np.ndarray
-
-
-class H5CSR:
-    """A CSR matrix in an h5ad group, read by row range with h5py alone (what anndata's
-    ``sparse_dataset`` does for a row slice, without importing anndata)."""
-
-    def __init__(self, group: Any):
-        self.group = group
-        self.shape = tuple(int(n) for n in group.attrs["shape"])
-        self.dtype = group["data"].dtype
-
-    def __getitem__(self, rows: slice) -> Any:
-        import scipy.sparse as sp
-
-        first, last, step = rows.indices(self.shape[0])
-        if step != 1:
-            raise IndexError("H5CSR reads contiguous row ranges only.")
-        last = max(first, last)
-        indptr = np.asarray(self.group["indptr"][first : last + 1], dtype=np.int64)
-        lo, hi = (int(indptr[0]), int(indptr[-1])) if len(indptr) else (0, 0)
-        data = self.group["data"][lo:hi]
-        indices = self.group["indices"][lo:hi]
-        return sp.csr_matrix((data, indices, indptr - lo), shape=(last - first, self.shape[1]))
-
-
-def _open_store(path: Path) -> tuple[Any, Any]:
-    """(root group, object to close) of an ``.h5ad`` file, a ``.zarr`` folder or a zip store."""
-    if path.is_dir() or zipfile.is_zipfile(path):
-        import zarr
-
-        store = zarr.storage.ZipStore(path, mode="r") if path.is_file() else path
-        root = zarr.open_group(store, mode="r")
-        return root, store if path.is_file() else None
-    import h5py
-
-    f = h5py.File(path, "r")
-    return f, f
-
-
-def _strings(node: Any) -> np.ndarray:
-    """A string (or other 1-D) dataset of an h5ad file, as str."""
-    if node.dtype.kind in "OS":  # variable or fixed-length UTF-8: object arrays, as pandas has
-        return np.asarray(node.asstr()[...], dtype=object)
-    return np.asarray(node[...]).astype(str).astype(object)
-
-
-def _index(group: Any) -> np.ndarray:
-    """The index (obs or var names) of an h5ad dataframe group, read with h5py."""
-    return _strings(group[group.attrs["_index"]])
-
-
-class BackedAnnData:
-    """An ``.h5ad`` file or a ``.zarr`` store (folder or zip) opened for streaming: var names,
-    covariate columns and 2-D embeddings are read; counts (X, a layer or ``.raw``; CSR, CSC or
-    dense) are read by row range only when a minibatch needs them; the whole obs table
-    (``obs``) only when asked for, with anndata (see the module docstring).
-
-    CSR and dense matrices read a row range cheaply; CSC must be read column-wise, so
-    streaming a CSC matrix is slow (convert it to CSR once for large data).
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        if not self.path.exists():
-            raise IncompatibleDataError(f"{path}: no such file or folder.")
-        self._root: Any = None
-        self._handle: Any = None
-        self._obs: Any = None
-        self._obs_lock = threading.Lock()
-        try:
-            self._root, self._handle = _open_store(self.path)
-            self._h5 = hasattr(self._root, "id")  # an h5py file (zarr groups have no .id)
-            if self._h5:
-                self.var_names = _index(self._root["var"])
-                self.n_obs = int(self._root["obs"][self._root["obs"].attrs["_index"]].shape[0])
-            else:  # zarr: anndata reads the element encodings
-                self.var_names = np.asarray(self._read_elem(self._root["var"]).index).astype(str)
-                self._obs = self._read_elem(self._root["obs"])
-                self.n_obs = len(self._obs)
-            self.obsm: dict[str, np.ndarray] = {}
-            if "obsm" in self._root:
-                group = self._root["obsm"]
-                for key in group:  # zarr groups have no .items()
-                    node = group[key]
-                    if hasattr(node, "shape") and len(node.shape) == 2 and node.shape[1] == 2:
-                        self.obsm[key] = np.asarray(node[...])
-        except Exception as err:  # h5py/zarr/anndata raise many types for a foreign file
-            self.close()
-            msg = f"{path} is not a readable h5ad file or zarr store ({type(err).__name__}: {err})."
-            raise IncompatibleDataError(msg) from err
-        self.n_vars = len(self.var_names)
-
-    @staticmethod
-    def _read_elem(node: Any) -> Any:
-        from anndata.io import read_elem
-
-        return read_elem(node)
-
-    @property
-    def obs(self) -> Any:
-        """The obs table (a pandas DataFrame), read with anndata on first use (thread-safe)."""
-        with self._obs_lock:
-            if self._obs is None:
-                obs = self._read("obs", lambda: self._read_elem(self._root["obs"]))
-                if len(obs) != self.n_obs:
-                    msg = f"{self.path}: obs has {len(obs)} rows, not {self.n_obs}: it is damaged."
-                    raise IncompatibleDataError(msg)
-                self._obs = obs
-            return self._obs
-
-    @property
-    def obs_loaded(self) -> bool:
-        """Whether ``obs`` is in memory already (reading it imports anndata)."""
-        return self._obs is not None
-
-    @property
-    def obs_names(self) -> np.ndarray:
-        if self._obs is not None or not self._h5:
-            return np.asarray(self.obs.index)
-        return self._read("the obs names", lambda: _index(self._root["obs"]))
-
-    def obs_column(self, key: str) -> np.ndarray | None:
-        """The values of obs column ``key`` (None when there is no such column): read with h5py
-        for the plain encodings (categorical, string and numeric arrays), else from ``obs``."""
-        if self._obs is not None or not self._h5:
-            return self.obs[key].to_numpy() if key in self.obs else None
-        group = self._root["obs"]
-        if key == group.attrs["_index"] or key not in group:
-            return None
-
-        def get() -> np.ndarray | None:
-            node = group[key]
-            kind = node.attrs.get("encoding-type", "")
-            if kind == "categorical" and node["categories"].dtype.kind in "OSU":
-                categories = _strings(node["categories"])
-                codes = node["codes"][...]
-                values = np.where(codes >= 0, categories[np.maximum(codes, 0)], "nan")
-                return values  # pandas turns a missing category into NaN: "nan" as a string
-            if kind == "string-array":
-                return _strings(node)
-            if kind == "array" and node.dtype.kind in "biuf":
-                return node[...]
-            return self.obs[key].to_numpy()  # nullable and other encodings: anndata's reader
-
-        return self._read(f"obs column {key!r}", get)
-
-    def _element(self, node: Any) -> Any:
-        kind = node.attrs.get("encoding-type", "")
-        if kind == "csr_matrix" and self._h5:
-            return H5CSR(node)
-        if kind in ("csr_matrix", "csc_matrix"):
-            from anndata.io import sparse_dataset
-
-            return sparse_dataset(node)
-        if hasattr(node, "shape"):
-            return node
-        raise IncompatibleDataError(f"Unsupported count matrix encoding {kind!r} in {node.name}.")
-
-    def _read(self, what: str, get: Any) -> Any:
-        """``get()``, with the store's errors for a damaged file turned into one clear error."""
-        try:
-            return get()
-        except IncompatibleDataError:
-            raise
-        except Exception as err:  # h5py/zarr/anndata raise many types for a damaged file
-            msg = (
-                f"Cannot read {what} of {self.path} ({type(err).__name__}: {err}). "
-                "The file may be damaged: write it again with anndata."
-            )
-            raise IncompatibleDataError(msg) from err
-
-    @property
-    def X(self) -> Any:  # noqa: N802 - AnnData's name
-        root = self._root
-        return self._read("X", lambda: self._element(root["X"]) if "X" in root else None)
-
-    @property
-    def layers(self) -> dict[str, Any]:
-        def get() -> dict[str, Any]:
-            if "layers" not in self._root:
-                return {}
-            group = self._root["layers"]
-            return {key: self._element(group[key]) for key in group}
-
-        return self._read("the layers", get)
-
-    @property
-    def raw(self) -> BackedRaw | None:
-        def get() -> BackedRaw | None:
-            if "raw" not in self._root or "X" not in self._root["raw"]:
-                return None
-            group = self._root["raw"]
-            if self._h5:
-                names = _index(group["var"])
-            else:
-                names = np.asarray(self._read_elem(group["var"]).index).astype(str)
-            return BackedRaw(self._element(group["X"]), names)
-
-        return self._read(".raw", get)
-
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
-
-    def __enter__(self) -> BackedAnnData:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

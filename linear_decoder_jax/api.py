@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from linear_decoder_jax import ablation, anndata_io, checkpoint, model, options, pipeline
+from linear_decoder_jax import ablation, anndata_io, checkpoint, model, options, pipeline, sources
 from linear_decoder_jax._atomic import check_destination
 from linear_decoder_jax._text import preview
 from linear_decoder_jax.config import LDVAEConfig, ModelSpec
@@ -203,6 +203,32 @@ class LinearSCVI:
         from linear_decoder_jax import module
 
         return module.create(self.config, self.host_params)
+
+    @classmethod
+    def from_flax(cls, variables: dict[str, Any], *, like: LinearSCVI) -> LinearSCVI:
+        """A model holding the weights of Flax ``variables`` (e.g. fine-tuned), with the genes,
+        categories and configuration of ``like``: save it, ablate it, query it.
+
+        Parameters
+        ----------
+        variables
+            Variables of ``like.to_flax()``'s module, after training or not; checked leaf by
+            leaf against ``like.config`` (``module.to_params``).
+        like
+            The model the variables came from: its ``spec`` (configuration, gene names,
+            batch and label categories) and ``dtype`` are the new model's.
+
+        Returns
+        -------
+        LinearSCVI
+            A new model (``path`` None until it is saved); ``like`` is unchanged.
+        """
+        from linear_decoder_jax import module
+
+        if not isinstance(like, LinearSCVI):
+            msg = f"Expected like= a LinearSCVI, got {type(like).__name__} instead."
+            raise ConfigError(msg)
+        return cls(module.to_params(like.config, variables), like.spec, dtype=like.dtype)
 
     def fingerprint(self) -> str:
         """sha256 of the weights and the data registry (``checkpoint.fingerprint``)."""
@@ -707,7 +733,7 @@ def ablate(
     device_list = pipeline.resolve_devices(devices)
     with contextlib.ExitStack() as stack:
         if isinstance(adata, str | os.PathLike):
-            adata = stack.enter_context(anndata_io.BackedAnnData(adata))
+            adata = stack.enter_context(sources.StoreSource(adata))
         data_opts = opts[options.DataOptions]
         full = model_.prepare(
             adata,

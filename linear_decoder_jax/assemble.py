@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from linear_decoder_jax import ablation, anndata_io, attribution, options, results, schema
+from linear_decoder_jax import ablation, anndata_io, attribution, options, results, schema, sources
 from linear_decoder_jax._atomic import atomic_path
 from linear_decoder_jax.errors import ConfigError
 from linear_decoder_jax.family import Family
@@ -89,7 +89,7 @@ class ObsRows:
             except BaseException as err:  # raised by check() or result()
                 self._error = err
 
-        if isinstance(adata, anndata_io.BackedAnnData) and not adata.obs_loaded:
+        if not sources.as_source(adata).obs_loaded:
             self._thread = threading.Thread(target=load, daemon=True)
         else:
             load()
@@ -319,6 +319,7 @@ def ablate(
                 "source_model": model.source.get("model", ""),
                 "source_scvi_version": model.source.get("scvi_version", ""),
                 "model_fingerprint": model.fingerprint,
+                "has_loadings": model.loadings is not None,
                 "gene_scores": bool(sweep.gene_scores),
             }
             for s in scorers:

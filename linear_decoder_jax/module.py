@@ -6,7 +6,8 @@ loaded :class:`~linear_decoder_jax.LinearSCVI`) into an :class:`LDVAE` module an
 module computes exactly what they compute; it adds what a Flax user expects on top: a
 ``variables`` dict with one entry per part of scvi-tools' LDVAE (``z_encoder``, ``l_encoder``,
 ``decoder``, ``px_r`` and the library prior), ``apply``, and optax training through
-:func:`param_labels`.
+:func:`param_labels`. :func:`to_params` is the way back: trained ``variables`` into an
+``LDVAEParams`` tree (``LinearSCVI.from_flax`` makes a model of it, to save and ablate).
 
 Why linen rather than nnx: a linen module is stateless. Its weights are an explicit pytree passed
 to ``apply``, the same ``LDVAEParams`` leaves that ``jax.grad``, ``jit``, ``vmap``, optax and orbax
@@ -35,6 +36,7 @@ from typing import Any, Literal
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from linear_decoder_jax import model
 from linear_decoder_jax.config import LDVAEConfig
@@ -160,6 +162,78 @@ def create(config: LDVAEConfig, params: LDVAEParams) -> tuple[LDVAE, Variables]:
         "params": {name: part for name, part in arrays._asdict().items() if part is not None}
     }
     return LDVAE(config), variables
+
+
+def to_params(config: LDVAEConfig, variables: Variables) -> LDVAEParams:
+    """The parameter tree held by ``variables`` (as numpy arrays): the inverse of :func:`create`.
+
+    Parameters
+    ----------
+    config
+        The configuration the variables were made for (``LinearSCVI.config``).
+    variables
+        The module's variables, e.g. after optax steps: ``{"params": {"z_encoder": ..., ...}}``
+        with one part per non-empty field of ``abstract_params(config)``.
+
+    Returns
+    -------
+    LDVAEParams
+        Numpy leaves, checked leaf by leaf against ``abstract_params(config)``: the same parts,
+        the same tree in each part, the same shapes, floating and finite values.
+
+    Examples
+    --------
+    >>> import linear_decoder_jax as ldj
+    >>> from linear_decoder_jax.demo import demo_files
+    >>> model = ldj.load(demo_files() / "model.pt")
+    >>> ldvae, variables = model.to_flax()
+    >>> params = ldj.module.to_params(model.config, variables)
+    >>> params.decoder.factor.dense.kernel.shape  # (n_latent + n_batch, n_vars)
+    (8, 230)
+    """
+    template = abstract_params(config)
+    parts = variables.get("params") if hasattr(variables, "get") else None
+    if parts is None or not hasattr(parts, "keys"):
+        msg = (
+            "Expected Flax variables {'params': {...}} (module.create), got "
+            f"{type(variables).__name__} without a 'params' dict instead."
+        )
+        raise ConfigError(msg)
+    want = [name for name, spec in template._asdict().items() if spec is not None]
+    missing, extra = sorted(set(want) - set(parts)), sorted(set(parts) - set(want))
+    if missing or extra:
+        msg = (
+            f"Expected the parts {want} in variables['params'], got {sorted(parts)} instead "
+            f"(missing {missing}, unexpected {extra})."
+        )
+        raise ConfigError(msg)
+    fields: dict[str, Any] = {n: parts[n] if n in want else None for n in LDVAEParams._fields}
+    params = LDVAEParams(**fields)
+    for name in want:
+        got: Any = jax.tree.structure(params._asdict()[name])
+        expected: Any = jax.tree.structure(template._asdict()[name])
+        if got != expected:
+            msg = f"Part {name!r}: expected the tree {expected}, got {got} instead."
+            raise ConfigError(msg)
+
+    def check(path: tuple, spec: jax.ShapeDtypeStruct, value: Any) -> np.ndarray:
+        where = jax.tree_util.keystr(path)
+        array = np.asarray(value)
+        if array.shape != spec.shape:
+            msg = f"Parameter {where}: expected shape {spec.shape}, got {array.shape} instead."
+            raise ConfigError(msg)
+        if not np.issubdtype(array.dtype, np.floating):
+            msg = f"Parameter {where}: expected a floating dtype, got {array.dtype} instead."
+            raise ConfigError(msg)
+        if not np.isfinite(array).all():
+            msg = (
+                f"Parameter {where} holds NaN or infinite values: the training diverged (lower "
+                "the learning rate)."
+            )
+            raise ConfigError(msg)
+        return array
+
+    return jax.tree_util.tree_map_with_path(check, template, params)
 
 
 def param_labels(variables: Variables, *, trainable: Sequence[str] = ("decoder",)) -> Variables:

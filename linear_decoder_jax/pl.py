@@ -95,7 +95,8 @@ def view(result: Any, *, data: Any = None) -> ResultView:
     Parameters
     ----------
     result
-        An ``AblationResult``, an AnnData read from a result h5ad, or a ``ResultView``.
+        An ``AblationResult``, the path of a result h5ad, an AnnData read from one, or a
+        ``ResultView`` (``results.read_result`` reads the others).
     data
         The AnnData that was ablated. Its obs columns and 2-D embeddings (``obsm`` entries with two
         columns) that the result lacks are added, matched by obs_names.
@@ -108,76 +109,30 @@ def view(result: Any, *, data: Any = None) -> ResultView:
     """
     if isinstance(result, ResultView):
         out = result
-    elif isinstance(result, results.AblationResult):
-        out = ResultView(
-            delta_nll=np.asarray(result.delta_nll),
-            latent=np.asarray(result.latent),
-            obs=result.obs,
-            embeddings=dict(result.embeddings),
-            mean_lfc=np.asarray(result.mean_lfc),
-            loadings=results.gene_effects(
-                result.loadings,
-                np.asarray(result.mean_lfc),
-                np.asarray(result.settings["latents"]),
-                len(result.settings.get("all_latent_names", result.latent_names)),
-            ),
-            var_names=list(result.var_names),
-            latents=np.asarray(result.settings["latents"], dtype=np.int64),
-            latent_names=result.latent_names,
-            settings=dict(result.settings),
-            gene_delta_nll=_maybe(result.gene_delta_nll),
-            gene_lfc=_maybe(result.gene_lfc),
-            gain=_maybe(result.gain_nll),
-            shapley=_maybe(result.shapley_nll),
-        )
     else:
-        out = _from_anndata(result)
-    return out if data is None else _attach(out, data)
-
-
-def _from_anndata(adata: Any) -> ResultView:
-    uns = getattr(adata, "uns", None)
-    if uns is None or "ablation" not in uns:
-        msg = (
-            f"Expected an AblationResult or an AnnData read from an ldj ablation result, got "
-            f"{type(adata).__name__} without uns['ablation'] instead; run `ldj ablate` first."
+        res = results.read_result(result)
+        out = ResultView(
+            delta_nll=np.asarray(res.delta_nll),
+            latent=np.asarray(res.latent),
+            obs=res.obs,
+            embeddings=dict(res.embeddings),
+            mean_lfc=np.asarray(res.mean_lfc),
+            loadings=results.gene_effects(
+                res.loadings,
+                np.asarray(res.mean_lfc),
+                np.asarray(res.settings["latents"]),
+                len(res.settings.get("all_latent_names", res.latent_names)),
+            ),
+            var_names=[str(v) for v in res.var_names],
+            latents=np.asarray(res.settings["latents"], dtype=np.int64),
+            latent_names=[str(n) for n in res.latent_names],
+            settings=dict(res.settings),
+            gene_delta_nll=_maybe(res.gene_delta_nll),
+            gene_lfc=_maybe(res.gene_lfc),
+            gain=_maybe(res.gain_nll),
+            shapley=_maybe(res.shapley_nll),
         )
-        raise IncompatibleDataError(msg)
-    settings = dict(uns["ablation"])
-    for where, key in (
-        ("obsm", "delta_nll"),
-        ("obsm", "latent"),
-        ("varm", "mean_lfc"),
-    ):
-        if key not in getattr(adata, where):
-            raise IncompatibleDataError(f"The ablation result has no {where}[{key!r}].")
-    names = [str(n) for n in settings["latent_names"]]
-    embeddings = {
-        k: np.asarray(v)
-        for k, v in adata.obsm.items()
-        if k not in schema.obsm_keys() and _is_embedding(v, adata.n_obs)
-    }
-    return ResultView(
-        delta_nll=np.asarray(adata.obsm["delta_nll"]),
-        latent=np.asarray(adata.obsm["latent"]),
-        obs=adata.obs,
-        embeddings=embeddings,
-        mean_lfc=np.asarray(adata.varm["mean_lfc"]),
-        loadings=results.gene_effects(
-            np.asarray(adata.varm["loadings"]) if "loadings" in adata.varm else None,
-            np.asarray(adata.varm["mean_lfc"]),
-            np.asarray(settings["latents"]),
-            len(settings.get("all_latent_names", names)),
-        ),
-        var_names=[str(v) for v in adata.var_names],
-        latents=np.asarray(settings["latents"], dtype=np.int64),
-        latent_names=names,
-        settings=settings,
-        gene_delta_nll=_maybe(uns.get("gene_delta_nll")),
-        gene_lfc=_maybe(uns.get("gene_lfc")),
-        gain=_maybe(adata.obs["gain_nll"]) if "gain_nll" in adata.obs else None,
-        shapley=_maybe(adata.obsm.get("shapley_nll")),
-    )
+    return out if data is None else _attach(out, data)
 
 
 def _maybe(value: Any) -> np.ndarray | None:

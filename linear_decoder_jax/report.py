@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 
 from linear_decoder_jax import genesets, pl, results, stats
 from linear_decoder_jax._atomic import atomic_path, check_destination
-from linear_decoder_jax.errors import ConfigError, IncompatibleDataError, LDJError
+from linear_decoder_jax.errors import ConfigError, LDJError
 from linear_decoder_jax.genesets import GeneSets
 
 GENES_IN_TABLE = 5  # per side (positive / negative loading) in the top-latents table
@@ -51,28 +51,13 @@ tr.sig td { background: #fff3c4; font-weight: 600; }
 """
 
 
-def _read(path: str | os.PathLike, *, backed: bool) -> Any:
-    import anndata
-
-    p = Path(path)
-    if not p.is_file():
-        raise IncompatibleDataError(f"{path}: no such file.")
-    try:
-        return anndata.read_h5ad(p, backed="r" if backed else None)
-    except Exception as err:  # h5py/anndata raise many types for a foreign file
-        msg = f"{path} is not a readable h5ad file ({type(err).__name__}: {err})."
-        raise IncompatibleDataError(msg) from err
-
-
 def _load(result: Any, data: Any) -> pl.ResultView:
     """The result as a ResultView, completed from the ablated input when ``data`` is given."""
-    if isinstance(result, str | os.PathLike):
-        result = _read(result, backed=False)
     if not isinstance(data, str | os.PathLike):
         return pl.view(result, data=data)
-    from linear_decoder_jax.anndata_io import BackedAnnData
+    from linear_decoder_jax import sources
 
-    with BackedAnnData(data) as adata:  # .h5ad or .zarr: obs and embeddings only
+    with sources.StoreSource(data) as adata:  # .h5ad or .zarr: obs and embeddings only
         return pl.view(result, data=adata)
 
 
@@ -189,6 +174,8 @@ def write_report(
     if not isinstance(top, int) or isinstance(top, bool) or top < 1:
         raise ConfigError(f"Expected top >= 1, got {top!r} instead.")
     check_destination(output, overwrite=overwrite)
+    if not isinstance(result, pl.ResultView):
+        result = results.read_result(result)  # read once: a path, a result AnnData
     v = _load(result, data)
     if groupby is None:
         groupby = str(v.settings.get("groupby") or "") or None
@@ -538,8 +525,6 @@ def _associations_section(v: pl.ResultView) -> str:
 
 def _attribution(result: Any) -> Any:
     """The result object when it carries Shapley or per-gene scores, else None."""
-    if isinstance(result, str | os.PathLike):
-        result = results.AblationResult.read(result)
     if not isinstance(result, results.AblationResult):
         return None
     if getattr(result, "shapley_nll", None) is None and not callable(

@@ -316,61 +316,9 @@ class AblationResult:
 
     @classmethod
     def read(cls, path: str | os.PathLike, *, memmap: bool = True) -> AblationResult:
-        """Read a result h5ad; the large obsm arrays are memory-mapped, not loaded, when possible."""
-        try:
-            return cls._read(path, memmap=memmap)
-        except IncompatibleDataError:
-            raise
-        except Exception as err:  # h5py/anndata raise many types for a foreign or damaged file
-            msg = (
-                f"{path} is not an ldj ablation result ({type(err).__name__}: {err}); "
-                "pass files written by `ldj ablate`."
-            )
-            raise IncompatibleDataError(msg) from err
-
-    @classmethod
-    def _read(cls, path: str | os.PathLike, *, memmap: bool) -> AblationResult:
-        import h5py
-        from anndata.io import read_elem
-
-        if not Path(path).is_file():
-            raise IncompatibleDataError(f"{path}: no such file.")
-        with h5py.File(path, "r") as f:
-            obs = read_elem(f["obs"])
-            uns = read_elem(f["uns"])
-            arrays: dict[str, np.ndarray] = {}
-            for fld in schema.FIELDS:
-                if fld.slot == "uns":
-                    if fld.name in uns:
-                        arrays[fld.name] = np.asarray(uns.pop(fld.name))
-                elif fld.slot == "obs" and fld.name in obs:
-                    arrays[fld.name] = obs.pop(fld.name).to_numpy()
-                elif fld.slot != "obs" and fld.name in f[fld.slot]:
-                    node = f[fld.slot][fld.name]
-                    arrays[fld.name] = (
-                        mapped(path, node) if memmap and fld.per_cell else np.asarray(node[...])
-                    )
-            embeddings = {
-                k: np.asarray(v[...]) for k, v in f["obsm"].items() if k not in schema.obsm_keys()
-            }
-            node = f["varm"].get(schema.LOADINGS.name)
-            loadings = None if node is None else np.asarray(node[...])
-            var_names = list(read_elem(f["var"]).index)
-        missing = [
-            x.name for x in schema.FIELDS if x.when == schema.ALWAYS and x.name not in arrays
-        ]
-        if missing:
-            raise IncompatibleDataError(f"{path} lacks the result fields {missing}.")
-        return cls(
-            arrays=arrays,
-            loadings=loadings,
-            obs=obs,
-            var_names=var_names,
-            settings=dict(uns["ablation"]),
-            embeddings=embeddings,
-            groups=uns.get("ablation_groups"),
-            explained_table=uns.get("ablation_explained"),
-        )
+        """Read a result h5ad; the large obsm arrays are memory-mapped, not loaded, when possible
+        (:func:`read_result`)."""
+        return read_result(path, memmap=memmap)
 
     def group_stats(self, groupby: str | None = None, *, score: str = "delta_nll"):
         """Per group and latent: mean with 95 % CI, median, AUROC, Mann-Whitney p and BH padj
@@ -385,6 +333,133 @@ class AblationResult:
         from linear_decoder_jax import stats
 
         return stats.associations(self, data, columns)
+
+
+def read_result(src: Any, *, memmap: bool = True) -> AblationResult:
+    """The one reader of an ablation result: a result h5ad, or an AnnData of one.
+
+    Parameters
+    ----------
+    src
+        The path of a result h5ad (written by ``ldj ablate``, ``ldj merge`` or
+        :meth:`AblationResult.write`), an AnnData holding a result (read from such a file by
+        anndata or scanpy, or :meth:`AblationResult.to_anndata`), or an ``AblationResult``,
+        returned as it is.
+    memmap
+        For a path: memory-map the per-cell ``obsm`` arrays (contiguous, uncompressed datasets)
+        instead of loading them.
+
+    Returns
+    -------
+    AblationResult
+        The fields of ``schema.FIELDS`` that the result holds, its loadings, obs, embeddings,
+        settings and group tables.
+    """
+    if isinstance(src, AblationResult):
+        return src
+    if not isinstance(src, str | os.PathLike):
+        return _from_slots(_AnnDataSlots(src), f"{type(src).__name__}")
+    path = Path(src)
+    if not path.is_file():
+        raise IncompatibleDataError(f"{src}: no such file.")
+    import h5py
+
+    try:
+        f = h5py.File(path, "r")
+    except Exception as err:  # h5py raises OSError and others for a file of another kind
+        msg = f"{src} is not a readable h5ad file ({type(err).__name__}: {err})."
+        raise IncompatibleDataError(msg) from err
+    with f:
+        try:
+            return _from_slots(_H5Slots(f, path, memmap=memmap), os.fspath(src))
+        except IncompatibleDataError:
+            raise
+        except Exception as err:  # h5py/anndata raise many types for a foreign or damaged file
+            msg = (
+                f"{src} is not an ldj ablation result ({type(err).__name__}: {err}); "
+                "pass files written by `ldj ablate`."
+            )
+            raise IncompatibleDataError(msg) from err
+
+
+class _H5Slots:
+    """The slots of a result h5ad, read with h5py and anndata's element reader."""
+
+    def __init__(self, f: Any, path: Path, *, memmap: bool):
+        from anndata.io import read_elem
+
+        self.f, self.path, self.memmap = f, path, memmap
+        self.obs = read_elem(f["obs"]) if "obs" in f else None
+        self.uns = read_elem(f["uns"]) if "uns" in f else {}
+        self.var_names = list(read_elem(f["var"]).index) if "var" in f else []
+
+    def keys(self, slot: str) -> list[str]:
+        return list(self.f[slot]) if slot in self.f else []
+
+    def get(self, slot: str, name: str, *, per_cell: bool) -> np.ndarray:
+        node = self.f[slot][name]
+        return mapped(self.path, node) if self.memmap and per_cell else np.asarray(node[...])
+
+
+class _AnnDataSlots:
+    """The slots of an AnnData holding a result (in memory or backed)."""
+
+    def __init__(self, adata: Any):
+        obs = getattr(adata, "obs", None)
+        self.adata = adata
+        self.obs = None if obs is None else obs.copy()
+        self.uns = dict(getattr(adata, "uns", None) or {})
+        self.var_names = [str(v) for v in getattr(adata, "var_names", [])]
+
+    def keys(self, slot: str) -> list[str]:
+        return list(getattr(self.adata, slot, {}).keys())
+
+    def get(self, slot: str, name: str, *, per_cell: bool) -> np.ndarray:
+        return np.asarray(getattr(self.adata, slot)[name])
+
+
+def _from_slots(slots: _H5Slots | _AnnDataSlots, what: str) -> AblationResult:
+    """An ``AblationResult`` from the slots of a result, whatever holds them."""
+    uns = dict(slots.uns)
+    if "ablation" not in uns or slots.obs is None:
+        msg = (
+            f"Expected an ldj ablation result, got {what} without uns['ablation'] instead; "
+            "run `ldj ablate` first."
+        )
+        raise IncompatibleDataError(msg)
+    obs = slots.obs
+    arrays: dict[str, np.ndarray] = {}
+    for fld in schema.FIELDS:
+        if fld.slot == "uns":
+            if fld.name in uns:
+                arrays[fld.name] = np.asarray(uns.pop(fld.name))
+        elif fld.slot == "obs":
+            if fld.name in obs:
+                arrays[fld.name] = obs.pop(fld.name).to_numpy()
+        elif fld.name in slots.keys(fld.slot):
+            arrays[fld.name] = slots.get(fld.slot, fld.name, per_cell=fld.per_cell)
+    missing = [x.name for x in schema.FIELDS if x.when == schema.ALWAYS and x.name not in arrays]
+    has_loadings = schema.LOADINGS.name in slots.keys("varm")
+    if not has_loadings and uns["ablation"].get("has_loadings", True):  # a linear family's
+        missing.append(schema.LOADINGS.name)
+    if missing:
+        raise IncompatibleDataError(f"{what} lacks the result fields {missing}.")
+    embeddings = {}  # the input's 2-D embeddings carried over (X_umap, ...)
+    for key in slots.keys("obsm"):
+        if key not in schema.obsm_keys():
+            value = slots.get("obsm", key, per_cell=False)
+            if value.shape == (len(obs), 2):
+                embeddings[key] = value
+    return AblationResult(
+        arrays=arrays,
+        loadings=slots.get("varm", schema.LOADINGS.name, per_cell=False) if has_loadings else None,
+        obs=obs,
+        var_names=slots.var_names,
+        settings=dict(uns["ablation"]),
+        embeddings=embeddings,
+        groups=uns.get("ablation_groups"),
+        explained_table=uns.get("ablation_explained"),
+    )
 
 
 def mapped(path: str | os.PathLike, dataset: Any) -> np.ndarray:

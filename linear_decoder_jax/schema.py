@@ -185,7 +185,8 @@ UNS: tuple[tuple[str, str, str], ...] = (
         "baseline_values (reuse them in another run or shard), mode, latents, latent_names (the "
         "result columns), all_latent_names (the model's), library, n_samples, seed, dtype, "
         "batch_size, n_devices, groupby, shard, rows, n_obs_total, versions, source_model, "
-        "source_scvi_version, model_fingerprint; gene_scores, and with it gene_groups; shapley, "
+        "source_scvi_version, model_fingerprint, has_loadings (varm['loadings'] is there: a "
+        "linear family); gene_scores, and with it gene_groups; shapley, "
         "n_permutations; refit, and with it refit_optimizer, refit_steps, refit_tol, "
         "refit_objective",
     ),

@@ -55,6 +55,9 @@ _SCORE_SOURCE = {
 def bh(pvals: np.ndarray) -> np.ndarray:
     """Benjamini-Hochberg adjusted p-values; NaN entries stay NaN and are not counted as tests.
 
+    ``scipy.stats.false_discovery_control`` over the finite entries; the NaN handling is the only
+    addition (scipy propagates a NaN to every adjusted value).
+
     Parameters
     ----------
     pvals
@@ -68,15 +71,8 @@ def bh(pvals: np.ndarray) -> np.ndarray:
     p = np.asarray(pvals, dtype=np.float64)
     out = np.full(p.shape, np.nan)
     finite = np.isfinite(p)
-    values = p[finite]
-    m = values.size
-    if m == 0:
-        return out
-    order = np.argsort(values, kind="stable")
-    scaled = values[order] * m / np.arange(1, m + 1)
-    adjusted = np.empty(m)
-    adjusted[order] = np.minimum(np.minimum.accumulate(scaled[::-1])[::-1], 1.0)
-    out[finite] = adjusted
+    if finite.any():
+        out[finite] = sps.false_discovery_control(p[finite], method="bh")
     return out
 
 
@@ -236,13 +232,12 @@ def _covariates(result: Any, data: Any) -> pd.DataFrame:
     if data is None:
         return obs
     if isinstance(data, str | os.PathLike):
-        import anndata
+        from linear_decoder_jax import sources
 
-        if not os.path.isfile(data):
+        if not os.path.exists(data):
             raise IncompatibleDataError(f"{data}: no such file.")
-        adata = anndata.read_h5ad(data, backed="r")
-        extra = adata.obs.copy()
-        adata.file.close()
+        with sources.StoreSource(data) as source:  # .h5ad or .zarr: the obs table only
+            extra = source.obs
     else:
         extra = data.obs
     position = pd.Index(extra.index).get_indexer(obs.index)

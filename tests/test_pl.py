@@ -259,3 +259,39 @@ def test_pl_is_imported_lazily():
         "assert 'matplotlib' in sys.modules and 'jax' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_one_reader_for_files_anndata_and_results(demo, tmp_path):
+    """``results.read_result`` reads a result h5ad, the AnnData read from it and the
+    AblationResult alike; ``pl.view`` (and so ``ldj report``) goes through it."""
+    from linear_decoder_jax import results
+
+    _, adata, result, h5ad = demo
+    path = tmp_path / "ablation.h5ad"
+    result.write(path)
+    assert results.read_result(result) is result
+    for got in (
+        results.read_result(path),
+        results.read_result(h5ad),
+        ldj.AblationResult.read(path),
+    ):
+        assert sorted(got.arrays) == sorted(result.arrays)
+        for name, value in result.arrays.items():
+            np.testing.assert_array_equal(np.asarray(got.arrays[name]), np.asarray(value), name)
+        np.testing.assert_array_equal(got.loadings, result.loadings)
+        assert got.var_names == list(result.var_names) and got.latent_names == result.latent_names
+        assert list(got.obs.columns) == list(result.obs.columns)
+        assert list(got.obs.index) == list(result.obs.index)
+        assert sorted(got.embeddings) == sorted(result.embeddings) == ["X_umap"]
+        assert sorted(got.groups) == sorted(result.groups)
+    np.testing.assert_array_equal(pl.view(path).delta_nll, pl.view(result).delta_nll)
+    with pytest.raises(IncompatibleDataError, match=r"got AnnData without uns\['ablation'\]"):
+        results.read_result(adata)
+    text = tmp_path / "page.h5ad"
+    text.write_text("not hdf5")
+    with pytest.raises(IncompatibleDataError, match="page.h5ad is not a readable h5ad file"):
+        results.read_result(text)
+    with pytest.raises(IncompatibleDataError, match=r"lacks the result fields \['latent'\]"):
+        bare = h5ad.copy()
+        del bare.obsm["latent"]
+        results.read_result(bare)

@@ -10,7 +10,7 @@ import pytest
 import scipy.sparse as sp
 from helpers import random_adata, random_model
 
-from linear_decoder_jax import anndata_io
+from linear_decoder_jax import anndata_io, sources
 from linear_decoder_jax.errors import IncompatibleDataError
 
 LAYOUTS = ["csr", "csc", "dense", "csr_int", "csr_stored_zeros"]
@@ -54,7 +54,7 @@ def _adata(layout: str, *, reorder: bool):
 
 @pytest.mark.parametrize("reorder", [False, True])
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.filterwarnings("ignore:Dropping")
+@pytest.mark.filterwarnings("ignore:Dropping", "ignore:Writing zarr v2")
 def test_nonzeros_equal_the_dense_scan(layout, reorder, tmp_path):
     model, adata = _adata(layout, reorder=reorder)
     plain = _adata(layout, reorder=False)[1].X  # model gene order
@@ -62,8 +62,14 @@ def test_nonzeros_equal_the_dense_scan(layout, reorder, tmp_path):
     assert expected[:3].sum() == expected[10].sum() == 0
     path = tmp_path / "cells.h5ad"
     adata.write_h5ad(path)
-    with anndata_io.BackedAnnData(path) as backed:
-        for source in (adata, backed):
+    adata.write_zarr(tmp_path / "cells.zarr")
+    with (
+        sources.StoreSource(path) as backed,
+        sources.StoreSource(path, fast=False) as element,
+        sources.StoreSource(tmp_path / "cells.zarr") as zarr_store,
+    ):
+        assert type(backed) is sources.H5Source and type(element) is sources.StoreSource
+        for source in (adata, backed, element, zarr_store):
             data = model.prepare(source)
             np.testing.assert_array_equal(data.rows(0, 70), expected)
             seen = 0
@@ -163,9 +169,9 @@ def test_streamed_h5ad_reads_counts_and_covariates_without_anndata(tmp_path):
 import sys
 import numpy as np
 import linear_decoder_jax as ldj
-from linear_decoder_jax import anndata_io
+from linear_decoder_jax import anndata_io, sources
 model = ldj.load({str(tmp_path / "model")!r})
-with anndata_io.BackedAnnData({str(path)!r}) as backed:
+with sources.StoreSource({str(path)!r}) as backed:
     data = model.prepare(backed)
     mbs = list(anndata_io.minibatches(data, 16))
 assert "anndata" not in sys.modules and "pandas" not in sys.modules, "imported"
@@ -201,7 +207,7 @@ def test_obs_columns_read_with_h5py_equal_anndata(tmp_path):
     adata = anndata.AnnData(X=np.zeros((n, 3), np.float32), obs=obs)
     path = tmp_path / "obs.h5ad"
     adata.write_h5ad(path)
-    with anndata_io.BackedAnnData(path) as backed:
+    with sources.StoreSource(path) as backed:
         np.testing.assert_array_equal(backed.obs_names, adata.obs_names.to_numpy())
         # plain encodings with h5py; the others ("nullable", "int_cats") through anndata
         for column in obs.columns:
@@ -210,6 +216,14 @@ def test_obs_columns_read_with_h5py_equal_anndata(tmp_path):
             want = adata.obs[column].to_numpy()
             np.testing.assert_array_equal(np.asarray(got).astype(str), want.astype(str), column)
         assert backed.obs_loaded and backed.obs_column("missing") is None
+    # anndata's element API reads one column at a time, never the whole table
+    with sources.StoreSource(path, fast=False) as element:
+        np.testing.assert_array_equal(element.obs_names, adata.obs_names.to_numpy())
+        for column in obs.columns:
+            got = element.obs_column(column)
+            want = adata.obs[column].to_numpy()
+            np.testing.assert_array_equal(np.asarray(got).astype(str), want.astype(str), column)
+        assert not element.obs_loaded and element.obs_column("missing") is None
 
 
 @pytest.mark.parametrize("rows", [(0, 0), (0, 29), (5, 17), (26, 29), (27, 40), (10, 11)])
@@ -225,9 +239,9 @@ def test_h5csr_row_ranges_equal_anndata(tmp_path, rows):
     anndata.AnnData(X=x).write_h5ad(path)
     lo, hi = rows
     with h5py.File(path, "r") as f:
-        ours = anndata_io.H5CSR(f["X"])[lo:hi]
+        ours = sources.H5CSR(f["X"])[lo:hi]
         theirs = anndata.io.sparse_dataset(f["X"])[lo:hi]
-        assert ours.shape == theirs.shape and anndata_io.H5CSR(f["X"]).shape == (29, 11)
+        assert ours.shape == theirs.shape and sources.H5CSR(f["X"]).shape == (29, 11)
         np.testing.assert_array_equal(ours.toarray(), theirs.toarray())
 
 
