@@ -562,11 +562,11 @@ def latent_genes(
     if j is None:
         ax.barh(y, width, color="0.6")
         why = "model: loadings only" if src.mean_lfc is None else "not ablated: no fold change"
-        ax.set_title(f"Z_{k}: top genes by loading ({why})", fontsize="medium")
+        ax.set_title(f"{schema.latent_name(k)}: top genes by loading ({why})", fontsize="medium")
     else:
-        label = f"mean log fold change, Z_{k} ablated"
+        label = f"mean log fold change, {schema.latent_name(k)} ablated"
         _lfc_bars(ax, y, width, table["mean_lfc"].to_numpy(), cmap=cmap, label=label)
-        ax.set_title(f"Z_{k}: top genes by loading", fontsize="medium")
+        ax.set_title(f"{schema.latent_name(k)}: top genes by loading", fontsize="medium")
     _gene_axis(ax, list(table["gene"]), "effective loading")
     return _finish(ax, show=show, save=save)
 
@@ -606,9 +606,9 @@ def _group_gene_bars(
     n = len(table)
     ax = _axes(ax, (5.0, 1.2 + 0.22 * n))
     y = np.arange(n)
-    label = f"mean log fold change in {group}, Z_{k} ablated"
+    label = f"mean log fold change in {group}, {schema.latent_name(k)} ablated"
     _lfc_bars(ax, y, table["delta_nll"].to_numpy(), table["lfc"].to_numpy(), cmap=cmap, label=label)
-    ax.set_title(f"Z_{k} in {group}: top genes by delta_nll", fontsize="medium")
+    ax.set_title(f"{schema.latent_name(k)} in {group}: top genes by delta_nll", fontsize="medium")
     _gene_axis(ax, list(table["gene"]), "mean delta_nll of the gene (nats/cell)")
     return _finish(ax, show=show, save=save)
 

@@ -205,10 +205,14 @@ UNS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def latent_names(n_latent: int, prefix: str = "Z_") -> list[str]:
-    """``Z_0 ... Z_{K-1}``: the one place latent names are built (scvi-tools' ``get_loadings``
-    columns; a family may pass its own prefix)."""
-    return [f"{prefix}{i}" for i in range(n_latent)]
+def latent_name(k: int) -> str:
+    """``Z_k``: the one place a latent's name is built (scvi-tools' ``get_loadings`` columns)."""
+    return f"Z_{k}"
+
+
+def latent_names(n_latent: int) -> list[str]:
+    """``Z_0 ... Z_{K-1}``."""
+    return [latent_name(k) for k in range(n_latent)]
 
 
 def fields(slot: Slot) -> tuple[Field, ...]:
