@@ -558,7 +558,8 @@ def ablate(
     coordinator: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
-    timeout: float = options.DEFAULT_DISTRIBUTED_TIMEOUT,
+    join_timeout: float = options.DEFAULT_JOIN_TIMEOUT,
+    heartbeat_timeout: float = options.DEFAULT_HEARTBEAT_TIMEOUT,
 ) -> AblationResult:
     """Score every latent for every cell: how much worse the reconstruction gets without it.
 
@@ -621,15 +622,16 @@ def ablate(
     n_permutations
         Random permutations for ``shapley="permutation"`` (even, >= 4: antithetic pairs drawn
         from ``seed``); adds the standard error ``shapley_nll_se``.
-    distributed, coordinator, num_processes, process_id, timeout
+    distributed, coordinator, num_processes, process_id, join_timeout, heartbeat_timeout
         Run as one process of a multi-process job (``linear_decoder_jax.distributed``): every
         process calls this with the same arguments; ``jax.distributed`` joins them (explicit
         ``coordinator="HOST:PORT"``, ``num_processes``, ``process_id``, or its auto-detection on
         Slurm, Open MPI and TPU pods) into one global mesh over every process's devices (as many
         per process), each feeding its own rows; ``refit`` runs per process on its own devices
-        (it is per cell); process 0 writes ``output`` (required). A process silent for
-        ``timeout`` seconds, or any failure, ends every process with a one-line error and no
-        output. Must be called before any other JAX computation.
+        (it is per cell); process 0 writes ``output`` (required). Joining waits up to
+        ``join_timeout`` seconds; then a process killed or frozen for ``heartbeat_timeout``
+        seconds, or any failure, ends every process with a one-line error and no output. Must
+        be called before any other JAX computation.
 
     Returns
     -------
@@ -675,7 +677,8 @@ def ablate(
             coordinator=coordinator,
             num_processes=num_processes,
             process_id=process_id,
-            timeout=timeout,
+            join_timeout=join_timeout,
+            heartbeat_timeout=heartbeat_timeout,
         )
     opts = run.Options(
         latents=latents,

@@ -129,7 +129,8 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
             coordinator=args.coordinator,
             num_processes=args.num_processes,
             process_id=args.process_id,
-            timeout=args.timeout,
+            join_timeout=args.join_timeout,
+            heartbeat_timeout=args.heartbeat_timeout,
         )
     model = ldj.load(args.model, prefix=args.prefix, dtype="float64" if args.float64 else "float32")
     result = ldj.ablate(  # streams DATA from disk and writes OUT as it goes
@@ -163,7 +164,8 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
         coordinator=args.coordinator,
         num_processes=args.num_processes,
         process_id=args.process_id,
-        timeout=args.timeout,
+        join_timeout=args.join_timeout,
+        heartbeat_timeout=args.heartbeat_timeout,
     )
     if args.distributed and result.settings.get("n_processes") and not _is_process_zero():
         return 0  # process 0 reports the distributed run
@@ -410,11 +412,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--num-processes", type=int, metavar="N", help="processes in the run")
     d.add_argument("--process-id", type=int, metavar="I", help="this process, 0 <= I < N")
     d.add_argument(
-        "--timeout",
+        "--join-timeout",
         type=float,
-        default=options.DEFAULT_DISTRIBUTED_TIMEOUT,
-        help="seconds a process may be silent before every process stops "
-        f"(default {options.DEFAULT_DISTRIBUTED_TIMEOUT:g})",
+        default=options.DEFAULT_JOIN_TIMEOUT,
+        help="seconds to wait for every process to join "
+        f"(default {options.DEFAULT_JOIN_TIMEOUT:g})",
+    )
+    d.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        default=options.DEFAULT_HEARTBEAT_TIMEOUT,
+        help="seconds before a killed or frozen process stops every other one "
+        f"(default {options.DEFAULT_HEARTBEAT_TIMEOUT:g})",
     )
     p.set_defaults(func=_cmd_ablate)
 

@@ -30,4 +30,5 @@ DEFAULT_GROUPBY_MAX = 50  # distinct values of a numeric groupby column before i
 DEFAULT_N_PERMUTATIONS = 64  # antithetic pairs of random permutations (shapley="permutation")
 MAX_EXACT_SHAPLEY_LATENTS = 12  # exact Shapley values enumerate 2^K coalitions per cell
 GENE_SCORES_BUDGET = 2 * 2**30  # bytes of the groups x latents x genes tables (gene_scores=True)
-DEFAULT_DISTRIBUTED_TIMEOUT = 300.0  # seconds a process may be silent in a distributed run
+DEFAULT_JOIN_TIMEOUT = 300.0  # seconds to join a distributed run (processes may start apart)
+DEFAULT_HEARTBEAT_TIMEOUT = 15.0  # seconds before a killed or frozen process stops the others
