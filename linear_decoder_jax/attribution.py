@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from linear_decoder_jax import model
+from linear_decoder_jax import model, sizing
 from linear_decoder_jax.config import LDVAEConfig
 from linear_decoder_jax.distributions import (
     Likelihood,
@@ -355,8 +355,12 @@ class ShapleyScorer:
             ("shapley_nll_se",) if method == "permutation" else ()
         )
         # accelerators decode many coalitions at once; CPU one after another (cache-resident)
-        per = plan.batch_size * config.n_input * np.dtype(plan.dtype).itemsize * 8
-        self.chunk = max(1, (1024 * 2**20) // per) if plan.vectorize else None
+        size, itemsize = plan.batch_size, np.dtype(plan.dtype).itemsize
+        self.chunk = (
+            sizing.shapley_chunk(size, config.n_input, itemsize, devices=plan.devices)
+            if plan.vectorize
+            else None
+        )
 
     def init(self) -> tuple[()]:
         return ()

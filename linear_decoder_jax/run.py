@@ -33,14 +33,7 @@ from linear_decoder_jax.config import LDVAEConfig
 from linear_decoder_jax.errors import ConfigError
 from linear_decoder_jax.options import LibraryChoice, Mode
 from linear_decoder_jax.params import LDVAEParams
-
-# Budget for the sweep temporaries of one minibatch. On CPU the latents run one after another on
-# (batch, n_vars) arrays that should stay in cache (measured at 20k x 2000 x 10 NB, 2 cores: 256
-# cells per minibatch fastest, 128 and 512 10-20% slower, 1024 1.6x); accelerators vmap over the
-# latents and want large minibatches.
-_SWEEP_BYTES_CPU = 12 * 2**20
-_SWEEP_BYTES_ACCELERATOR = 1024 * 2**20
-_TEMPORARIES = 6
+from linear_decoder_jax.sizing import choose_batch_size  # noqa: F401 - run's name
 
 
 def latent_names(n_latent: int) -> list[str]:
@@ -55,19 +48,6 @@ def vectorize_default(devices: Sequence[Any]) -> bool:
     than the batched body (measured); accelerators want the batched one.
     """
     return any(d.platform != "cpu" for d in devices)
-
-
-def choose_batch_size(
-    n_obs: int, n_vars: int, n_ablated: int, *, itemsize: int, vectorize: bool
-) -> int:
-    """Largest power-of-two minibatch whose sweep temporaries fit the memory budget."""
-    budget = _SWEEP_BYTES_ACCELERATOR if vectorize else _SWEEP_BYTES_CPU
-    per_cell = n_vars * itemsize * _TEMPORARIES
-    if vectorize:  # vmapped latents: all of them at once
-        per_cell *= max(1, n_ablated)
-    size = 2 ** int(np.floor(np.log2(max(1, budget // per_cell))))
-    size = int(np.clip(size, 8, 4096))
-    return int(min(size, max(8, -(-n_obs // 8) * 8)))
 
 
 def resolve_devices(devices: int | None) -> list[Any]:
@@ -653,6 +633,8 @@ def ablate(model_: Any, adata: Any, opts: Options, *, output: Any, overwrite: bo
         len(idx),
         itemsize=dtype.itemsize,
         vectorize=vectorize,
+        devices=opts.devices,
+        n_scores=1 + (opts.shapley is not None),
     )
     size = int(-(-size // n_dev) * n_dev)  # a multiple of the device count
 
