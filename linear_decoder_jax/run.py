@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from linear_decoder_jax import anndata_io, model
+from linear_decoder_jax import anndata_io, model, stages
 from linear_decoder_jax.config import LDVAEConfig
 from linear_decoder_jax.errors import ConfigError
 from linear_decoder_jax.options import LibraryChoice, Mode
@@ -281,14 +281,14 @@ def batches(
 
     def placed() -> Iterator[tuple[int, int, tuple[jax.Array, ...]]]:
         with jax.enable_x64(x64):  # the caller's precision context is thread-local
-            for mb in padded():
+            for mb in stages.iterate("read", padded()):
                 size = len(mb.batch)
                 group = np.full(size, -1, np.int32)
                 if groups is not None:
                     group[: mb.n_valid] = groups[mb.start : mb.start + mb.n_valid]
                 valid = (np.arange(size) < mb.n_valid).astype(dtype)
                 arrays = (mb.nz_index, mb.nz_count, mb.batch, mb.label, valid, group)
-                yield mb.start, mb.n_valid, place.cells(arrays)
+                yield mb.start, mb.n_valid, stages.call("copy", place.cells, arrays, wait=True)
 
     for start, n_valid, (nz_index, nz_count, batch, label, valid, group) in prefetch(placed()):
         x, post, z, log_library = encode_counts(
@@ -355,16 +355,17 @@ class _Writer:
                 start, n_valid, rows = item
                 if not buffered:
                     first = start
-                for name, value in self.fetch(rows).items():
+                stages.wait("compute", rows)
+                for name, value in stages.call("fetch", self.fetch, rows).items():
                     buffered.setdefault(name, []).append(np.asarray(value)[:n_valid])
                 n_buffered += n_valid
                 if n_buffered >= self.block:
-                    self._flush(first, buffered)
+                    stages.call("write", self._flush, first, buffered)
                     buffered, n_buffered = {}, 0
                 if self.bar is not None:
                     self.bar.update(n_valid)
             if buffered:
-                self._flush(first, buffered)
+                stages.call("write", self._flush, first, buffered)
         except BaseException as err:  # re-raised in the dispatching thread
             self.error = err
             while self.queue.get() is not None:  # unblock the producer until close()

@@ -71,3 +71,14 @@ def plan_for(model: ldj.LinearSCVI, n_obs: int, baseline, **overrides):
         **overrides,
     }
     return run.Plan(**fields)
+
+
+def accelerator_precision() -> None:
+    """Float32 matrix products at full precision wherever the tests may run on a GPU or TPU
+    (``JAX_PLATFORMS`` other than ``cpu``): JAX's default there is TF32 or bf16 passes, and the
+    tests' float32 tolerances are set for float32 rounding. On CPU it changes nothing (its
+    products are full float32 either way). Called once by conftest, before any test traces."""
+    import os
+
+    if os.environ.get("JAX_PLATFORMS", "") != "cpu":
+        jax.config.update("jax_default_matmul_precision", "highest")
