@@ -63,7 +63,10 @@ BUDGET_S = 285.0  # stop starting new steps after this (the whole command within
 TESTS = (
     "tests/test_run.py::test_vectorised_sweep_equals_sequential",
     "tests/test_refit.py::test_vmapped_lanes_match_mapped_lanes",
-    "tests/test_attribution.py",
+    "tests/test_attribution.py::test_gene_scores_match_brute_force",
+    "tests/test_attribution.py::test_exact_shapley_matches_brute_force",
+    "tests/test_attribution.py::test_additivity_to_float32_rounding",
+    "tests/test_attribution.py::test_agrees_with_the_plain_sweep",
     "tests/test_sizing.py",
     "tests/test_scale.py::test_four_devices_equal_one",
 )
@@ -231,6 +234,25 @@ def copy_rate(path: Path, n_vars: int) -> dict[str, float]:
     return {"minibatch_arrays_gb_s": rate(mbs), "dense_gb_s": rate(dense), "batch_size": size}
 
 
+def sharding(model: Any, path: Path, out: Path) -> dict[str, Any]:
+    """Every local device (a mesh over cells) against one: the largest difference of delta_nll,
+    relative to the NLL's scale (float32 rounding of the NLL is the tolerance of the tests)."""
+    import jax
+    import numpy as np
+
+    import linear_decoder_jax as ldj
+
+    n = len(jax.local_devices())
+    if n == 1:
+        return {"devices": 1, "note": "one local device: nothing to shard over"}
+    one = ldj.ablate(model, str(path), devices=1)
+    every = ldj.ablate(model, str(path), output=out, overwrite=True)
+    diff = np.abs(np.asarray(one.delta_nll) - np.asarray(every.delta_nll)).max()
+    scale = float(np.abs(np.asarray(one.nll)).max())
+    return {"devices": n, "max_abs_diff_delta_nll": float(diff), "nll_scale": scale,
+            "within_float32": bool(diff <= 5e-6 * scale + 1e-5)}  # fmt: skip
+
+
 def throughput(model: Any, path: Path, out: Path) -> dict[str, Any]:
     """A streamed ``ldj.ablate`` (h5ad in, h5ad out) timed whole and per stage; the first run of
     a size compiles, so a second one is timed when the first took under 20 s."""
@@ -288,6 +310,8 @@ def table(r: dict[str, Any]) -> str:
         )
     if "tests" in r:
         lines.append(f"tests: {r['tests']['summary']} ({r['tests']['seconds']} s)")
+    if "sharding" in r:
+        lines.append(f"sharding over every local device: {r['sharding']}")
     if r.get("skipped"):
         lines.append(f"skipped (time): {', '.join(r['skipped'])}")
     return "\n".join(lines)
@@ -359,6 +383,9 @@ def main(argv: list[str] | None = None) -> None:
         run.data.setdefault("generate_s", {})[str(n)] = time.perf_counter() - t0
         if i == 0 and step(run, "copy rate", 10):
             run.data["copy_rate"] = copy_rate(files[n], n_vars)
+            run.save()
+        if i == 0 and step(run, "sharding", 20):
+            run.data["sharding"] = sharding(models["nb"], files[n], tmp / "out.h5ad")
             run.save()
         for lik, model in models.items():
             if not step(run, f"{lik} {n}", need / 2):
