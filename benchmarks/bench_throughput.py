@@ -148,7 +148,7 @@ def in_process(model: Any, adata: Any, path: Path, out: Path, repeats: int) -> d
     import jax
 
     import linear_decoder_jax as ldj
-    from linear_decoder_jax import ablation, anndata_io, pipeline
+    from linear_decoder_jax import ablation, anndata_io, pipeline, sizing
 
     cfg = model.config
     ldj.ablate(model, adata)  # compile
@@ -156,7 +156,7 @@ def in_process(model: Any, adata: Any, path: Path, out: Path, repeats: int) -> d
     with model.precision():
         data = model.prepare(adata)
         devices = tuple(jax.local_devices()[:1])
-        size = pipeline.choose_batch_size(
+        size = sizing.choose_batch_size(
             data.n_obs, cfg.n_input, cfg.n_latent, itemsize=4, vectorize=False
         )
         plan = pipeline.Plan(

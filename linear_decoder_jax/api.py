@@ -622,7 +622,8 @@ def ablate(
     coordinator: str | None = options.DistributedOptions.coordinator,
     num_processes: int | None = options.DistributedOptions.num_processes,
     process_id: int | None = options.DistributedOptions.process_id,
-    timeout: float = options.DistributedOptions.timeout,
+    join_timeout: float = options.DistributedOptions.join_timeout,
+    heartbeat_timeout: float = options.DistributedOptions.heartbeat_timeout,
 ) -> AblationResult:
     """Score every latent for every cell: how much worse the reconstruction gets without it.
 
@@ -689,15 +690,16 @@ def ablate(
     n_permutations
         Random permutations for ``shapley="permutation"`` (even, >= 4: antithetic pairs drawn
         from ``seed``); adds the standard error ``shapley_nll_se``.
-    distributed, coordinator, num_processes, process_id, timeout
+    distributed, coordinator, num_processes, process_id, join_timeout, heartbeat_timeout
         Run as one process of a multi-process job (``linear_decoder_jax.distributed``): every
         process calls this with the same arguments; ``jax.distributed`` joins them (explicit
         ``coordinator="HOST:PORT"``, ``num_processes``, ``process_id``, or its auto-detection on
         Slurm, Open MPI and TPU pods) into one global mesh over every process's devices (as many
         per process), each feeding its own rows; ``refit`` runs per process on its own devices
-        (it is per cell); process 0 writes ``output`` (required). A process silent for
-        ``timeout`` seconds, or any failure, ends every process with a one-line error and no
-        output. Must be called before any other JAX computation.
+        (it is per cell); process 0 writes ``output`` (required). Joining waits up to
+        ``join_timeout`` seconds; then a process killed or frozen for ``heartbeat_timeout``
+        seconds, or any failure, ends every process with a one-line error and no output. Must
+        be called before any other JAX computation.
 
     Returns
     -------
@@ -728,7 +730,8 @@ def ablate(
             coordinator=coordinator,
             num_processes=num_processes,
             process_id=process_id,
-            timeout=timeout,
+            join_timeout=join_timeout,
+            heartbeat_timeout=heartbeat_timeout,
         )
     device_list = pipeline.resolve_devices(devices)
     with contextlib.ExitStack() as stack:

@@ -24,12 +24,12 @@ from linear_decoder_jax.pipeline import (
     OwnRows,
     Placement,
     Plan,
-    choose_batch_size,
     decoder_inputs,
     execute,
     shard_rows,
     vectorize_default,
 )
+from linear_decoder_jax.sizing import choose_batch_size
 
 
 class Model(NamedTuple):
@@ -185,6 +185,8 @@ def ablate(
         len(idx),
         itemsize=dtype.itemsize,
         vectorize=vectorize,
+        devices=devices,
+        n_scores=1 + (shap.shapley is not None),
     )
     size = int(-(-size // n_dev) * n_dev)  # a multiple of the device count
     codes = None if all_codes is None else all_codes[lo:hi]

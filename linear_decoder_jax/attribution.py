@@ -55,6 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from linear_decoder_jax import sizing
 from linear_decoder_jax.distributions import (
     Likelihood,
     count_term,
@@ -351,8 +352,12 @@ class ShapleyScorer:
             ("shapley_nll_se",) if method == "permutation" else ()
         )
         # accelerators decode many coalitions at once; CPU one after another (cache-resident)
-        per = plan.batch_size * family.n_vars * np.dtype(plan.dtype).itemsize * 8
-        self.chunk = max(1, (1024 * 2**20) // per) if plan.vectorize else None
+        size, itemsize = plan.batch_size, np.dtype(plan.dtype).itemsize
+        self.chunk = (
+            sizing.shapley_chunk(size, family.n_vars, itemsize, devices=plan.devices)
+            if plan.vectorize
+            else None
+        )
 
     def init(self) -> tuple[()]:
         return ()

@@ -102,7 +102,8 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
             coordinator=args.coordinator,
             num_processes=args.num_processes,
             process_id=args.process_id,
-            timeout=args.timeout,
+            join_timeout=args.join_timeout,
+            heartbeat_timeout=args.heartbeat_timeout,
         )
     model = ldj.load(args.model, prefix=args.prefix, dtype="float64" if args.float64 else "float32")
     values = options.values(args, options.ALL)

@@ -13,19 +13,22 @@ then assembles the one output atomically with the merge code and removes the par
   scorers reduce (the summed log fold changes, the per-group gene sums and cell counts);
 * settings: each process publishes a digest of the model fingerprint, the data's shape and the run
   options to the runtime's key-value store; any difference is a one-line error naming them;
-* liveness: each process bumps a heartbeat counter every second, and a watchdog thread in every
-  process ends it with a one-line message naming the process that failed (an error it published,
-  a heartbeat that stopped for ``timeout`` seconds, or a coordinator that is gone; a collective
-  that lost a peer waits for the watchdog to name it). The runtime client's own failure handler
-  (it aborts with a C++ stack trace) is replaced by the same one-line exit. No output appears
-  unless every part arrived; an existing output is untouched.
+* liveness: two deadlines. Joining waits up to ``join_timeout`` seconds (processes of a cluster
+  job may start minutes apart). Once joined, a process killed or frozen (SIGSTOP) is found by the
+  runtime's own heartbeats within ``heartbeat_timeout`` seconds (default 15): they are sent by
+  the runtime's C++ threads, so a long compile or a read that holds the GIL is not silence. The
+  runtime then reports the failure to every process, whose client would abort with a C++ stack
+  trace; ours ends it instead with one line naming the process that stopped (told apart by the
+  Python heartbeat counter each process bumps every second) or the lost coordinator. A watchdog
+  thread in every process also ends it at once when another process published an error (a
+  failure in Python), when the coordinator is gone, or when a process alive to the runtime has not
+  run Python for ``join_timeout`` seconds (a hung interpreter); a collective that lost a peer
+  waits for the runtime to name it. No output appears unless every part arrived; an existing
+  output is untouched. The private JAX this needs lives in :mod:`linear_decoder_jax._jax_runtime`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import ctypes.util
 import dataclasses
 import hashlib
 import itertools
@@ -43,16 +46,19 @@ from typing import Any
 
 import numpy as np
 
-from linear_decoder_jax import anndata_io
+from linear_decoder_jax import _jax_runtime, anndata_io
 from linear_decoder_jax.errors import DistributedError
 from linear_decoder_jax.options import DistributedOptions
 from linear_decoder_jax.pipeline import Placement, shard_rows
 
 _POLL = 0.5  # seconds between checks of the key-value store
 _GRACE = 3.0  # seconds process 0 keeps the service up after a failure (watchdogs poll each 1 s)
+_STALE = 2.5  # seconds without a Python heartbeat (or a key-value answer) that name a process
 _PREFIX = "ldj"
 # what a dying process removes first (the parts of the running ``ablate``); set by ``ablate``
 _cleanup: list[Callable[[], None]] = []
+_dying = threading.Lock()  # one message, one exit, however many threads see the failure
+_watchdog: Watchdog | None = None  # the running one: what it saw names the failed process
 
 
 @dataclass(frozen=True)
@@ -61,7 +67,8 @@ class Cluster:
 
     process_id: int
     num_processes: int
-    timeout: float
+    join_timeout: float  # seconds to join the run
+    heartbeat_timeout: float  # seconds a killed or frozen process goes unnoticed, at most
     client: Any  # jax's DistributedRuntimeClient (its key-value store)
 
     @property
@@ -72,6 +79,8 @@ class Cluster:
 def _kill(message: str) -> None:
     """End this process at once with a one-line error: other threads may be blocked in the
     runtime, and the runtime's own shutdown would wait for the failed process."""
+    if not _dying.acquire(blocking=False):  # another thread is already ending the process
+        threading.Event().wait()
     for clean in _cleanup:
         clean()
     sys.stderr.write(f"ldj: error: {message}\n")
@@ -84,13 +93,14 @@ def initialize(
     coordinator: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
-    timeout: float = DistributedOptions.timeout,
+    join_timeout: float = DistributedOptions.join_timeout,
+    heartbeat_timeout: float = DistributedOptions.heartbeat_timeout,
 ) -> Cluster:
     """Join the run through ``jax.distributed.initialize`` (its auto-detection when the three
-    values are None) within ``timeout`` seconds; a wrong process count or an unreachable
-    coordinator is a :class:`DistributedError`, not a hang."""
+    values are None) within ``join_timeout`` seconds; a wrong process count or an unreachable
+    coordinator is a :class:`DistributedError`, not a hang. Once joined, a killed or frozen
+    process ends every process within ``heartbeat_timeout`` seconds (a few more for the exit)."""
     import jax
-    from jax._src import distributed as jax_distributed
 
     explicit = (coordinator, num_processes, process_id)
     if any(v is not None for v in explicit) and any(v is None for v in explicit):
@@ -103,9 +113,10 @@ def initialize(
         if num_processes < 1 or not 0 <= process_id < num_processes:
             msg = f"Expected 0 <= process_id < num_processes, got {process_id} of {num_processes}."
             raise DistributedError(msg)
-    if not timeout > 0:
-        raise DistributedError(f"Expected timeout > 0 seconds, got {timeout!r} instead.")
-    if jax_distributed.global_state.client is None:
+    for name, value in (("join_timeout", join_timeout), ("heartbeat_timeout", heartbeat_timeout)):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 1:
+            raise DistributedError(f"Expected {name} >= 1 second, got {value!r} instead.")
+    if _jax_runtime.runtime_client() is None:
         # collectives between processes' CPU devices (the global mesh); accelerators have theirs
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         where = coordinator or "the auto-detected coordinator"
@@ -118,23 +129,26 @@ def initialize(
         joined = threading.Event()
 
         def deadline() -> None:
-            if not joined.wait(timeout):
+            if not joined.wait(join_timeout):
                 _kill(
-                    f"Could not join the distributed run at {where} within {timeout:g} s. {advice}"
+                    f"Could not join the distributed run at {where} within {join_timeout:g} s. "
+                    f"{advice}"
                 )
 
         threading.Thread(target=deadline, daemon=True).start()
+        beat = max(1, round(heartbeat_timeout))
+        _jax_runtime.set_terminate_handler(_runtime_failed)
         try:
-            with _on_runtime_failure():
+            with _jax_runtime.client_failure_callback(_runtime_failed):
                 jax.distributed.initialize(
                     coordinator_address=coordinator,
                     num_processes=num_processes,
                     process_id=process_id,
-                    initialization_timeout=int(timeout) + 60,
-                    # ours (Watchdog) runs first and names the process that failed; what the
-                    # runtime sees first (a lost coordinator) ends us through _runtime_failed
-                    heartbeat_timeout_seconds=max(10, int(4 * timeout)),
-                    shutdown_timeout_seconds=max(1, int(timeout)),
+                    initialization_timeout=int(join_timeout) + 60,
+                    # the runtime's heartbeats (C++ threads: the GIL does not stop them) find a
+                    # killed or frozen process; the failure ends us through _runtime_failed
+                    heartbeat_timeout_seconds=beat,
+                    shutdown_timeout_seconds=max(10, beat),
                 )
         except Exception as err:  # jax raises RuntimeError/ValueError/XlaRuntimeError
             first = str(err).splitlines()[0] if str(err) else ""
@@ -142,20 +156,30 @@ def initialize(
             raise DistributedError(msg) from err
         finally:
             joined.set()
-    state = jax_distributed.global_state
-    return Cluster(int(state.process_id), int(state.num_processes), float(timeout), state.client)
+    return Cluster(
+        int(jax.process_index()),
+        int(jax.process_count()),
+        float(join_timeout),
+        float(heartbeat_timeout),
+        _jax_runtime.runtime_client(),
+    )
 
 
 def _runtime_failed() -> None:
-    """End this process when the runtime client fails (one line, instead of the client's abort
-    with a C++ stack trace): the coordinator is gone when its address no longer answers."""
-    from jax._src import distributed as jax_distributed
+    """End this process when the runtime reports a failure (one line, instead of the client's
+    abort with a C++ stack trace), naming the process that stopped, or the lost coordinator."""
+    import jax
 
-    state = jax_distributed.global_state
-    reason = "the distributed runtime failed"
-    if state.process_id != 0 and not _answers(state.coordinator_address, tries=3):
-        reason = "lost the coordinator, process 0"
-    _kill(f"{reason}; process {state.process_id} stops, no output written.")
+    pid = int(jax.process_index())
+    watchdog = _watchdog
+    reason = None if watchdog is None else watchdog.reason()
+    if reason is None:
+        reason = "the distributed runtime failed"
+        if pid != 0 and not _answers(_jax_runtime.coordinator_address(), tries=3):
+            reason = "lost the coordinator, process 0"
+    if pid == 0:  # the others name the failed process before the service goes away
+        time.sleep(_GRACE)
+    _kill(f"{reason}; process {pid} stops, no output written.")
 
 
 def _answers(address: str | None, *, tries: int) -> bool:
@@ -174,88 +198,70 @@ def _answers(address: str | None, *, tries: int) -> bool:
     return True
 
 
-_terminate_handler: Any = None  # the C function given to std::set_terminate, kept alive
-
-
-def _on_terminate() -> None:
-    """Make ``_runtime_failed`` the process's C++ terminate handler. jaxlib 0.10 cannot hand the
-    client's failure status to a Python callback: the call ends in ``std::terminate`` (a
-    ``bad_cast``), which then runs this handler; without libstdc++ the runtime's abort stays."""
-    global _terminate_handler
-    if _terminate_handler is not None:
-        return
-    try:
-        lib = ctypes.CDLL(ctypes.util.find_library("stdc++") or "libstdc++.so.6")
-        set_terminate = lib["_ZSt13set_terminatePFvvE"]  # std::set_terminate
-    except (OSError, AttributeError):
-        return
-    set_terminate.restype = ctypes.c_void_p
-    set_terminate.argtypes = [ctypes.c_void_p]
-    _terminate_handler = ctypes.CFUNCTYPE(None)(_runtime_failed)
-    set_terminate(ctypes.cast(_terminate_handler, ctypes.c_void_p))
-
-
-@contextlib.contextmanager
-def _on_runtime_failure() -> Iterator[None]:
-    """Within, ``jax.distributed.initialize`` creates its runtime client with a failure callback
-    (jax passes none, and the client's default aborts the process with a C++ stack trace); the
-    factory is patched for the call only. See ``_on_terminate`` for how the callback runs."""
-    from jax._src import distributed as jax_distributed
-
-    lib = jax_distributed._jax
-    factory = lib.get_distributed_runtime_client
-
-    def client(*args: Any, **kwargs: Any) -> Any:
-        callback = lambda *_: _runtime_failed()  # noqa: E731
-        return factory(*args, **kwargs, missed_heartbeat_callback=callback)
-
-    _on_terminate()
-    lib.get_distributed_runtime_client = client
-    try:
-        yield
-    finally:
-        lib.get_distributed_runtime_client = factory
-
-
 class Watchdog:
-    """Heartbeats and failure detection for one process (a daemon thread)."""
+    """Python heartbeats and failure detection for one process (a daemon thread). Liveness
+    itself is the runtime's (see the module docstring); what this thread saw names the process
+    that stopped: its heartbeat counter stopped moving, or the key-value store (process 0)
+    stopped answering."""
 
     def __init__(self, cluster: Cluster, *, on_failure: Callable[[], None] | None = None):
         self.cluster = cluster
         self.on_failure = on_failure
         self.stopped = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
+        now = time.monotonic()
+        self.answered = now  # the last round of key-value calls that all returned
+        self.seen = {p: (-1, now) for p in range(cluster.num_processes) if p != cluster.process_id}
 
     def start(self) -> Watchdog:
+        global _watchdog
+        _watchdog = self
         self._thread.start()
         return self
 
     def stop(self) -> None:
+        global _watchdog
         self.stopped.set()
+        if _watchdog is self:
+            _watchdog = None
+
+    def reason(self) -> str | None:
+        """Who stopped, as far as this process saw: the coordinator when the key-value store
+        stopped answering, else the process whose heartbeat stopped first; None when none did."""
+        now = time.monotonic()
+        if self.cluster.process_id != 0 and now - self.answered > _STALE:
+            return "lost the coordinator, process 0"
+        stale = {p: now - since for p, (_, since) in self.seen.items() if now - since > _STALE}
+        if not stale:
+            return None
+        p = max(stale, key=stale.__getitem__)
+        if p == 0:
+            return "lost the coordinator, process 0"
+        return f"process {p} stopped answering (no heartbeat for {stale[p]:.0f} s)"
 
     def _loop(self) -> None:
         c = self.cluster
         beat = 0
-        seen = {p: (-1, time.monotonic()) for p in range(c.num_processes) if p != c.process_id}
         while not self.stopped.is_set():
             try:
                 c.client.key_value_set_bytes(f"{_PREFIX}/alive/{c.process_id}", b"%d" % beat, True)
                 beat += 1
-                for p, (last, since) in seen.items():
+                for p, (last, since) in self.seen.items():
                     error = _try_get(c, f"{_PREFIX}/error/{p}")
                     if error is not None:
                         self._fail(error.decode(errors="replace"))  # it names the process
                     now = _try_get(c, f"{_PREFIX}/alive/{p}")
                     value = -1 if now is None else int(now)
                     if value != last:
-                        seen[p] = (value, time.monotonic())
-                    elif time.monotonic() - since > c.timeout:
+                        self.seen[p] = (value, time.monotonic())
+                    elif time.monotonic() - since > c.join_timeout:  # a hung interpreter
                         if _try_get(c, f"{_PREFIX}/finished/{p}") is None:
-                            self._fail(f"process {p} stopped answering for {c.timeout:g} s")
+                            self._fail(f"process {p} has not run for {c.join_timeout:g} s")
+                self.answered = time.monotonic()
             except Exception:  # the runtime is gone: the coordinator died
-                if self.stopped.is_set():
+                if self.stopped.wait(_STALE):  # (or the runtime names a failed peer first)
                     return
-                self._fail("lost the coordinator, process 0")
+                self._fail(self.reason() or "lost the coordinator, process 0")
             self.stopped.wait(1.0)
 
     def _fail(self, reason: str) -> None:
@@ -407,7 +413,7 @@ class Lockstep(Placement):
         asks once per minibatch of every pass over the data, in the same order)."""
         c, index = self.cluster, next(self._minibatches)
         c.client.key_value_set_bytes(f"{_PREFIX}/width/{index}/{c.process_id}", b"%d" % width)
-        ms = int(1000 * 4 * c.timeout) + 60_000  # the watchdog ends a run whose peers died
+        ms = int(2000 * c.heartbeat_timeout) + 60_000  # the runtime ends a run whose peers died
         return max(
             int(c.client.blocking_key_value_get_bytes(f"{_PREFIX}/width/{index}/{p}", ms))
             for p in range(c.num_processes)
@@ -556,9 +562,9 @@ def ablate(
         import jax
 
         if isinstance(err, jax.errors.JaxRuntimeError):
-            # a collective lost a peer (gloo fails at once): the watchdog names the process that
-            # stopped answering, within the timeout
-            time.sleep(cluster.timeout + 3.0)
+            # a collective lost a peer (gloo fails at once): the runtime finds the process that
+            # stopped within its heartbeat timeout, and _runtime_failed names it
+            time.sleep(cluster.heartbeat_timeout + 5.0)
         watchdog.stop()
         clean()
         first = str(err).splitlines()[0] if str(err) else type(err).__name__

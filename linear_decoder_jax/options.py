@@ -262,8 +262,16 @@ class DistributedOptions:
     coordinator: str | None = _opt(None, "process 0's address", metavar="HOST:PORT")
     num_processes: int | None = _opt(None, "processes in the run", type=int, metavar="N")
     process_id: int | None = _opt(None, "this process, 0 <= I < N", type=int, metavar="I")
-    timeout: float = _opt(
-        300.0, "seconds a process may be silent before every process stops", type=float
+    join_timeout: float = _opt(
+        300.0,
+        "seconds the processes may take to join (they may start minutes apart on a cluster)",
+        type=float,
+    )
+    heartbeat_timeout: float = _opt(
+        15.0,
+        "seconds a killed or frozen process goes unnoticed before every process stops (the "
+        "runtime's own heartbeats: a long compile or read does not count as silence)",
+        type=float,
     )
 
 

@@ -30,18 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from linear_decoder_jax import anndata_io
+from linear_decoder_jax import anndata_io, stages
 from linear_decoder_jax.errors import ConfigError
 from linear_decoder_jax.family import Encoded, Family
 from linear_decoder_jax.options import LibraryChoice, Mode
-
-# Budget for the sweep temporaries of one minibatch. On CPU the latents run one after another on
-# (batch, n_vars) arrays that should stay in cache (measured at 20k x 2000 x 10 NB, 2 cores: 256
-# cells per minibatch fastest, 128 and 512 10-20% slower, 1024 1.6x); accelerators vmap over the
-# latents and want large minibatches.
-_SWEEP_BYTES_CPU = 12 * 2**20
-_SWEEP_BYTES_ACCELERATOR = 1024 * 2**20
-_TEMPORARIES = 6
 
 
 def vectorize_default(devices: Sequence[Any]) -> bool:
@@ -51,19 +43,6 @@ def vectorize_default(devices: Sequence[Any]) -> bool:
     than the batched body (measured); accelerators want the batched one.
     """
     return any(d.platform != "cpu" for d in devices)
-
-
-def choose_batch_size(
-    n_obs: int, n_vars: int, n_ablated: int, *, itemsize: int, vectorize: bool
-) -> int:
-    """Largest power-of-two minibatch whose sweep temporaries fit the memory budget."""
-    budget = _SWEEP_BYTES_ACCELERATOR if vectorize else _SWEEP_BYTES_CPU
-    per_cell = n_vars * itemsize * _TEMPORARIES
-    if vectorize:  # vmapped latents: all of them at once
-        per_cell *= max(1, n_ablated)
-    size = 2 ** int(np.floor(np.log2(max(1, budget // per_cell))))
-    size = int(np.clip(size, 8, 4096))
-    return int(min(size, max(8, -(-n_obs // 8) * 8)))
 
 
 def resolve_devices(devices: int | None) -> list[Any]:
@@ -298,14 +277,15 @@ def batches(
 
     def placed() -> Iterator[tuple[int, int, tuple[jax.Array, ...]]]:
         with jax.enable_x64(x64):  # the caller's precision context is thread-local
-            for mb in place.minibatches(data, plan.batch_size, dtype=dtype, n_vars=family.n_vars):
+            mbs = place.minibatches(data, plan.batch_size, dtype=dtype, n_vars=family.n_vars)
+            for mb in stages.iterate("read", mbs):
                 size = len(mb.batch)
                 group = np.full(size, -1, np.int32)
                 if groups is not None:
                     group[: mb.n_valid] = groups[mb.start : mb.start + mb.n_valid]
                 valid = (np.arange(size) < mb.n_valid).astype(dtype)
                 arrays = (mb.nz_index, mb.nz_count, mb.batch, mb.label, valid, group)
-                yield mb.start, mb.n_valid, place.cells(arrays)
+                yield mb.start, mb.n_valid, stages.call("copy", place.cells, arrays, wait=True)
 
     for start, n_valid, (nz_index, nz_count, batch, label, valid, group) in prefetch(placed()):
         x, enc = encode_counts(
@@ -372,16 +352,17 @@ class _Writer:
                 start, n_valid, rows = item
                 if not buffered:
                     first = start
-                for name, value in self.fetch(rows).items():
+                stages.wait("compute", rows)
+                for name, value in stages.call("fetch", self.fetch, rows).items():
                     buffered.setdefault(name, []).append(np.asarray(value)[:n_valid])
                 n_buffered += n_valid
                 if n_buffered >= self.block:
-                    self._flush(first, buffered)
+                    stages.call("write", self._flush, first, buffered)
                     buffered, n_buffered = {}, 0
                 if self.bar is not None:
                     self.bar.update(n_valid)
             if buffered:
-                self._flush(first, buffered)
+                stages.call("write", self._flush, first, buffered)
         except BaseException as err:  # re-raised in the dispatching thread
             self.error = err
             while self.queue.get() is not None:  # unblock the producer until close()

@@ -51,6 +51,10 @@ def _strict_jax() -> None:
 
 _strict_jax()
 
+from helpers import accelerator_precision  # noqa: E402 - after the jaxtyping hook
+
+accelerator_precision()  # float32 products at full precision on a GPU (TF32 off)
+
 
 def synthetic_counts(n_obs: int = 240, n_vars: int = 60, n_factors: int = 3, seed: int = 0):
     """Counts from a low-rank NB model: cells load on a few gene programmes."""

@@ -51,7 +51,7 @@ def random_adata(model: ldj.LinearSCVI, n_obs: int = 37, seed: int = 1, zero_cel
 
 def plan_for(model: ldj.LinearSCVI, n_obs: int, baseline, **overrides):
     """A ``pipeline.Plan`` over all latents and cells on one device (for tests that drive scorers)."""
-    from linear_decoder_jax import pipeline
+    from linear_decoder_jax import pipeline, sizing
 
     fields = {
         "latents": tuple(range(model.n_latent)),
@@ -61,7 +61,7 @@ def plan_for(model: ldj.LinearSCVI, n_obs: int, baseline, **overrides):
         "library": "model",
         "n_samples": 0,
         "seed": 0,
-        "batch_size": pipeline.choose_batch_size(
+        "batch_size": sizing.choose_batch_size(
             n_obs, model.config.n_input, model.n_latent, itemsize=4, vectorize=False
         ),
         "dtype": model.dtype,
@@ -71,3 +71,14 @@ def plan_for(model: ldj.LinearSCVI, n_obs: int, baseline, **overrides):
         **overrides,
     }
     return pipeline.Plan(**fields)
+
+
+def accelerator_precision() -> None:
+    """Float32 matrix products at full precision wherever the tests may run on a GPU or TPU
+    (``JAX_PLATFORMS`` other than ``cpu``): JAX's default there is TF32 or bf16 passes, and the
+    tests' float32 tolerances are set for float32 rounding. On CPU it changes nothing (its
+    products are full float32 either way). Called once by conftest, before any test traces."""
+    import os
+
+    if os.environ.get("JAX_PLATFORMS", "") != "cpu":
+        jax.config.update("jax_default_matmul_precision", "highest")

@@ -15,9 +15,12 @@ import pytest
 from helpers import random_adata, random_model
 
 import linear_decoder_jax as ldj
+from linear_decoder_jax.options import DEFAULT_HEARTBEAT_TIMEOUT
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMEOUT = 8  # seconds a process may be silent in these tests
+JOIN = 8  # seconds to join, where a test waits for a join that cannot happen
+STOPPED = 30  # seconds within which a killed or frozen process stops every other one (default)
+assert DEFAULT_HEARTBEAT_TIMEOUT + 10 <= STOPPED  # detection, then the exit (process 0: +3 s)
 
 
 def _port() -> int:
@@ -55,8 +58,6 @@ def _launch(model_dir, data, out, n, *extra, devices=1, port=None, ids=None):
                 str(n),
                 "--process-id",
                 str(i),
-                "--timeout",
-                str(TIMEOUT),
                 *extra,
             ],
             env=_env(devices),
@@ -73,18 +74,19 @@ def _errors(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("ldj: error:")]
 
 
-def _kill_mid_run(tmp, out, parts, *, n, victim):
-    """Launch ``n`` slow processes (long refits) over an existing ``out``, SIGKILL ``victim``
-    once every process has joined and checked (the parts folder exists): (processes, kill time)."""
+def _kill_mid_run(tmp, out, parts, *, n, victim, sig=signal.SIGKILL, extra=()):
+    """Launch ``n`` slow processes (long refits) over an existing ``out``, send ``sig`` to
+    ``victim`` once every process has joined and checked (the parts folder exists):
+    (processes, signal time). The liveness timeout is the default one."""
     out.write_bytes(b"old result")
-    extra = ["--overwrite", "--refit", "--refit-steps", "200", "--refit-tol", "0"]
+    extra = ["--overwrite", "--refit", "--refit-steps", "400", "--refit-tol", "0", *extra]
     procs = _launch(tmp / "model", tmp / "cells.h5ad", out, n, *extra)
     deadline = time.monotonic() + 120
     while not parts.exists() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert parts.exists()
     time.sleep(1.0)
-    procs[victim].send_signal(signal.SIGKILL)
+    procs[victim].send_signal(sig)
     return procs, time.monotonic()
 
 
@@ -178,9 +180,9 @@ def test_a_killed_process_stops_the_others(setup, tmp_path):
     out, parts = tmp_path / "out.h5ad", tmp_path / ".out.h5ad.ldj-parts"
     procs, killed_at = _kill_mid_run(tmp, out, parts, n=3, victim=1)
     for i in (0, 2):
-        _, err = procs[i].communicate(timeout=TIMEOUT * 6)
+        _, err = procs[i].communicate(timeout=STOPPED * 3)
         assert procs[i].returncode not in (0, None)
-        assert time.monotonic() - killed_at < TIMEOUT * 4
+        assert time.monotonic() - killed_at < STOPPED
         lines = _errors(err)
         assert len(lines) == 1 and "process 1" in lines[0], err[-2000:]
     procs[1].wait()
@@ -193,9 +195,11 @@ def test_unreachable_coordinator_and_mismatched_settings(setup, tmp_path):
     out = tmp_path / "out.h5ad"
     # process 1 of 2 alone: nobody answers at the coordinator's address
     start = time.monotonic()
-    (lonely,) = _launch(tmp / "model", tmp / "cells.h5ad", out, 2, ids=[1])
-    _, err = lonely.communicate(timeout=TIMEOUT * 6)
-    assert lonely.returncode == 1 and time.monotonic() - start < TIMEOUT * 4
+    (lonely,) = _launch(
+        tmp / "model", tmp / "cells.h5ad", out, 2, "--join-timeout", str(JOIN), ids=[1]
+    )
+    _, err = lonely.communicate(timeout=JOIN * 6)
+    assert lonely.returncode == 1 and time.monotonic() - start < JOIN * 4
     lines = _errors(err)
     assert len(lines) == 1 and "Could not join the distributed run" in lines[0], err[-2000:]
     # the same processes with different options: one line each, naming the processes
@@ -235,9 +239,9 @@ def test_a_killed_coordinator_stops_the_others(setup, tmp_path):
     model, adata, tmp = setup
     out, parts = tmp_path / "out.h5ad", tmp_path / ".out.h5ad.ldj-parts"
     procs, killed_at = _kill_mid_run(tmp, out, parts, n=2, victim=0)
-    _, err = procs[1].communicate(timeout=TIMEOUT * 6)
+    _, err = procs[1].communicate(timeout=STOPPED * 3)
     assert procs[1].returncode not in (0, None)
-    assert time.monotonic() - killed_at < TIMEOUT * 4
+    assert time.monotonic() - killed_at < STOPPED
     lines = [line for line in err.splitlines() if not line.startswith("ldj: compiling")]
     assert lines == [
         "ldj: error: lost the coordinator, process 0; process 1 stops, no output written."
@@ -248,3 +252,82 @@ def test_a_killed_coordinator_stops_the_others(setup, tmp_path):
     procs[0].wait()
     assert out.read_bytes() == b"old result"
     assert not parts.exists() and not any(tmp_path.glob(".out.h5ad.tmp-*"))
+
+
+@pytest.mark.parametrize("victim", [1, 0], ids=["peer", "coordinator"])
+def test_a_frozen_process_stops_the_others(setup, tmp_path, victim):
+    """SIGSTOP of one process mid-run (a frozen host): the other exits non-zero within the
+    default liveness timeout, one line naming it; no output, old output intact, no parts. Once
+    continued, the frozen process ends too."""
+    model, adata, tmp = setup
+    out, parts = tmp_path / "out.h5ad", tmp_path / ".out.h5ad.ldj-parts"
+    procs, stopped_at = _kill_mid_run(tmp, out, parts, n=2, victim=victim, sig=signal.SIGSTOP)
+    other = 1 - victim
+    try:
+        _, err = procs[other].communicate(timeout=STOPPED * 3)
+        assert procs[other].returncode not in (0, None)
+        assert time.monotonic() - stopped_at < STOPPED
+        named = "lost the coordinator, process 0" if victim == 0 else "process 1"
+        lines = _errors(err)
+        assert len(lines) == 1 and named in lines[0], err[-2000:]
+        assert not any(line.startswith(("***", "F1", "  @")) for line in err.splitlines())
+        procs[victim].send_signal(signal.SIGCONT)
+        procs[victim].communicate(timeout=STOPPED * 3)
+        assert procs[victim].returncode not in (0, None)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert out.read_bytes() == b"old result"
+    assert not parts.exists() and not any(tmp_path.glob(".out.h5ad.tmp-*"))
+
+
+_HOLD_GIL = """
+import ctypes, sys
+from linear_decoder_jax import anndata_io
+from linear_decoder_jax.cli import console_main
+
+libc, calls, read = ctypes.PyDLL(None), [0], anndata_io.nonzeros
+
+def nonzeros(*args, **kwargs):  # a read that holds the GIL for 3 liveness timeouts, once
+    calls[0] += 1
+    if calls[0] == 2 and {hold}:
+        libc.sleep(3 * {timeout})  # PyDLL: the GIL stays held for the whole call
+    return read(*args, **kwargs)
+
+anndata_io.nonzeros = nonzeros
+sys.argv = {argv!r}
+console_main()
+"""
+
+
+def test_a_read_holding_the_gil_is_not_silence(setup, tmp_path):
+    """A process whose reading thread holds the GIL for 3x the liveness timeout (no Python runs
+    in it, the runtime's heartbeats go on) is alive: the run completes."""
+    model, adata, tmp = setup
+    out, port, timeout = tmp_path / "out.h5ad", _port(), 3
+    procs = []
+    for i in range(2):
+        argv = ["ldj", "ablate", str(tmp / "model"), str(tmp / "cells.h5ad"), "-o", str(out)]
+        argv += ["--float64", "--distributed", "--coordinator", f"127.0.0.1:{port}"]
+        argv += ["--num-processes", "2", "--process-id", str(i)]
+        argv += ["--heartbeat-timeout", str(timeout), "--batch-size", "32"]
+        script = _HOLD_GIL.format(hold=i == 1, timeout=timeout, argv=argv)
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", script],
+                env=_env(1),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    start = time.monotonic()
+    for p in procs:
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-3000:]
+    assert time.monotonic() - start > 3 * timeout  # the hold happened
+    got = ldj.AblationResult.read(out)
+    whole = ldj.ablate(model, adata).delta_nll
+    np.testing.assert_allclose(got.delta_nll, whole, rtol=1e-9, atol=1e-9)
