@@ -673,7 +673,9 @@ def _rules(c: dict[str, Any], layout: Layout) -> list[_Rule]:
     head = "decoder.px_scale_decoder" if scvi15 else "decoder.params_nets.mean.fc_layers.Layer 0"
     linear(head, "px_mean", dims[-1], g, head_stacked, deep or len(dims) == 1)
     # dispersion
-    if c["dispersion"] == "gene":
+    if c["gene_likelihood"] == "poisson":
+        pass  # no dispersion
+    elif c["dispersion"] == "gene":
         rules.append(
             _Rule(
                 "px_r" if scvi15 else "decoder.params_nets.r",
@@ -743,8 +745,8 @@ def _apply(
         raise MalformedCheckpointError(msg)
     # drvi-py: theta = exp(1 + r) with r = params_nets.r ("gene") or Linear(n_batch, G) on the
     # batch one-hot ("gene-batch": W[:, b] + bias); the offset added as drvi-py adds it, in float32
-    r = params["px_r"]
-    if layout == "drvi-py":
+    r = params.get("px_r")
+    if r is not None and layout == "drvi-py":
         if bias_r is not None:
             r = r + bias_r[:, None]
         params["px_r"] = np.float32(1.0) + r

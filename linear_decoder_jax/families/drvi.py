@@ -290,7 +290,9 @@ class DRVIParams(NamedTuple):
     split_transform: Dense | None  # split_map: (n_split, split_size, d), no bias; power: (K, s*d)
     decoder: tuple[FCLayer, ...]
     px_mean: FCLayer  # kernel (n_hidden, n_input) or (n_split, n_hidden, n_input)
-    px_r: Array  # (n_input,) for "gene" or (n_input, n_batch) for "gene-batch"; log theta
+    px_r: (
+        Array | None
+    )  # (n_input,) "gene" or (n_input, n_batch) "gene-batch"; log theta; None: poisson
 
 
 def abstract_params(config: DRVIConfig, dtype: DTypeLike = np.float32) -> DRVIParams:
@@ -302,7 +304,14 @@ def abstract_params(config: DRVIConfig, dtype: DTypeLike = np.float32) -> DRVIPa
     s = config.n_split
 
     def fc(
-        n_in: int, n_out: int, *, stacked: bool, injected: bool, bn: bool, affine: bool
+        n_in: int,
+        n_out: int,
+        *,
+        stacked: bool,
+        injected: bool,
+        bn: bool,
+        affine: bool,
+        split: bool = True,
     ) -> FCLayer:
         emb = None
         if injected and config.covariate_modeling == "emb":
@@ -318,7 +327,7 @@ def abstract_params(config: DRVIConfig, dtype: DTypeLike = np.float32) -> DRVIPa
             dense = Dense(leaf(n_in, n_out), leaf(n_out))
         norm = None
         if bn:
-            width = n_out * s if s > 1 else n_out
+            width = n_out * s if (s > 1 and split) else n_out
             norm = BatchNorm(
                 leaf(width) if affine else None,
                 leaf(width) if affine else None,
@@ -334,7 +343,7 @@ def abstract_params(config: DRVIConfig, dtype: DTypeLike = np.float32) -> DRVIPa
         _in(config.affine_batch_norm, "encoder"),
     )
     encoder = tuple(
-        fc(a, b, stacked=False, injected=False, bn=enc_bn, affine=enc_affine)
+        fc(a, b, stacked=False, injected=False, bn=enc_bn, affine=enc_affine, split=False)
         for a, b in zip(enc_dims[:-1], enc_dims[1:], strict=True)
     )
     h_enc = enc_dims[-1]
@@ -369,6 +378,8 @@ def abstract_params(config: DRVIConfig, dtype: DTypeLike = np.float32) -> DRVIPa
         affine=False,
     )
     px_r = leaf(g) if config.dispersion == "gene" else leaf(g, config.n_cats_per_cov[0])
+    if config.gene_likelihood == "poisson":
+        px_r = None
     return DRVIParams(
         encoder=encoder,
         qz_mean=Dense(leaf(h_enc, k), leaf(k)),
@@ -635,10 +646,12 @@ def aggregate(values: Array, split_mask: Array | None, *, config: DRVIConfig) ->
     return jnp.where(m > 0, values, -jnp.inf).max(axis=1)
 
 
-def log_theta(params: DRVIParams, codes: Array, *, config: DRVIConfig) -> Array:
+def log_theta(params: DRVIParams, codes: Array, *, config: DRVIConfig) -> Array | None:
     """Per-cell log theta (b, n_input): ``px_r`` per gene, or the batch's column ("gene-batch":
     drvi-py's ``Linear(n_batch, n_input)`` on the batch one-hot, plus 1)."""
     b = codes.shape[0]
+    if params.px_r is None:
+        return None
     if config.dispersion == "gene":
         return jnp.broadcast_to(params.px_r[None, :], (b, params.px_r.shape[0]))
     return params.px_r.T[codes[:, 0]]
@@ -653,7 +666,7 @@ def rates_from_mean(mean: Array, log_r: Array, log_library: Array, *, config: DR
         mu = jnp.exp(jnp.maximum(log_library, 0.0) + log_scale)
     else:
         mu = jnp.exp(log_library) * scale
-    theta = None if config.gene_likelihood == "poisson" else jnp.exp(log_r)
+    theta = None if log_r is None else jnp.exp(log_r)
     return Rates(scale=scale, mu=mu, theta=theta, zi_logits=None)
 
 
