@@ -305,3 +305,43 @@ def test_hostile_checkpoints(drvi_models, tmp_path):
         read_drvi_checkpoint(payload)
     with pytest.raises(UnsafeCheckpointError, match="posix.system"):
         detect_family(payload)
+
+
+# --------------------------------------------------------------------------------------------
+# Our own format: config.json version 2 names the family; version 1 stays LinearSCVI
+# --------------------------------------------------------------------------------------------
+
+
+def test_save_load_drvi_and_version_one(drvi_models, tmp_path):
+    import json
+
+    from linear_decoder_jax import checkpoint
+    from linear_decoder_jax.config import ModelSpec
+
+    _, folder = drvi_models("emb_two_covs_nb_sum_nowhere")
+    family, params, ckpt = ours(folder)
+    spec = ModelSpec.from_converter(ckpt.config, family="drvi")
+    assert spec.family == "drvi" and spec.data.categorical_covariate_keys == ("batch", "donor")
+    out = checkpoint.save(tmp_path / "m", params, spec)
+    written = json.loads((out / "config.json").read_text())
+    assert written["format_version"] == 2 and written["family"] == "drvi"
+    params2, spec2 = checkpoint.load(out)
+    assert spec2 == spec and type(params2) is type(params)
+    for a, b in zip(np.asarray(params.px_r), np.asarray(params2.px_r), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert checkpoint.fingerprint(params2, spec2) == checkpoint.fingerprint(params, spec)
+    # the covariate categories are checked against the configuration
+    bad = dict(written)
+    bad["data"] = {**written["data"], "categorical_covariate_categories": [["a"], ["d0", "d1"]]}
+    (out / "config.json").write_text(json.dumps(bad))
+    with pytest.raises(Exception, match="categories per covariate"):
+        checkpoint.read_spec(out)
+    # a version-1 directory (no "family") is LinearSCVI
+    v1 = {
+        "format_version": 1,
+        "model": {"n_input": 2, "n_latent": 1},
+        "data": {"var_names": ["a", "b"]},
+    }
+    assert ModelSpec.from_dict(v1).family == "linear_scvi"
+    with pytest.raises(ConfigError, match="family"):
+        ModelSpec.from_dict({**v1, "format_version": 2, "family": "scvi"})

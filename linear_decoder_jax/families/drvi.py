@@ -657,7 +657,9 @@ def log_theta(params: DRVIParams, codes: Array, *, config: DRVIConfig) -> Array 
     return params.px_r.T[codes[:, 0]]
 
 
-def rates_from_mean(mean: Array, log_r: Array, log_library: Array, *, config: DRVIConfig) -> Rates:
+def rates_from_mean(
+    mean: Array, log_r: Array | None, log_library: Array, *, config: DRVIConfig
+) -> Rates:
     """Likelihood parameters from the aggregated values ``mean`` (b, n_input): softmax over genes
     times the library (``pnb``: ``log(library.clip(1))`` in log space, ``LogNegativeBinomialNoiseModel``)."""
     log_scale = jax.nn.log_softmax(mean, axis=-1)
