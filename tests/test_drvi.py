@@ -345,3 +345,88 @@ def test_save_load_drvi_and_version_one(drvi_models, tmp_path):
     assert ModelSpec.from_dict(v1).family == "linear_scvi"
     with pytest.raises(ConfigError, match="family"):
         ModelSpec.from_dict({**v1, "format_version": 2, "family": "scvi"})
+
+
+# --------------------------------------------------------------------------------------------
+# DRVI's own interpretability scores (linear_decoder_jax.drvi_scores) against drvi-py's
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["default_batch", "emb_two_covs_nb_sum_nowhere"])
+def test_interpretability_scores_equal_drvi_py(name, drvi_models, drvi_adata):
+    import anndata as ad
+
+    from linear_decoder_jax import drvi_scores as S
+
+    m, folder = drvi_models(name)
+    family, params, _ = ours(folder)
+    adata = m.adata
+    x, codes = np.asarray(adata.X, np.float32), codes_of(m)
+
+    def close(a, b, tol=2e-5):
+        assert np.shape(a) == np.shape(b)
+        assert rel_err(a, b) <= tol, rel_err(a, b)
+
+    # reconstruction effect: summed, per cell, directional per cell
+    close(S.get_reconstruction_effect_of_each_split(family, params, x, codes, batch_size=64),
+          m.get_reconstruction_effect_of_each_split(adata))  # fmt: skip
+    for directional in (False, True):
+        close(
+            S.get_reconstruction_effect_of_each_split(
+                family, params, x, codes, aggregate_over_cells=False, directional=directional
+            ),
+            m.get_reconstruction_effect_of_each_split(
+                adata, aggregate_over_cells=False, directional=directional
+            ),
+        )
+    # within-distribution effects, both directions and not
+    for directional in (True, False):
+        ours_ind = S.get_effect_of_splits_within_distribution(
+            family, params, x, codes, directional=directional
+        )
+        ref_ind = m.get_effect_of_splits_within_distribution(adata, directional=directional)
+        assert ours_ind.keys() == ref_ind.keys()
+        for key in ref_ind:
+            close(ours_ind[key], ref_ind[key])
+    # latent dimension stats on an embedding AnnData
+    latent = m.get_latent_representation(adata)
+    e_ref, e_ours = ad.AnnData(latent.copy()), ad.AnnData(latent.copy())
+    m.set_latent_dimension_stats(e_ref)
+    effect = S.get_reconstruction_effect_of_each_split(family, params, x, codes)
+    S.set_latent_dimension_stats(e_ours, effect)
+    assert list(e_ours.var.columns) == list(e_ref.var.columns)
+    for col in e_ref.var.columns:
+        if e_ref.var[col].dtype.kind == "f":
+            close(e_ours.var[col].to_numpy(), e_ref.var[col].to_numpy())
+        else:
+            assert e_ours.var[col].tolist() == e_ref.var[col].tolist(), col
+    # out of distribution: the same covariate draws
+    np.random.seed(3)
+    ood_ref = m.get_effect_of_splits_out_of_distribution(e_ref, n_samples=4)
+    np.random.seed(3)
+    combos = np.random.permutation(S.all_covariate_combinations(family))[:4]
+    ood = S.get_effect_of_splits_out_of_distribution(
+        family, params, e_ours.var["min"].values, e_ours.var["max"].values, combinations=combos
+    )
+    for key in ood_ref:
+        close(ood[key], ood_ref[key], tol=1e-4)
+    # interpretability tables (OOD over every combination: nothing drawn when n_samples is large)
+    m.calculate_interpretability_scores(e_ref, methods="ALL", n_samples=1000)
+    S.calculate_interpretability_scores(family, params, e_ours, x, codes, methods="ALL")
+    assert sorted(e_ours.varm.keys()) == sorted(e_ref.varm.keys())
+    t_ref = m.get_interpretability_scores(e_ref, adata, key="IND_max")
+    t_ours = S.get_interpretability_scores(e_ours, adata.var_names, key="IND_max")
+    assert list(t_ours.columns) == list(t_ref.columns) and list(t_ours.index) == list(t_ref.index)
+    close(t_ours.to_numpy(), t_ref.to_numpy())
+
+
+def test_interpretability_refusals(drvi_models, drvi_adata):
+    from linear_decoder_jax import drvi_scores as S
+
+    m, folder = drvi_models("max_diag_last_genebatch")
+    family, params, _ = ours(folder)
+    x, codes = np.asarray(drvi_adata.X, np.float32), codes_of(m)
+    with pytest.raises(NotImplementedError):
+        m.get_effect_of_splits_within_distribution(m.adata)
+    with pytest.raises(ConfigError, match="'logsumexp' and 'sum' only"):
+        S.get_effect_of_splits_within_distribution(family, params, x, codes)
