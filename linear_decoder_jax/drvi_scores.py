@@ -245,7 +245,7 @@ def get_effect_of_splits_within_distribution(
         family, params, x, batch, add_to_counts=add_to_counts, directional=directional,
         skip_threshold=skip_threshold, batch_size=batch_size,
     )  # fmt: skip
-    results = {}
+    results: dict[str, np.ndarray] = {}
     for agg in aggregations:
         if agg == "max":
             results[agg] = out["max"].astype(np.float32)
