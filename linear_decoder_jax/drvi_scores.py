@@ -78,7 +78,8 @@ def split_effects(values: Array, *, aggregation: str, add_to_counts: float) -> A
 
 
 @functools.partial(
-    jax.jit, static_argnames=("family", "add_to_counts", "directional", "skip_threshold")
+    jax.jit,
+    static_argnames=("family", "add_to_counts", "directional", "skip_threshold", "aggregate"),
 )
 def _within_batch(
     family: DRVI,
@@ -90,9 +91,10 @@ def _within_batch(
     add_to_counts: float,
     directional: bool,
     skip_threshold: float,
+    aggregate: bool,
 ) -> dict[str, Array]:
-    """One minibatch of the within-distribution pass: per-cell effect shares and the sums/maxima
-    of every aggregation (padded rows, ``valid`` 0, contribute nothing)."""
+    """One minibatch of the within-distribution pass: per-cell effect shares and (``aggregate``)
+    the sums/maxima of every aggregation (padded rows, ``valid`` 0, contribute nothing)."""
     config = family.config
     latent, _ = posterior(params, x, config=config)
     values = split_values(params, latent, codes, config=config)
@@ -115,6 +117,8 @@ def _within_batch(
         weights = latent[..., None]  # (b, K, 1)
     vmask = v.reshape((-1,) + (1,) * (effect.ndim - 1))
     effect = effect * vmask
+    if not aggregate:
+        return {"share": effect.sum(axis=-1)}
     weights = weights * vmask
     exp_weights = (jnp.exp(weights) - 1.0) * vmask
     return {
@@ -144,6 +148,7 @@ def _within_pass(
     directional: bool,
     skip_threshold: float,
     batch_size: int,
+    aggregate: bool = True,
 ) -> dict[str, np.ndarray]:
     """The within-distribution pass over all cells, minibatch by minibatch (padded to one shape)."""
     _check_effect(family, directional)
@@ -168,6 +173,7 @@ def _within_pass(
             add_to_counts=float(add_to_counts),
             directional=bool(directional),
             skip_threshold=float(skip_threshold),
+            aggregate=aggregate,
         )
         out = jax.device_get(out)
         shares.append(out.pop("share")[: stop - start])
@@ -212,7 +218,7 @@ def get_reconstruction_effect_of_each_split(
     """
     out = _within_pass(
         family, params, x, batch, add_to_counts=add_to_counts, directional=directional,
-        skip_threshold=1.0, batch_size=batch_size,
+        skip_threshold=1.0, batch_size=batch_size, aggregate=False,
     )  # fmt: skip
     share = out["share"]
     return (share.sum(axis=0) if aggregate_over_cells else share).astype(np.float32)
