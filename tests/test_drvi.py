@@ -183,6 +183,40 @@ def test_config_checks_and_round_trip():
         F.DRVIConfig.from_dict({"n_input": 3, "zinb": True})
 
 
+def test_family_jits_with_static_config():
+    """The family is hashable: jit takes it as a static argument; params are abstract-shaped."""
+    import jax
+
+    config = F.DRVIConfig(
+        n_input=7,
+        n_latent=4,
+        n_split=4,
+        encoder_dims=(5,),
+        decoder_dims=(6,),
+        n_cats_per_cov=(1, 3),
+    )
+    family = F.DRVI(config)
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map(
+        lambda s: jnp.asarray(rng.normal(size=s.shape) * 0.3, jnp.float32),
+        F.abstract_params(config),
+    )
+    x = jnp.asarray(rng.poisson(3.0, size=(5, 7)), jnp.float32)
+    codes = jnp.asarray(np.stack([np.zeros(5), rng.integers(0, 3, 5)], 1), jnp.int32)
+
+    @jax.jit
+    def nll(params, x, codes, mask):
+        enc = family.encode(params, x, codes, None, library="observed")
+        rates = family.decode(params, enc.z, enc.log_library, codes, None, split_mask=mask)
+        return -family.log_prob(x, rates).sum(-1)
+
+    full = nll(params, x, codes, jnp.ones(4))
+    assert full.shape == (5,) and bool(jnp.all(jnp.isfinite(full)))
+    assert not np.allclose(nll(params, x, codes, jnp.asarray([1.0, 0, 1, 1])), full)
+    with pytest.raises(ConfigError, match=r"\(n_obs, 2\) integer array"):
+        family.decode(params, x[:, :4], x[:, :1], codes[:, 1], None)
+
+
 # --------------------------------------------------------------------------------------------
 # The scvi-tools 1.5 layout (drvi.utils.port_to_scvi_tools)
 # --------------------------------------------------------------------------------------------
@@ -221,6 +255,19 @@ def test_port_in_session_matches(drvi_models, tmp_path):
     for key in a.params:
         np.testing.assert_array_equal(a.params[key], b.params[key], err_msg=key)
     assert detect_family(dest) == "drvi"
+
+    # 1.5 options the port never writes are refused by name
+    def zinb(saved):
+        saved["attr_dict"]["init_params_"]["non_kwargs"]["gene_likelihood"] = "zinb"
+
+    with pytest.raises(UnsupportedModelError, match="gene_likelihood='zinb' is not supported"):
+        read_drvi_checkpoint(_rewrite(dest, tmp_path / "zinb", zinb))
+
+    def encoded_library(saved):
+        saved["attr_dict"]["init_params_"]["kwargs"]["kwargs"]["use_observed_lib_size"] = False
+
+    with pytest.raises(UnsupportedModelError, match="use_observed_lib_size=False"):
+        read_drvi_checkpoint(_rewrite(dest, tmp_path / "lib", encoded_library))
 
 
 # --------------------------------------------------------------------------------------------
