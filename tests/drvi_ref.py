@@ -6,7 +6,6 @@ Test-only: imports torch and drvi (skipped cleanly where drvi-py is not installe
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from pathlib import Path
 from typing import Any
@@ -111,8 +110,7 @@ def torch_reference(m, x: np.ndarray, codes: np.ndarray) -> dict[str, np.ndarray
 def ours(folder: Path):
     """Our family and parameters from the converted checkpoint."""
     ckpt = read_drvi_checkpoint(folder)
-    names = {f.name for f in dataclasses.fields(F.DRVIConfig)}
-    config = F.DRVIConfig.from_dict({k: v for k, v in ckpt.config.items() if k in names})
+    config = F.config_from_converter(ckpt.config)
     return F.DRVI(config), F.from_flat(ckpt.params, config), ckpt
 
 

@@ -254,6 +254,13 @@ class DRVIConfig:
         return cls(**d)
 
 
+def config_from_converter(cfg: dict[str, Any]) -> DRVIConfig:
+    """The ``DRVIConfig`` of a ``converters.drvi.read_drvi_checkpoint`` config (its other keys,
+    the data registry and provenance, are left out)."""
+    names = {f.name for f in dataclasses.fields(DRVIConfig)}
+    return DRVIConfig.from_dict({k: v for k, v in cfg.items() if k in names})
+
+
 # --------------------------------------------------------------------------------------------
 # Parameters
 # --------------------------------------------------------------------------------------------
