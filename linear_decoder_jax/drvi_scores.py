@@ -70,10 +70,15 @@ def split_effects(values: Array, *, aggregation: str, add_to_counts: float) -> A
     and a pseudo-count term for ``logsumexp``, ``|values|`` for ``sum``."""
     if aggregation == "sum":
         return jnp.abs(values)
-    total = jax.scipy.special.logsumexp(values, axis=(1, 2))  # (b,)
-    log_add = total + math.log(add_to_counts / 1e6)
-    pad = jnp.broadcast_to(log_add[:, None, None], (values.shape[0], 1, values.shape[2]))
-    share = jax.nn.softmax(jnp.concatenate([values, pad], axis=1), axis=1)[:, :-1, :]
+    # drvi-py: softmax over the splits of [values, log_add] per gene, log_add = logsumexp over
+    # splits and genes + log(add_to_counts / 1e6). With e = exp(values - max per cell) the
+    # pseudo-count term is sum(e) * add_to_counts / 1e6: one exp and one log per element (drvi-py
+    # takes three transcendentals); equal up to float32 rounding, except that a share below
+    # exp(-87) of the cell's largest term is 0 here (its effect is that small).
+    m = jax.lax.stop_gradient(values.max(axis=(1, 2), keepdims=True))
+    e = jnp.exp(values - m)
+    pad = e.sum(axis=(1, 2), keepdims=True) * (add_to_counts / 1e6)
+    share = e / (e.sum(axis=1, keepdims=True) + pad)
     return -jnp.log(1.0 - share)
 
 
@@ -101,34 +106,43 @@ def _within_batch(
     effect = split_effects(
         values, aggregation=config.split_aggregation, add_to_counts=add_to_counts
     )
-    v = valid.astype(effect.dtype)
+    v = valid.astype(effect.dtype)[:, None]  # (b, 1)
+    # the cells' weights per split, (b, s) each direction; drvi-py stacks the masked effects into
+    # (b, 2, s, G) and multiplies: here the masks and weights go into (b, s) vectors and each sum
+    # over cells is one contraction (no (b, 2, s, G) array)
     if directional:
-        pos = (latent > 0).astype(effect.dtype)[:, :, None]
-        neg = (latent < 0).astype(effect.dtype)[:, :, None]
-        effect = jnp.stack([effect * pos, effect * neg], axis=1)  # (b, 2, s, G)
-        weights = jnp.stack(
-            [
-                jnp.maximum(latent, skip_threshold) - skip_threshold,
-                jnp.maximum(-latent, skip_threshold) - skip_threshold,
-            ],
-            axis=1,
-        )[..., None]  # (b, 2, K, 1)
+        masks = [(latent > 0).astype(effect.dtype) * v, (latent < 0).astype(effect.dtype) * v]
+        weights = [
+            jnp.maximum(latent, skip_threshold) - skip_threshold,
+            jnp.maximum(-latent, skip_threshold) - skip_threshold,
+        ]
     else:
-        weights = latent[..., None]  # (b, K, 1)
-    vmask = v.reshape((-1,) + (1,) * (effect.ndim - 1))
-    effect = effect * vmask
+        masks, weights = [v * jnp.ones_like(latent)], [latent]
+    share = effect.sum(axis=-1)  # (b, s)
+    out = {"share": jnp.stack([share * mk for mk in masks], axis=1) if directional else share * v}
     if not aggregate:
-        return {"share": effect.sum(axis=-1)}
-    weights = weights * vmask
-    exp_weights = (jnp.exp(weights) - 1.0) * vmask
-    return {
-        "share": effect.sum(axis=-1),  # (b, [2,] s)
-        "max": effect.max(axis=0),
-        "linear_weighted_mean": (effect * weights).sum(axis=0),
-        "linear_weights": weights.sum(axis=0),
-        "exp_weighted_mean": (effect * exp_weights).sum(axis=0),
-        "exp_weights": exp_weights.sum(axis=0),
-    }
+        return out
+
+    def stack(parts: list[Array]) -> Array:
+        return jnp.stack(parts) if directional else parts[0]
+
+    # (b, 1, s, G) x (b, w, s, 1) reduced over cells: XLA fuses the product into the reduction
+    # (measured 7x faster on CPU than the einsum's transposes)
+    mk = jnp.stack(masks, axis=1)[..., None]
+    maxima = (effect[:, None] * mk).max(axis=0)
+    out["max"] = maxima if directional else maxima[0]
+    lin = [w * mk for w, mk in zip(weights, masks, strict=True)]
+    ex = [(jnp.exp(w) - 1.0) * mk for w, mk in zip(weights, masks, strict=True)]
+    # drvi-py multiplies the *masked* effect by the weights, so a weight counts only where its
+    # direction's mask is on; every weighted sum in one contraction (one read of the effects)
+    sums = (effect[:, None] * jnp.stack(lin + ex, axis=1)[..., None]).sum(axis=0)
+    d = len(masks)
+    out["linear_weighted_mean"] = stack([sums[i] for i in range(d)])
+    out["exp_weighted_mean"] = stack([sums[d + i] for i in range(d)])
+    # the weights' sums are over every (valid) cell, mask or not
+    out["linear_weights"] = stack([(w * v).sum(axis=0)[:, None] for w in weights])
+    out["exp_weights"] = stack([((jnp.exp(w) - 1.0) * v).sum(axis=0)[:, None] for w in weights])
+    return out
 
 
 def _dense_rows(x: Any, start: int, stop: int) -> np.ndarray:
