@@ -176,11 +176,13 @@ def detect_family(
     UnsupportedModelError
         Another scvi-tools model (SCVI, SCANVI, ...).
     """
-    file = _model_file(src, prefix)
-    if (
-        file.parent / f"{file.name.removesuffix('model.pt')}model_params.pt"
-    ).is_file() and not file.is_file():
-        return "linear_scvi"  # pragma: no cover - legacy LinearSCVI folders have no model.pt
+    try:
+        file = _model_file(src, prefix)
+    except MalformedCheckpointError:
+        folder = Path(src)  # scvi-tools < 0.15 saved LinearSCVI as model_params.pt + attr.pkl
+        if folder.is_dir() and any(folder.glob(f"{prefix or '*'}model_params.pt")):
+            return "linear_scvi"
+        raise
     saved = _load(file)
     name = _model_name(saved)
     state = saved["model_state_dict"]

@@ -477,3 +477,12 @@ def test_interpretability_refusals(drvi_models, drvi_adata):
         m.get_effect_of_splits_within_distribution(m.adata)
     with pytest.raises(ConfigError, match="'logsumexp' and 'sum' only"):
         S.get_effect_of_splits_within_distribution(family, params, x, codes)
+
+
+def test_detect_family_on_linear_scvi_fixtures():
+    data = Path(__file__).parent / "data"
+    folders = [data / "golden", *sorted((data / "old_release").iterdir())]
+    assert {detect_family(f) for f in folders} == {"linear_scvi"}
+    assert {detect_family(p) for p in sorted(PORTED.iterdir())} == {"drvi"}
+    with pytest.raises(UnsupportedModelError, match="LinearSCVI model, not DRVI"):
+        read_drvi_checkpoint(data / "golden")
