@@ -82,6 +82,17 @@ def split_effects(values: Array, *, aggregation: str, add_to_counts: float) -> A
     return -jnp.log(1.0 - share)
 
 
+def _max_over_cells(a: Array) -> Array:
+    """``a.max(axis=0)`` as a tree of elementwise maxima: XLA:CPU's reduction over the leading
+    axis is about 4x slower (measured at 1024 x 2 x 32 x 2000); exact either way."""
+    while a.shape[0] > 1:
+        if a.shape[0] % 2:
+            a = jnp.concatenate([a, a[-1:]])
+        half = a.shape[0] // 2
+        a = jnp.maximum(a[:half], a[half:])
+    return a[0]
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("family", "add_to_counts", "directional", "skip_threshold", "aggregate"),
@@ -129,7 +140,7 @@ def _within_batch(
     # (b, 1, s, G) x (b, w, s, 1) reduced over cells: XLA fuses the product into the reduction
     # (measured 7x faster on CPU than the einsum's transposes)
     mk = jnp.stack(masks, axis=1)[..., None]
-    maxima = (effect[:, None] * mk).max(axis=0)
+    maxima = _max_over_cells(effect[:, None] * mk)
     out["max"] = maxima if directional else maxima[0]
     lin = [w * mk for w, mk in zip(weights, masks, strict=True)]
     ex = [(jnp.exp(w) - 1.0) * mk for w, mk in zip(weights, masks, strict=True)]
