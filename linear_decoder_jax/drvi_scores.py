@@ -19,12 +19,14 @@ _interpretability_mixin.py``; tests run both on the same model) and keeps its op
 * :func:`calculate_interpretability_scores` (``embed.varm["IND_*"/"OOD_*"]``) and
   :func:`get_interpretability_scores` (genes x "DR k+/-" DataFrame).
 
-Differences from drvi-py, by design: the within-distribution pass computes every aggregation and
-the reconstruction effect in one pass over the cells (drvi-py decodes once per function); the
-out-of-distribution effect takes its covariate combinations as an argument (drvi-py draws them with
-``np.random.permutation``: pass the same draws to compare). As drvi-py, the within-distribution
-effect supports the ``logsumexp`` and ``sum`` aggregations only (``ConfigError`` otherwise), and
-the directional variants need one latent per split.
+Differences from drvi-py, by design: the minibatches are larger (1024 cells) and jitted; the
+sums and maxima over cells are fused reductions of (cells, splits) weights instead of (cells, 2,
+splits, genes) products; the ``logsumexp`` effect takes one exp and one log per element; the
+out-of-distribution effect takes its covariate combinations as an argument (drvi-py draws them
+with ``np.random.permutation``: pass the same draws to compare). As drvi-py, the
+within-distribution effect supports the ``logsumexp`` and ``sum`` aggregations only
+(``ConfigError`` where drvi-py raises ``NotImplementedError``), and the directional variants
+need one latent per split.
 """
 
 from __future__ import annotations
