@@ -22,6 +22,7 @@ _EXPORTS = {
     "AffineDecoders": "api",
     "CheckpointFormatError": "errors",
     "ConfigError": "errors",
+    "DRVI": "api",
     "DataRegistry": "config",
     "Decoded": "model",
     "DistributedError": "errors",
@@ -65,7 +66,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from linear_decoder_jax import module, pl
     from linear_decoder_jax._cache import enable_compilation_cache
-    from linear_decoder_jax.api import AffineDecoders, LinearSCVI, ablate, convert, load
+    from linear_decoder_jax.api import DRVI, AffineDecoders, LinearSCVI, ablate, convert, load
     from linear_decoder_jax.config import DataRegistry, LDVAEConfig, ModelSpec
     from linear_decoder_jax.errors import (
         CheckpointFormatError,

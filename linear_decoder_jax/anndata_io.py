@@ -393,16 +393,37 @@ def prepare(
     if not allow_non_integer:
         check_source(adata, source)
     cfg = spec.model
-    batch = _covariate(
-        adata, spec.data.batch_key, spec.data.batch_categories, what="batch", needed=cfg.n_batch > 1
-    )
-    label = _covariate(
-        adata,
-        spec.data.labels_key,
-        spec.data.label_categories,
-        what="labels",
-        needed=cfg.dispersion == "gene-label",
-    )
+    if spec.family == "drvi":  # the batch, then the categorical covariates, packed in one code
+        from linear_decoder_jax.families.drvi import pack_covariates
+
+        d = spec.data
+        keys = [(d.batch_key, d.batch_categories, "batch")] + [
+            (key, cats, "covariate")
+            for key, cats in zip(
+                d.categorical_covariate_keys, d.categorical_covariate_categories, strict=True
+            )
+        ]
+        codes = [
+            _covariate(adata, key, cats, what=what, needed=n > 1)
+            for (key, cats, what), n in zip(keys, cfg.n_cats_per_cov, strict=True)
+        ]
+        batch = pack_covariates(cfg, np.stack(codes, axis=1))
+        label = np.zeros(adata.n_obs, np.int32)
+    else:
+        batch = _covariate(
+            adata,
+            spec.data.batch_key,
+            spec.data.batch_categories,
+            what="batch",
+            needed=cfg.n_batch > 1,
+        )
+        label = _covariate(
+            adata,
+            spec.data.labels_key,
+            spec.data.label_categories,
+            what="labels",
+            needed=cfg.dispersion == "gene-label",
+        )
     return CellData(
         counts=source.matrix,
         gene_index=gene_index,

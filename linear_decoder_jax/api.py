@@ -27,14 +27,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from linear_decoder_jax import ablation, anndata_io, checkpoint, model, options, pipeline, sources
+from linear_decoder_jax import (
+    ablation,
+    anndata_io,
+    checkpoint,
+    families,
+    model,
+    options,
+    pipeline,
+    sources,
+)
 from linear_decoder_jax._atomic import check_destination
 from linear_decoder_jax._text import preview
 from linear_decoder_jax.config import LDVAEConfig, ModelSpec
 from linear_decoder_jax.errors import ConfigError, IncompatibleDataError
-from linear_decoder_jax.families.linear_scvi import LinearSCVIFamily
 from linear_decoder_jax.family import Family, sample_gaussian
-from linear_decoder_jax.params import LDVAEParams, from_flat
+from linear_decoder_jax.params import from_flat
 from linear_decoder_jax.results import AblationResult, h5ad_name
 
 if TYPE_CHECKING:
@@ -83,11 +91,20 @@ def _is_model_dir(path: Path) -> bool:
     return (path / checkpoint.CONFIG_FILE).is_file()
 
 
-def _read_foreign(src: str | os.PathLike, prefix: str | None) -> tuple[dict, ModelSpec]:
+def _read_foreign(src: str | os.PathLike, prefix: str | None) -> tuple[Any, ModelSpec]:
+    """(params, spec) of a foreign checkpoint, its family detected (no torch, no pickle code)."""
     from converters import read_scvi_checkpoint
+    from converters.drvi import detect_family, read_drvi_checkpoint
 
-    ckpt = read_scvi_checkpoint(src, prefix=prefix)
-    return ckpt.params, ModelSpec.from_converter(ckpt.config)
+    if detect_family(src, prefix=prefix) == "drvi":
+        from linear_decoder_jax.families import drvi
+
+        ckpt = read_drvi_checkpoint(src, prefix=prefix)
+        spec = ModelSpec.from_converter(ckpt.config, family="drvi")
+        return drvi.from_flat(ckpt.params, spec.model), spec
+    scvi = read_scvi_checkpoint(src, prefix=prefix)
+    spec = ModelSpec.from_converter(scvi.config)
+    return from_flat(scvi.params, spec.model), spec
 
 
 def convert(
@@ -121,14 +138,13 @@ def convert(
     if target == source or target in source.parents:
         msg = f"Refusing to write {target}: it holds the checkpoint being converted ({source})."
         raise ConfigError(msg)
-    flat, spec = _read_foreign(src, prefix)
-    params = from_flat(flat, spec.model)
+    params, spec = _read_foreign(src, prefix)
     return checkpoint.save(dst, params, spec, overwrite=overwrite)
 
 
 def load(
     path: str | os.PathLike, *, prefix: str | None = None, dtype: DType = "float32"
-) -> LinearSCVI:
+) -> LinearSCVI | DRVI:
     """Load a converted model directory, or convert a scvi-tools checkpoint in memory.
 
     ``dtype="float64"`` runs every computation in double precision (JAX's x64 mode is switched on
@@ -138,17 +154,18 @@ def load(
     if path.is_dir() and _is_model_dir(path):
         params, spec = checkpoint.load(path)
     else:
-        flat, spec = _read_foreign(path, prefix)
-        params = from_flat(flat, spec.model)
-    return LinearSCVI(params, spec, dtype=dtype, path=str(path.absolute()))
+        params, spec = _read_foreign(path, prefix)
+    facade = DRVI if spec.family == "drvi" else LinearSCVI
+    return facade(params, spec, dtype=dtype, path=str(path.absolute()))
 
 
-class LinearSCVI:
-    """A LinearSCVI model in JAX: ``(spec, params)`` plus scvi-tools' query methods."""
+class _Model:
+    """What every model facade shares: ``(spec, params)`` of one family, its dtype and path, the
+    alignment of data with it, the encoding of cells and what the run pipeline needs of it."""
 
     def __init__(
         self,
-        params: LDVAEParams,
+        params: Any,
         spec: ModelSpec,
         *,
         dtype: DType = "float32",
@@ -157,22 +174,17 @@ class LinearSCVI:
     ):
         if dtype not in ("float32", "float64"):
             raise ConfigError(f"Expected dtype 'float32' or 'float64', got {dtype!r} instead.")
-        # the decoder the scorers see: LinearSCVI's own, or (tests) the same maths another way
-        self.family: Family = family or LinearSCVIFamily(spec.model)
+        # the decoder the scorers see: the spec's family, or (tests) the same maths another way
+        self.family: Family = family or families.of(spec)
         self.spec = spec
         self.path = path
         self.dtype: DType = dtype
         self._host_params = jax.tree.map(lambda a: np.asarray(a, dtype=dtype), params)
-        self._device_params: LDVAEParams | None = None
-
-    # -- basic facts ---------------------------------------------------------------------------
-    @property
-    def config(self) -> LDVAEConfig:
-        return self.spec.model
+        self._device_params: Any = None
 
     @property
     def n_latent(self) -> int:
-        return self.config.n_latent
+        return self.family.n_latent
 
     @property
     def var_names(self) -> list[str]:
@@ -183,52 +195,10 @@ class LinearSCVI:
         """``Z_0 ... Z_{K-1}``, the column names scvi-tools' ``get_loadings`` uses."""
         return self.family.latent_names()
 
-    def __repr__(self) -> str:
-        c = self.config
-        return (
-            f"LinearSCVI(n_input={c.n_input}, n_latent={c.n_latent}, n_batch={c.n_batch}, "
-            f"gene_likelihood={c.gene_likelihood!r}, dispersion={c.dispersion!r}, "
-            f"latent_distribution={c.latent_distribution!r}, dtype={self.dtype!r})"
-        )
-
     @property
-    def host_params(self) -> LDVAEParams:
+    def host_params(self) -> Any:
         """Parameters as numpy arrays of the model's dtype (the converted weights)."""
         return self._host_params
-
-    def to_flax(self) -> tuple[Any, dict[str, Any]]:
-        """This model as a Flax (linen) module and its ``variables``: ``module.apply(variables,
-        x, batch, label, method="nll")`` and friends, differentiable and trainable with optax
-        (``linear_decoder_jax.module``; the workflow is in docs/flax.md)."""
-        from linear_decoder_jax import module
-
-        return module.create(self.config, self.host_params)
-
-    @classmethod
-    def from_flax(cls, variables: dict[str, Any], *, like: LinearSCVI) -> LinearSCVI:
-        """A model holding the weights of Flax ``variables`` (e.g. fine-tuned), with the genes,
-        categories and configuration of ``like``: save it, ablate it, query it.
-
-        Parameters
-        ----------
-        variables
-            Variables of ``like.to_flax()``'s module, after training or not; checked leaf by
-            leaf against ``like.config`` (``module.to_params``).
-        like
-            The model the variables came from: its ``spec`` (configuration, gene names,
-            batch and label categories) and ``dtype`` are the new model's.
-
-        Returns
-        -------
-        LinearSCVI
-            A new model (``path`` None until it is saved); ``like`` is unchanged.
-        """
-        from linear_decoder_jax import module
-
-        if not isinstance(like, LinearSCVI):
-            msg = f"Expected like= a LinearSCVI, got {type(like).__name__} instead."
-            raise ConfigError(msg)
-        return cls(module.to_params(like.config, variables), like.spec, dtype=like.dtype)
 
     def fingerprint(self) -> str:
         """sha256 of the weights and the data registry (``checkpoint.fingerprint``)."""
@@ -238,7 +208,6 @@ class LinearSCVI:
         """Write this model in our format (orbax parameters + ``config.json``), atomically."""
         return checkpoint.save(path, self._host_params, self.spec, overwrite=overwrite)
 
-    # -- plumbing ------------------------------------------------------------------------------
     @contextlib.contextmanager
     def precision(self) -> Iterator[None]:
         """Context in which this model's arrays have its dtype (x64 on for float64 only)."""
@@ -246,7 +215,7 @@ class LinearSCVI:
             yield
 
     @property
-    def params(self) -> LDVAEParams:
+    def params(self) -> Any:
         """Parameters as device arrays of the model's dtype (call inside :meth:`precision`)."""
         if self._device_params is None:
             with self.precision():
@@ -281,7 +250,7 @@ class LinearSCVI:
         size = int(batch_size or min(DEFAULT_BATCH_SIZE, data.n_obs))
         parts: dict[str, list[np.ndarray]] = {}
         with self.precision():
-            for mb in anndata_io.minibatches(data, size):
+            for mb in anndata_io.minibatches(data, size, dtype=np.dtype(self.dtype)):
                 for key, value in fn(mb).items():
                     parts.setdefault(key, []).append(np.asarray(value)[: mb.n_valid])
         return {k: np.concatenate(v, axis=0) for k, v in parts.items()}
@@ -308,6 +277,75 @@ class LinearSCVI:
             msg = f"latent has {latent.shape[0]} rows but the data has {n_obs} cells."
             raise IncompatibleDataError(msg)
         return latent
+
+    def run_model(self) -> assemble.Model:
+        """What the run pipeline needs of this model: family, parameters (device arrays: call
+        inside :meth:`precision`), identity and loadings."""
+        from linear_decoder_jax import assemble
+
+        loadings = _loadings(self.family, self.params)
+        return assemble.Model(
+            family=self.family,
+            params=self.params,
+            dtype=self.dtype,
+            var_names=self.var_names,
+            fingerprint=self.fingerprint(),
+            source={
+                "model": self.path or "",
+                "scvi_version": str(self.spec.source.get("scvi_version") or ""),
+            },
+            loadings=None if loadings is None else np.asarray(loadings),
+        )
+
+
+class LinearSCVI(_Model):
+    """A LinearSCVI model in JAX: ``(spec, params)`` plus scvi-tools' query methods."""
+
+    @property
+    def config(self) -> LDVAEConfig:
+        return self.spec.model
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"LinearSCVI(n_input={c.n_input}, n_latent={c.n_latent}, n_batch={c.n_batch}, "
+            f"gene_likelihood={c.gene_likelihood!r}, dispersion={c.dispersion!r}, "
+            f"latent_distribution={c.latent_distribution!r}, dtype={self.dtype!r})"
+        )
+
+    def to_flax(self) -> tuple[Any, dict[str, Any]]:
+        """This model as a Flax (linen) module and its ``variables``: ``module.apply(variables,
+        x, batch, label, method="nll")`` and friends, differentiable and trainable with optax
+        (``linear_decoder_jax.module``; the workflow is in docs/flax.md)."""
+        from linear_decoder_jax import module
+
+        return module.create(self.config, self.host_params)
+
+    @classmethod
+    def from_flax(cls, variables: dict[str, Any], *, like: LinearSCVI) -> LinearSCVI:
+        """A model holding the weights of Flax ``variables`` (e.g. fine-tuned), with the genes,
+        categories and configuration of ``like``: save it, ablate it, query it.
+
+        Parameters
+        ----------
+        variables
+            Variables of ``like.to_flax()``'s module, after training or not; checked leaf by
+            leaf against ``like.config`` (``module.to_params``).
+        like
+            The model the variables came from: its ``spec`` (configuration, gene names,
+            batch and label categories) and ``dtype`` are the new model's.
+
+        Returns
+        -------
+        LinearSCVI
+            A new model (``path`` None until it is saved); ``like`` is unchanged.
+        """
+        from linear_decoder_jax import module
+
+        if not isinstance(like, LinearSCVI):
+            msg = f"Expected like= a LinearSCVI, got {type(like).__name__} instead."
+            raise ConfigError(msg)
+        return cls(module.to_params(like.config, variables), like.spec, dtype=like.dtype)
 
     def _batch_codes(self, value: Any) -> list[int]:
         cats = self.spec.data.batch_categories
@@ -565,24 +603,110 @@ class LinearSCVI:
         loadings = self.get_affine_decoder().scale.loadings
         return pd.DataFrame(loadings, index=self.var_names, columns=self.latent_names)
 
-    def run_model(self) -> assemble.Model:
-        """What the run pipeline needs of this model: family, parameters (device arrays: call
-        inside :meth:`precision`), identity and loadings."""
-        from linear_decoder_jax import assemble
 
-        loadings = _loadings(self.family, self.params)
-        return assemble.Model(
-            family=self.family,
-            params=self.params,
-            dtype=self.dtype,
-            var_names=self.var_names,
-            fingerprint=self.fingerprint(),
-            source={
-                "model": self.path or "",
-                "scvi_version": str(self.spec.source.get("scvi_version") or ""),
-            },
-            loadings=None if loadings is None else np.asarray(loadings),
+class DRVI(_Model):
+    """A DRVI model in JAX (drvi-py 0.2.x or scvi-tools 1.5's ``scvi.external.DRVI``): the query
+    methods a LinearSCVI model has, less the linear-only ones (``get_loadings``,
+    ``get_affine_decoder``); deterministic at the posterior mean. ``ldj.ablate`` takes it, and
+    ``linear_decoder_jax.drvi_scores`` computes DRVI's own interpretability scores."""
+
+    @property
+    def config(self) -> Any:
+        """The ``families.drvi.DRVIConfig``."""
+        return self.spec.model
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"DRVI(n_input={c.n_input}, n_latent={c.n_latent}, n_split={c.n_split}, "
+            f"gene_likelihood={c.gene_likelihood!r}, aggregation={c.split_aggregation!r}, "
+            f"dtype={self.dtype!r})"
         )
+
+    def get_latent_representation(
+        self,
+        adata: Any,
+        *,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+        layer: str | None = anndata_io.AUTO,
+        use_raw: bool = False,
+    ) -> np.ndarray:
+        """Posterior mean of each cell (n_obs, n_latent)."""
+        data = self.prepare(self._subset(adata, indices), layer=layer, use_raw=use_raw)
+        return self.encode(data, batch_size=batch_size)["z"]
+
+    def _decoded(
+        self, adata: Any, indices: Any, latent: Any, batch_size: int | None, fn: Callable
+    ) -> tuple[anndata_io.CellData, dict[str, np.ndarray]]:
+        data = self.prepare(self._subset(adata, indices))
+        latent = None if latent is None else self._check_latent(latent, data.n_obs)
+
+        def one(mb: anndata_io.Minibatch) -> dict:
+            x, b, lab = (jnp.asarray(a) for a in (mb.x, mb.batch, mb.label))
+            enc = pipeline.encode(self.family, self.params, x, b, lab)
+            z = enc.z
+            if latent is not None:
+                z = jnp.asarray(_pad_rows(latent[mb.start : mb.start + mb.n_valid], len(mb.x)))
+            return fn(x, z, enc.log_library, b, lab)
+
+        return data, self._map(data, batch_size, one)
+
+    def get_normalized_expression(
+        self,
+        adata: Any,
+        *,
+        indices: Sequence[int] | None = None,
+        latent: Any = None,
+        batch_size: int | None = None,
+        return_numpy: bool | None = None,
+    ):
+        """Normalized expression at the posterior mean (or at ``latent``), cells x genes: a
+        DataFrame like scvi-tools', or numpy with ``return_numpy=True``."""
+        family, params = self.family, self.params
+
+        def fn(x, z, lib, b, lab) -> dict:
+            return {"scale": _decode_family(family, params, z, lib, b, lab).scale}
+
+        data, out = self._decoded(adata, indices, latent, batch_size, fn)
+        genes = np.arange(len(self.var_names))
+        return self._frame(out["scale"], data.obs_names, genes, return_numpy)
+
+    def _frame(self, values: np.ndarray, obs_names, genes: np.ndarray, return_numpy: bool | None):
+        if return_numpy:
+            return values
+        import pandas as pd
+
+        return pd.DataFrame(values, index=obs_names, columns=np.asarray(self.var_names)[genes])
+
+    def get_reconstruction_error(
+        self,
+        adata: Any,
+        *,
+        indices: Sequence[int] | None = None,
+        latent: Any = None,
+        batch_size: int | None = None,
+        return_mean: bool = False,
+    ) -> np.ndarray | float:
+        """Per-cell negative log-likelihood (nats) at the posterior mean (or at ``latent``), with
+        the model's own likelihood and the observed library."""
+        family, params = self.family, self.params
+
+        def fn(x, z, lib, b, lab) -> dict:
+            return {"nll": _nll_family(family, params, x, z, lib, b, lab)}
+
+        _, out = self._decoded(adata, indices, latent, batch_size, fn)
+        return float(out["nll"].mean()) if return_mean else out["nll"]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode_family(family: Family, params, z, log_library, batch, label):
+    return family.decode(params, z, log_library, batch, label)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _nll_family(family: Family, params, x, z, log_library, batch, label):
+    return -family.log_prob(x, family.decode(params, z, log_library, batch, label)).sum(-1)
 
 
 def _pad_rows(a: np.ndarray, n: int) -> np.ndarray:
@@ -590,7 +714,7 @@ def _pad_rows(a: np.ndarray, n: int) -> np.ndarray:
 
 
 def ablate(
-    model_: LinearSCVI,
+    model_: LinearSCVI | DRVI,
     adata: Any,
     *,
     latents: Sequence[int] | None = options.SweepOptions.latents,

@@ -3,7 +3,8 @@
 Layout of a converted model directory::
 
     MODEL/
-      config.json   {"format_version": 1, "model": {...}, "data": {...}, "source": {...}}
+      config.json   {"format_version": 2, "family": "linear_scvi" | "drvi", "model": {...},
+                     "data": {...}, "source": {...}}  (version 1, without "family": LinearSCVI)
       params/       orbax checkpoint of the parameter tree (flat keys nested by "/")
 
 This is the only module that writes or reads that format. Restores go against
@@ -20,9 +21,9 @@ from typing import Any
 import numpy as np
 
 from linear_decoder_jax._atomic import atomic_path
-from linear_decoder_jax.config import ModelSpec
+from linear_decoder_jax.config import LDVAEConfig, ModelSpec
 from linear_decoder_jax.errors import CheckpointFormatError, ConfigError
-from linear_decoder_jax.params import LDVAEParams, abstract_params, from_flat, to_flat
+from linear_decoder_jax.params import abstract_params, from_flat, to_flat
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -50,9 +51,16 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def save(
-    path: str | os.PathLike, params: LDVAEParams, spec: ModelSpec, *, overwrite: bool = False
-) -> Path:
+def _family_params(spec: ModelSpec) -> tuple[Any, Any]:
+    """``abstract_params`` and ``from_flat`` of the spec's family."""
+    if isinstance(spec.model, LDVAEConfig):
+        return abstract_params, from_flat
+    from linear_decoder_jax.families import drvi
+
+    return drvi.abstract_params, drvi.from_flat
+
+
+def save(path: str | os.PathLike, params: Any, spec: ModelSpec, *, overwrite: bool = False) -> Path:
     """Write ``params`` and ``spec`` to the directory ``path`` atomically; return its path."""
     import orbax.checkpoint as ocp
 
@@ -81,10 +89,16 @@ def read_spec(path: str | os.PathLike) -> ModelSpec:
         msg = f"{config_file} is not a valid model configuration: {err}"
         raise CheckpointFormatError(msg) from err
     model, data = spec.model, spec.data
-    counts = [("genes", len(data.var_names), model.n_input)]
-    if model.n_batch > 1:
+    counts: list[tuple[str, Any, Any]] = [("genes", len(data.var_names), model.n_input)]
+    if not isinstance(model, LDVAEConfig):  # DRVI: the batch, then each categorical covariate
+        per_cov = [max(len(data.batch_categories), 1)]
+        per_cov += [len(c) for c in data.categorical_covariate_categories]
+        if len(data.categorical_covariate_keys) != len(data.categorical_covariate_categories):
+            per_cov.append(-1)
+        counts.append(("categories per covariate", per_cov, list(model.n_cats_per_cov)))
+    elif model.n_batch > 1:
         counts.append(("batch categories", len(data.batch_categories), model.n_batch))
-    if model.dispersion == "gene-label":
+    if isinstance(model, LDVAEConfig) and model.dispersion == "gene-label":
         counts.append(("label categories", len(data.label_categories), model.n_labels))
     for what, listed, expected in counts:
         if listed != expected:
@@ -93,14 +107,15 @@ def read_spec(path: str | os.PathLike) -> ModelSpec:
     return spec
 
 
-def load(path: str | os.PathLike) -> tuple[LDVAEParams, ModelSpec]:
+def load(path: str | os.PathLike) -> tuple[Any, ModelSpec]:
     """Read a directory written by :func:`save`; shapes are checked against the config."""
     import jax
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()
     spec = read_spec(path)
-    template = to_flat(abstract_params(spec.model))
+    abstract, from_flat_ = _family_params(spec)
+    template = to_flat(abstract(spec.model))
     target = _nest({k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in template.items()})
     try:
         with ocp.StandardCheckpointer() as ckptr:
@@ -108,10 +123,10 @@ def load(path: str | os.PathLike) -> tuple[LDVAEParams, ModelSpec]:
     except Exception as err:  # orbax raises many types for a damaged checkpoint
         msg = f"Could not restore the parameters in {path / PARAMS_DIR}: {err}"
         raise CheckpointFormatError(msg) from err
-    return from_flat(_flatten(restored), spec.model), spec
+    return from_flat_(_flatten(restored), spec.model), spec
 
 
-def fingerprint(params: LDVAEParams, spec: ModelSpec) -> str:
+def fingerprint(params: Any, spec: ModelSpec) -> str:
     """sha256 over the architecture, the data registry and every parameter (as float32).
 
     Identifies a model across shards and processes: the same weights converted to two places, or

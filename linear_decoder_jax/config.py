@@ -16,9 +16,8 @@ GeneLikelihood = Literal["nb", "zinb", "poisson"]
 Dispersion = Literal["gene", "gene-batch", "gene-label"]
 LatentDistribution = Literal["normal", "ln"]
 
-# 2: config.json names the model family ("family"); version-1 directories are LinearSCVI models
-FORMAT_VERSION = 2
-FORMAT_VERSIONS = (1, 2)
+FORMAT_VERSION = 2  # 2: config.json names its "family"; version-1 directories are LinearSCVI
+FAMILIES = ("linear_scvi", "drvi")
 
 
 def _check_choice(name: str, value: Any, literal: Any) -> None:
@@ -90,11 +89,21 @@ class DataRegistry:
     labels_key: str | None = None
     label_categories: tuple[str, ...] = ()
     layer: str | None = None
+    # DRVI's categorical covariates after the batch (drvi-py's categorical_covariate_keys)
+    categorical_covariate_keys: tuple[str, ...] = ()
+    categorical_covariate_categories: tuple[tuple[str, ...], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
-        }
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        d["categorical_covariate_categories"] = [
+            list(c) for c in self.categorical_covariate_categories
+        ]
+        for name in ("categorical_covariate_keys", "categorical_covariate_categories"):
+            if not d[
+                name
+            ]:  # absent for LinearSCVI: its recorded dicts and fingerprints stay as they were
+                del d[name]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DataRegistry:
@@ -105,17 +114,38 @@ class DataRegistry:
             labels_key=d.get("labels_key"),
             label_categories=tuple(str(v) for v in d.get("label_categories", ())),
             layer=d.get("layer"),
+            categorical_covariate_keys=tuple(
+                str(v) for v in d.get("categorical_covariate_keys", ())
+            ),
+            categorical_covariate_categories=tuple(
+                tuple(str(v) for v in c) for c in d.get("categorical_covariate_categories", ())
+            ),
         )
+
+
+def _model_config(family: str, d: dict[str, Any]) -> Any:
+    if family == "drvi":  # imported here: this module stays stdlib-only for LinearSCVI
+        from linear_decoder_jax.families.drvi import DRVIConfig
+
+        return DRVIConfig.from_dict(d)
+    return LDVAEConfig.from_dict(d)
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Everything ``config.json`` holds: architecture, data registry and provenance."""
+    """Everything ``config.json`` holds: family, architecture, data registry and provenance.
 
-    model: LDVAEConfig
+    ``model`` is an ``LDVAEConfig`` (family "linear_scvi") or a
+    ``linear_decoder_jax.families.drvi.DRVIConfig`` (family "drvi").
+    """
+
+    model: Any  # LDVAEConfig | DRVIConfig
     data: DataRegistry
     source: dict[str, Any] = field(default_factory=dict)
-    family: str = "linear_scvi"  # ``Family.name`` of the model
+
+    @property
+    def family(self) -> str:
+        return "linear_scvi" if isinstance(self.model, LDVAEConfig) else "drvi"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -129,27 +159,34 @@ class ModelSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
         version = d.get("format_version")
-        if version not in FORMAT_VERSIONS:
+        if version not in (1, FORMAT_VERSION):
             msg = (
-                f"Expected config format_version one of {FORMAT_VERSIONS}, got {version!r} "
-                "instead; re-run `ldj convert` with this version of linear-decoder-jax."
+                f"Expected config format_version 1 or {FORMAT_VERSION}, got {version!r} instead; "
+                "re-run `ldj convert` with this version of linear-decoder-jax."
             )
             raise ConfigError(msg)
-        family = d.get("family", "linear_scvi") if version >= 2 else "linear_scvi"
-        if family != "linear_scvi":
-            msg = f"Expected model family 'linear_scvi', got {family!r} instead."
+        family = "linear_scvi" if version == 1 else d.get("family")
+        if family not in FAMILIES:
+            msg = f"Expected config family to be one of {FAMILIES}, got {family!r} instead."
             raise ConfigError(msg)
         return cls(
-            model=LDVAEConfig.from_dict(d["model"]),
+            model=_model_config(family, d["model"]),
             data=DataRegistry.from_dict(d["data"]),
             source=dict(d.get("source", {})),
         )
 
     @classmethod
-    def from_converter(cls, cfg: dict[str, Any]) -> ModelSpec:
-        """Build from the plain config dict returned by ``converters.read_scvi_checkpoint``."""
-        model_keys = {f.name for f in dataclasses.fields(LDVAEConfig)}
+    def from_converter(cls, cfg: dict[str, Any], *, family: str = "linear_scvi") -> ModelSpec:
+        """Build from the plain config dict returned by ``converters.read_scvi_checkpoint``
+        (``family="linear_scvi"``) or ``converters.drvi.read_drvi_checkpoint`` (``"drvi"``)."""
+        if family == "drvi":
+            from linear_decoder_jax.families.drvi import DRVIConfig
+
+            model_cls: Any = DRVIConfig
+        else:
+            model_cls = LDVAEConfig
+        model_keys = {f.name for f in dataclasses.fields(model_cls)}
         data_keys = {f.name for f in dataclasses.fields(DataRegistry)}
-        model = LDVAEConfig.from_dict({k: v for k, v in cfg.items() if k in model_keys})
+        model = model_cls.from_dict({k: v for k, v in cfg.items() if k in model_keys})
         data = DataRegistry.from_dict({k: v for k, v in cfg.items() if k in data_keys})
         return cls(model=model, data=data, source=dict(cfg.get("source", {})))

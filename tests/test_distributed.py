@@ -15,12 +15,14 @@ import pytest
 from helpers import random_adata, random_model
 
 import linear_decoder_jax as ldj
-from linear_decoder_jax.options import DEFAULT_HEARTBEAT_TIMEOUT
+from linear_decoder_jax.options import DistributedOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 JOIN = 8  # seconds to join, where a test waits for a join that cannot happen
 STOPPED = 30  # seconds within which a killed or frozen process stops every other one (default)
-assert DEFAULT_HEARTBEAT_TIMEOUT + 10 <= STOPPED  # detection, then the exit (process 0: +3 s)
+assert (
+    DistributedOptions.heartbeat_timeout + 10 <= STOPPED
+)  # detection, then the exit (process 0: +3 s)
 
 
 def _port() -> int:

@@ -243,10 +243,7 @@ def test_zip_features_torch_never_writes(
         (b"null", "expected a JSON object, got NoneType"),
         (b"\xff\xfe garbage", "can't decode"),
         (b'{"format_version": 1', "is not a valid model configuration"),
-        (
-            b'{"format_version": 9, "model": {}, "data": {}}',
-            "format_version one of \\(1, 2\\), got 9",
-        ),
+        (b'{"format_version": 9, "model": {}, "data": {}}', "format_version 1 or 2, got 9"),
         (b'{"format_version": 1, "model": {"n_input": 2}, "data": {}}', "is not a valid model"),
     ],
 )

@@ -26,8 +26,8 @@ from linear_decoder_jax.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("linear_decoder_jax", "linear_decoder_jax.families", "converters")
-# torch, scvi-tools and what scvi-tools brings in for training; none may be imported at run time.
-FORBIDDEN = {"torch", "scvi", "lightning", "pytorch_lightning", "pyro", "torchmetrics"}
+# torch, scvi-tools, drvi-py and what they bring in for training; none may be imported at run time.
+FORBIDDEN = {"torch", "scvi", "drvi", "lightning", "pytorch_lightning", "pyro", "torchmetrics"}
 DOCS = ROOT / "docs"
 
 

@@ -1,0 +1,811 @@
+"""DRVI as a model family: configuration, parameter pytree and pure eval-mode functions.
+
+DRVI (Moinfar & Theis) encodes ``log1p(x)`` with an MLP and decodes additively over *splits* of
+the latent: each split goes through its own (by default weight-shared) MLP to per-gene values, the
+splits are aggregated (``logsumexp`` minus ``log K`` by default), and a softmax over genes times the
+observed library gives the mean counts. Everything here was read from drvi-py 0.2.8:
+``scvi_tools_based/module/_drvi.py`` (``DRVIModule``), ``scvi_tools_based/nn/_base_components.py``
+(``FCLayers``, ``Encoder``, ``DecoderDRVI``), ``nn_modules/noise_model.py``,
+``nn_modules/embedding.py`` and ``nn_modules/layer/linear_layer.py``.
+
+Conventions (each cited where it is used):
+
+* the library is the observed ``x.sum(1)``; drvi-py never encodes it (``_get_library_size``), so
+  both library choices of the family protocol give the observed one;
+* ``px_r`` is log theta: drvi-py's dispersion parameter plus its offset 1 (theta = exp(1 + r),
+  ``NegativeBinomialNoiseModel.dist``), added once by the converter in float32 as drvi-py adds it
+  at run time (the scvi-tools 1.5 layout stores it folded already);
+* covariates are integer codes, one column per categorical covariate in drvi-py's order
+  (``[batch] + categorical_covariate_keys``; the batch column is all zeros without a batch key);
+* removing a split (``split_mask`` 0) takes its term out of the aggregation and keeps the divisor
+  K (``sum``/``sum_plus`` stay "sum of the kept terms over K"; ``logsumexp`` subtracts ``log K``,
+  which cancels in the softmax over genes, so the choice does not matter there, and ``max`` has
+  no divisor). This is what drvi-py's own within-distribution effect does for ``logsumexp``
+  (``-log(1 - softmax)`` over splits is ``log sum_all - log sum_without``) and for ``sum`` (the
+  removed term's size, ``|x_k|``, undivided by K - 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, NamedTuple, get_args
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.scipy.special import gammaln
+from numpy.typing import DTypeLike
+
+from linear_decoder_jax import distributions
+from linear_decoder_jax.errors import CheckpointFormatError, ConfigError
+from linear_decoder_jax.family import Encoded, LibraryChoice, Rates
+from linear_decoder_jax.params import _key, to_flat
+from linear_decoder_jax.schema import latent_names
+
+Array = jax.Array
+
+SplitMethod = Literal["split", "split_map", "split_diag", "power"]
+SplitAggregation = Literal["logsumexp", "sum", "sum_plus", "max"]
+ReuseWeights = Literal["everywhere", "last", "intermediate", "nowhere", "not_first"]
+Where = Literal["encoder", "decoder", "none", "both"]
+CovariateModeling = Literal["one_hot", "emb"]
+GeneLikelihood = Literal["pnb", "nb", "poisson"]
+Dispersion = Literal["gene", "gene-batch"]
+VarActivation = Literal["exp", "pow2", "2sig"]
+Activation = Literal["elu", "relu"]
+
+FORMAT_NAME = "drvi"
+BN_EPS = 1e-3  # FCLayers: FreezableBatchNorm1d(n_out, momentum=0.01, eps=0.001)
+LN_EPS = 1e-5  # FreezableLayerNorm(n_out, elementwise_affine=False): torch's default eps
+VAR_EPS = 1e-4  # Encoder(var_eps=1e-4)
+EMB_MAX_NORM = 1.0  # MultiEmbedding(..., max_norm=1.0): torch renormalises rows at lookup
+EMB_RENORM_EPS = 1e-7  # ATen embedding_renorm_: scale = max_norm / (norm + 1e-7)
+PNB_EPS = 1e-8  # LogNegativeBinomial(eps=1e-8)
+
+_MEAN_ACTIVATION = re.compile(
+    r"identity|relu|gelu|leaky_relu(_[0-9.eE+-]+)?|elu(_[0-9.eE+-]+)?|celu(_[0-9.eE+-]+)?"
+)
+
+
+def _check_choice(name: str, value: Any, literal: Any) -> None:
+    allowed = get_args(literal)
+    if value not in allowed:
+        msg = f"Expected {name} to be one of {allowed}, got {value!r} instead."
+        raise ConfigError(msg)
+
+
+def _positive(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        msg = f"Expected {name} to be a positive integer, got {value!r} instead."
+        raise ConfigError(msg)
+
+
+def _in(where: str, part: Literal["encoder", "decoder"]) -> bool:
+    """drvi-py's "encoder" / "decoder" / "none" / "both" switches (``DRVIModule.__init__``)."""
+    return where in (part, "both")
+
+
+@dataclass(frozen=True)
+class DRVIConfig:
+    """Architecture and likelihood of one DRVI model (drvi-py's ``DRVIModule`` options).
+
+    Option names and values are drvi-py's, except ``n_split`` (``n_split_latent`` with -1
+    resolved), ``split_method`` without its ``@Z`` suffix (that is ``split_dim``), and
+    ``covariate_modeling`` (``covariate_modeling_strategy``; the ``*_linear`` and ``emb_shared``
+    strategies are refused by the converter). ``n_cats_per_cov`` starts with the batch (1 without
+    a batch key), as drvi-py's ``DRVI.__init__`` builds it.
+    """
+
+    n_input: int
+    n_latent: int = 32
+    n_split: int = 32
+    split_method: SplitMethod = "split_map"
+    split_dim: int | None = None
+    split_aggregation: SplitAggregation = "logsumexp"
+    decoder_reuse_weights: ReuseWeights = "everywhere"
+    encoder_dims: tuple[int, ...] = (128, 128)
+    decoder_dims: tuple[int, ...] = (128, 128)
+    n_cats_per_cov: tuple[int, ...] = (1,)
+    covariate_modeling: CovariateModeling = "one_hot"
+    covariate_dims: tuple[int, ...] = ()
+    deeply_inject_covariates: bool = False
+    use_batch_norm: Where = "none"
+    affine_batch_norm: Where = "both"
+    use_layer_norm: Where = "both"
+    gene_likelihood: GeneLikelihood = "pnb"
+    dispersion: Dispersion = "gene"
+    var_activation: VarActivation = "exp"
+    mean_activation: str = "identity"
+    activation: Activation = "elu"
+
+    def __post_init__(self) -> None:
+        for name in ("n_input", "n_latent", "n_split"):
+            _positive(name, getattr(self, name))
+        for name, literal in (
+            ("split_method", SplitMethod),
+            ("split_aggregation", SplitAggregation),
+            ("decoder_reuse_weights", ReuseWeights),
+            ("covariate_modeling", CovariateModeling),
+            ("use_batch_norm", Where),
+            ("affine_batch_norm", Where),
+            ("use_layer_norm", Where),
+            ("gene_likelihood", GeneLikelihood),
+            ("dispersion", Dispersion),
+            ("var_activation", VarActivation),
+            ("activation", Activation),
+        ):
+            _check_choice(name, getattr(self, name), literal)
+        for name in ("encoder_dims", "decoder_dims", "n_cats_per_cov", "covariate_dims"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple):
+                msg = f"Expected {name} to be a tuple of positive integers, got {value!r} instead."
+                raise ConfigError(msg)
+            for v in value:
+                _positive(f"each of {name}", v)
+        if not self.n_cats_per_cov:
+            msg = "Expected n_cats_per_cov to start with the batch (1 without a batch key), got ()."
+            raise ConfigError(msg)
+        if self.split_dim is not None:
+            _positive("split_dim", self.split_dim)
+            if self.split_method not in ("split_map", "power"):
+                msg = f"split_dim (the @Z of split_map@Z / power@Z) does not apply to split_method={self.split_method!r}."
+                raise ConfigError(msg)
+        if self.n_split > 1:
+            if self.split_method in ("split", "split_map") and self.n_latent % self.n_split:
+                msg = f"split_method={self.split_method!r} needs n_latent ({self.n_latent}) divisible by n_split ({self.n_split})."
+                raise ConfigError(msg)
+            if self.split_method == "split_diag" and self.n_split != self.n_latent:
+                msg = f"split_method='split_diag' needs n_split == n_latent, got {self.n_split} and {self.n_latent}."
+                raise ConfigError(msg)
+        elif self.decoder_reuse_weights not in ("everywhere", "last"):
+            msg = f"decoder_reuse_weights={self.decoder_reuse_weights!r} needs several splits (drvi-py asserts n_split > 1)."
+            raise ConfigError(msg)
+        if not self.decoder_dims and self.decoder_reuse_weights != "nowhere":
+            msg = "A decoder without hidden layers needs decoder_reuse_weights='nowhere' (as drvi-py asserts)."
+            raise ConfigError(msg)
+        if self.covariate_modeling == "emb" and len(self.covariate_dims) != len(
+            self.n_cats_per_cov
+        ):
+            msg = f"Expected one embedding dimension per covariate ({len(self.n_cats_per_cov)}), got covariate_dims={self.covariate_dims!r}."
+            raise ConfigError(msg)
+        if not isinstance(self.mean_activation, str) or not _MEAN_ACTIVATION.fullmatch(
+            self.mean_activation
+        ):
+            msg = (
+                "Expected mean_activation to be 'identity', 'relu', 'gelu', 'leaky_relu[_slope]', "
+                f"'elu[_alpha]' or 'celu[_alpha]', got {self.mean_activation!r} instead."
+            )
+            raise ConfigError(msg)
+        if self.deeply_inject_covariates not in (True, False):
+            msg = f"Expected deeply_inject_covariates to be a bool, got {self.deeply_inject_covariates!r}."
+            raise ConfigError(msg)
+
+    # ---- derived sizes -----------------------------------------------------------------------
+
+    @property
+    def split_size(self) -> int:
+        """Latents per split (``split``, ``split_map``); 1 for ``split_diag``."""
+        return 1 if self.split_method == "split_diag" else self.n_latent // self.n_split
+
+    @property
+    def effective_dim(self) -> int:
+        """Width of one split's decoder input (``DecoderDRVI._initialize_splitting``)."""
+        if self.n_split == 1:
+            return self.n_latent
+        if self.split_method == "split":
+            return self.n_latent // self.n_split
+        if self.split_method in ("split_map", "power") and self.split_dim is not None:
+            return self.split_dim
+        return self.n_latent
+
+    @property
+    def cov_widths(self) -> tuple[int, ...]:
+        """Columns each covariate adds to an injected layer's input (one-hot drops n_cat == 1)."""
+        if self.covariate_modeling == "emb":
+            return self.covariate_dims
+        return tuple(n if n > 1 else 0 for n in self.n_cats_per_cov)
+
+    def hidden_stacked(self, i: int) -> bool:
+        """Whether decoder hidden layer ``i`` has per-split weights (``reuse_weights``)."""
+        if self.n_split == 1 or self.decoder_reuse_weights in ("everywhere", "intermediate"):
+            return False
+        if self.decoder_reuse_weights == "not_first":
+            return i == 0
+        return True  # last, nowhere
+
+    @property
+    def head_stacked(self) -> bool:
+        """Whether the last (per-gene) layer has per-split weights."""
+        return self.n_split > 1 and self.decoder_reuse_weights in ("intermediate", "nowhere")
+
+    def hidden_injected(self, i: int) -> bool:
+        return i == 0 or self.deeply_inject_covariates
+
+    @property
+    def head_injected(self) -> bool:
+        """drvi-py passes the covariates to the last layer with deep injection, or when the
+        decoder has no hidden layer (``DecoderDRVI.__init__``)."""
+        return self.deeply_inject_covariates or not self.decoder_dims
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for name in ("encoder_dims", "decoder_dims", "n_cats_per_cov", "covariate_dims"):
+            d[name] = list(d[name])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DRVIConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            msg = (
+                f"Unknown DRVI configuration keys {unknown}; expected a subset of {sorted(names)}."
+            )
+            raise ConfigError(msg)
+        d = dict(d)
+        for name in ("encoder_dims", "decoder_dims", "n_cats_per_cov", "covariate_dims"):
+            if name in d:
+                if not isinstance(d[name], (list, tuple)):
+                    msg = f"Expected {name} to be a list of integers, got {d[name]!r} instead."
+                    raise ConfigError(msg)
+                d[name] = tuple(d[name])
+        return cls(**d)
+
+
+def config_from_converter(cfg: dict[str, Any]) -> DRVIConfig:
+    """The ``DRVIConfig`` of a ``converters.drvi.read_drvi_checkpoint`` config (its other keys,
+    the data registry and provenance, are left out)."""
+    names = {f.name for f in dataclasses.fields(DRVIConfig)}
+    return DRVIConfig.from_dict({k: v for k, v in cfg.items() if k in names})
+
+
+# --------------------------------------------------------------------------------------------
+# Parameters
+# --------------------------------------------------------------------------------------------
+
+
+class Dense(NamedTuple):
+    kernel: Array  # (n_in, n_out), or (n_split, n_in, n_out) for per-split weights
+    bias: Array | None  # (n_out,) or (n_split, n_out)
+
+
+class BatchNorm(NamedTuple):
+    """Eval-mode BatchNorm1d; ``scale``/``bias`` are ``None`` without affine. Over n_split * n_out
+    features when the decoder is split (drvi-py flattens the split axis into the features)."""
+
+    scale: Array | None
+    bias: Array | None
+    mean: Array
+    var: Array
+
+
+class FCLayer(NamedTuple):
+    """One ``FCLayers`` block: embeddings (``emb`` covariates, injected layers only), Linear,
+    BatchNorm; LayerNorm without affine has no parameters."""
+
+    embeddings: tuple[Array, ...] | None  # one (n_cat, dim) table per covariate
+    dense: Dense
+    bn: BatchNorm | None
+
+
+class DRVIParams(NamedTuple):
+    encoder: tuple[FCLayer, ...]
+    qz_mean: Dense  # (n_hidden, n_latent)
+    qz_var: Dense  # (n_hidden, n_latent)
+    split_transform: Dense | None  # split_map: (n_split, split_size, d), no bias; power: (K, s*d)
+    decoder: tuple[FCLayer, ...]
+    px_mean: FCLayer  # kernel (n_hidden, n_input) or (n_split, n_hidden, n_input)
+    px_r: (
+        Array | None
+    )  # (n_input,) "gene" or (n_input, n_batch) "gene-batch"; log theta; None: poisson
+
+
+def abstract_params(config: DRVIConfig, dtype: DTypeLike = np.float32) -> DRVIParams:
+    """The parameter tree of ``config`` with ``jax.ShapeDtypeStruct`` leaves: a restore template."""
+
+    def leaf(*shape: int) -> Any:
+        return jax.ShapeDtypeStruct(shape, dtype)
+
+    s = config.n_split
+
+    def fc(
+        n_in: int,
+        n_out: int,
+        *,
+        stacked: bool,
+        injected: bool,
+        bn: bool,
+        affine: bool,
+        split: bool = True,
+    ) -> FCLayer:
+        emb = None
+        if injected and config.covariate_modeling == "emb":
+            emb = tuple(
+                leaf(n, d)
+                for n, d in zip(config.n_cats_per_cov, config.covariate_dims, strict=True)
+            )
+        if injected:
+            n_in += sum(config.cov_widths)
+        if stacked:
+            dense = Dense(leaf(s, n_in, n_out), leaf(s, n_out))
+        else:
+            dense = Dense(leaf(n_in, n_out), leaf(n_out))
+        norm = None
+        if bn:
+            width = n_out * s if (s > 1 and split) else n_out
+            norm = BatchNorm(
+                leaf(width) if affine else None,
+                leaf(width) if affine else None,
+                leaf(width),
+                leaf(width),
+            )
+        return FCLayer(emb, dense, norm)
+
+    g, k = config.n_input, config.n_latent
+    enc_dims = (g, *config.encoder_dims)
+    enc_bn, enc_affine = (
+        _in(config.use_batch_norm, "encoder"),
+        _in(config.affine_batch_norm, "encoder"),
+    )
+    encoder = tuple(
+        fc(a, b, stacked=False, injected=False, bn=enc_bn, affine=enc_affine, split=False)
+        for a, b in zip(enc_dims[:-1], enc_dims[1:], strict=True)
+    )
+    h_enc = enc_dims[-1]
+    split_transform = None
+    d = config.effective_dim
+    if s > 1 and config.split_method == "split_map":
+        split_transform = Dense(leaf(s, config.split_size, d), None)
+    elif s > 1 and config.split_method == "power":
+        split_transform = Dense(leaf(k, d * s), leaf(d * s))
+    dec_dims = (d, *config.decoder_dims)
+    dec_bn, dec_affine = (
+        _in(config.use_batch_norm, "decoder"),
+        _in(config.affine_batch_norm, "decoder"),
+    )
+    decoder = tuple(
+        fc(
+            a,
+            b,
+            stacked=config.hidden_stacked(i),
+            injected=config.hidden_injected(i),
+            bn=dec_bn,
+            affine=dec_affine,
+        )
+        for i, (a, b) in enumerate(zip(dec_dims[:-1], dec_dims[1:], strict=True))
+    )
+    px_mean = fc(
+        dec_dims[-1],
+        g,
+        stacked=config.head_stacked,
+        injected=config.head_injected,
+        bn=False,
+        affine=False,
+    )
+    px_r = leaf(g) if config.dispersion == "gene" else leaf(g, config.n_cats_per_cov[0])
+    if config.gene_likelihood == "poisson":
+        px_r = None
+    return DRVIParams(
+        encoder=encoder,
+        qz_mean=Dense(leaf(h_enc, k), leaf(k)),
+        qz_var=Dense(leaf(h_enc, k), leaf(k)),
+        split_transform=split_transform,
+        decoder=decoder,
+        px_mean=px_mean,
+        px_r=px_r,
+    )
+
+
+def from_flat(flat: dict[str, np.ndarray], config: DRVIConfig, *, dtype=np.float32) -> DRVIParams:
+    """Build ``DRVIParams`` from flat keys, checking every key and shape against ``config``."""
+    template = abstract_params(config, dtype)
+    expected = to_flat(template)  # type: ignore[arg-type]  # generic over NamedTuple pytrees
+    missing = sorted(set(expected) - set(flat))
+    extra = sorted(set(flat) - set(expected))
+    if missing or extra:
+        msg = f"Parameters do not match the DRVI configuration: missing {missing[:5]}, unexpected {extra[:5]}."
+        raise CheckpointFormatError(msg)
+
+    def pick(path: tuple, spec: jax.ShapeDtypeStruct) -> np.ndarray:
+        key = _key(path)
+        value = np.asarray(flat[key])
+        if value.shape != spec.shape:
+            msg = f"Parameter {key!r}: expected shape {spec.shape}, got {value.shape} instead."
+            raise CheckpointFormatError(msg)
+        if not np.all(np.isfinite(value)):
+            msg = f"Parameter {key!r} holds NaN or infinite values."
+            raise CheckpointFormatError(msg)
+        return value.astype(dtype)
+
+    return jax.tree_util.tree_map_with_path(pick, template)
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------
+
+
+def _lead(v: Array, like: Array) -> Array:
+    """Broadcast ``v`` (trailing axes of ``like``) against ``like`` explicitly."""
+    return jnp.reshape(v, (1,) * (like.ndim - v.ndim) + v.shape)
+
+
+def _dense(p: Dense, x: Array) -> Array:
+    y = x @ p.kernel
+    return y if p.bias is None else y + _lead(p.bias, y)
+
+
+def _activation(name: str, x: Array) -> Array:
+    if name == "elu":
+        return jax.nn.elu(x)
+    return jax.nn.relu(x)
+
+
+def _mean_activation(name: str, x: Array) -> Array:
+    """``Encoder.mean_activation`` of drvi-py (identity, relu, gelu, leaky_relu_s, elu_a, celu_a)."""
+    if name == "identity":
+        return x
+    if name == "relu":
+        return jax.nn.relu(x)
+    if name == "gelu":
+        return jax.nn.gelu(x, approximate=False)  # torch nn.GELU() is the exact erf form
+    if name.startswith("leaky_relu"):
+        arg = name.removeprefix("leaky_relu").lstrip("_")
+        return jax.nn.leaky_relu(x, float(arg) if arg else 0.01)
+    base, _, arg = name.partition("_")
+    alpha = float(arg) if arg else 1.0
+    return jax.nn.elu(x, alpha) if base == "elu" else jax.nn.celu(x, alpha)
+
+
+def _var_activation(name: str, x: Array) -> Array:
+    if name == "exp":
+        return jnp.exp(x)
+    if name == "pow2":
+        return x * x
+    return 2.0 * jax.nn.sigmoid(x)
+
+
+def embed(table: Array, codes: Array) -> Array:
+    """``nn.Embedding(max_norm=1)`` lookup: rows with norm > 1 are scaled by ``1 / (norm + 1e-7)``
+    (ATen's ``embedding_renorm_``, applied at lookup)."""
+    rows = table[codes]
+    norm = jnp.sqrt(jnp.sum(rows * rows, axis=-1, keepdims=True))
+    scale = jnp.where(norm > EMB_MAX_NORM, EMB_MAX_NORM / (norm + EMB_RENORM_EPS), 1.0)
+    return rows * scale
+
+
+def pack_covariates(config: DRVIConfig, codes: np.ndarray) -> np.ndarray:
+    """(n_obs,) int32 codes of the (n_obs, n_cov) covariate codes (see :func:`covariate_codes`)."""
+    strides = np.cumprod((1, *config.n_cats_per_cov[:-1]))
+    if int(np.prod(config.n_cats_per_cov)) >= 2**31:
+        msg = f"Too many covariate combinations to pack ({config.n_cats_per_cov})."
+        raise ConfigError(msg)
+    return (np.asarray(codes, np.int64) @ strides).astype(np.int32)
+
+
+def covariate_codes(config: DRVIConfig, batch: Array) -> Array:
+    """Covariate codes as (b, n_cov) integers. ``batch`` may also be (b,): every covariate's code
+    packed in one integer, batch first, in mixed radix (``sum_i c_i prod_{j<i} n_j``, as
+    :func:`pack_covariates` and ``anndata_io.prepare`` make them), so that the run pipeline
+    carries one covariate column whatever the model."""
+    n_cov = len(config.n_cats_per_cov)
+    codes = jnp.asarray(batch)
+    if codes.ndim == 1:
+        strides = np.cumprod((1, *config.n_cats_per_cov[:-1]))
+        n_cats = np.asarray(config.n_cats_per_cov)
+        codes = (codes[:, None] // jnp.asarray(strides)[None, :]) % jnp.asarray(n_cats)[None, :]
+    if codes.ndim != 2 or codes.shape[1] != n_cov:
+        msg = f"Expected covariate codes of shape (n_obs, {n_cov}), got {codes.shape} instead."
+        raise ConfigError(msg)
+    return codes.astype(jnp.int32)
+
+
+def _covariate_input(config: DRVIConfig, layer: FCLayer, codes: Array) -> Array | None:
+    """What an injected layer concatenates to its input (b, width), or None when nothing."""
+    parts = []
+    if config.covariate_modeling == "emb":
+        assert layer.embeddings is not None
+        parts = [embed(t, codes[:, i]) for i, t in enumerate(layer.embeddings)]
+    else:
+        parts = [
+            jax.nn.one_hot(codes[:, i], n, dtype=jnp.float32)
+            for i, n in enumerate(config.n_cats_per_cov)
+            if n > 1
+        ]
+    return jnp.concatenate(parts, axis=-1) if parts else None
+
+
+def _fc(
+    config: DRVIConfig,
+    layer: FCLayer,
+    x: Array,
+    codes: Array,
+    *,
+    injected: bool,
+    bn: bool,
+    ln: bool,
+    activation: bool,
+) -> Array:
+    """One ``FCLayers`` block in eval mode on ``x`` (b, n_in) or (b, n_split, n_in):
+    [covariates concatenated] -> Linear (shared or per split) -> BatchNorm -> LayerNorm -> act."""
+    if injected:
+        cov = _covariate_input(config, layer, codes)
+        if cov is not None:
+            if x.ndim == 3:
+                cov = jnp.broadcast_to(cov[:, None, :], (*x.shape[:2], cov.shape[-1]))
+            x = jnp.concatenate([x, cov.astype(x.dtype)], axis=-1)
+    kernel, bias = layer.dense
+    if kernel.ndim == 3:  # StackedLinearLayer: (b, s, i) x (s, i, o)
+        y = jnp.einsum("bsi,sio->bso", x, kernel)
+    else:
+        y = x @ kernel
+    if bias is not None:
+        y = y + _lead(bias, y)
+    if bn and layer.bn is not None:
+        p = layer.bn
+        shape = y.shape[1:]  # drvi-py flattens (s, o) into s * o BatchNorm features
+        mean, var = (_lead(v.reshape(shape), y) for v in (p.mean, p.var))
+        y = (y - mean) / jnp.sqrt(var + BN_EPS)
+        if p.scale is not None and p.bias is not None:
+            y = y * _lead(p.scale.reshape(shape), y) + _lead(p.bias.reshape(shape), y)
+    if ln:
+        mu = jnp.mean(y, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(y - mu), axis=-1, keepdims=True)
+        y = (y - mu) / jnp.sqrt(var + LN_EPS)
+    if activation:
+        y = _activation(config.activation, y)
+    return y
+
+
+# --------------------------------------------------------------------------------------------
+# Encoder, decoder, likelihood
+# --------------------------------------------------------------------------------------------
+
+
+def posterior(params: DRVIParams, x: Array, *, config: DRVIConfig) -> tuple[Array, Array]:
+    """``(qz_m, qz_v)`` (b, n_latent) of counts ``x`` (b, n_input): ``Encoder.forward`` on
+    ``log1p(x)`` (``preprocess_count_data`` with ``library_normalization="none"``)."""
+    h = jnp.log1p(x)
+    bn, ln = _in(config.use_batch_norm, "encoder"), _in(config.use_layer_norm, "encoder")
+    for layer in params.encoder:
+        h = _fc(
+            config,
+            layer,
+            h,
+            jnp.zeros((0,), jnp.int32),
+            injected=False,
+            bn=bn,
+            ln=ln,
+            activation=True,
+        )
+    qz_m = _mean_activation(config.mean_activation, _dense(params.qz_mean, h))
+    qz_v = _var_activation(config.var_activation, _dense(params.qz_var, h)) + VAR_EPS
+    return qz_m, qz_v
+
+
+def split_inputs(params: DRVIParams, z: Array, *, config: DRVIConfig) -> Array:
+    """Each split's decoder input (b, n_split, effective_dim), or (b, n_latent) without splits
+    (``DecoderDRVI._apply_split_transformation``)."""
+    s = config.n_split
+    if s == 1:
+        return z
+    b = z.shape[0]
+    if config.split_method == "split":
+        return z.reshape(b, s, -1)
+    if config.split_method == "split_diag":
+        return z[:, :, None] * _lead(jnp.eye(s, dtype=z.dtype), z[:, :, None])
+    assert params.split_transform is not None
+    if config.split_method == "split_map":
+        return jnp.einsum("bsd,sdn->bsn", z.reshape(b, s, -1), params.split_transform.kernel)
+    kernel, bias = params.split_transform  # power: Linear(n_latent, d * s) + ReLU
+    assert bias is not None
+    y = z @ kernel
+    return jax.nn.relu(y + _lead(bias, y)).reshape(b, s, -1)
+
+
+def split_values(params: DRVIParams, z: Array, codes: Array, *, config: DRVIConfig) -> Array:
+    """Per-split, per-gene values before aggregation (b, n_split, n_input): drvi-py's
+    ``px_unaggregated_params["mean"]`` (b, 1, n_input without splits)."""
+    h = split_inputs(params, z, config=config)
+    bn, ln = _in(config.use_batch_norm, "decoder"), _in(config.use_layer_norm, "decoder")
+    for i, layer in enumerate(params.decoder):
+        h = _fc(
+            config,
+            layer,
+            h,
+            codes,
+            injected=config.hidden_injected(i),
+            bn=bn,
+            ln=ln,
+            activation=True,
+        )
+    out = _fc(
+        config,
+        params.px_mean,
+        h,
+        codes,
+        injected=config.head_injected,
+        bn=False,
+        ln=False,
+        activation=False,
+    )
+    return out[:, None, :] if config.n_split == 1 else out
+
+
+def aggregate(values: Array, split_mask: Array | None, *, config: DRVIConfig) -> Array:
+    """``DecoderDRVI._aggregate_split`` over axis 1 of ``values`` (b, n_split, n_input), with the
+    splits where ``split_mask`` (b, n_split) is 0 left out and the divisor kept at n_split."""
+    if config.n_split == 1:
+        if split_mask is not None:
+            raise ConfigError("This DRVI model has one split: there is no split to remove.")
+        return values[:, 0, :]
+    k = float(values.shape[1])
+    agg = config.split_aggregation
+    if split_mask is None:
+        if agg == "sum":
+            return values.sum(axis=1) / k
+        if agg == "sum_plus":
+            return jax.nn.softplus(values).sum(axis=1) / k
+        if agg == "logsumexp":
+            return jax.scipy.special.logsumexp(values, axis=1) - math.log(k)
+        return values.max(axis=1)
+    m = jnp.broadcast_to(
+        jnp.asarray(split_mask, values.dtype).reshape(-1, values.shape[1]), values.shape[:2]
+    )[:, :, None]
+    m = jnp.broadcast_to(m, values.shape)
+    if agg == "sum":
+        return (values * m).sum(axis=1) / k
+    if agg == "sum_plus":
+        return (jax.nn.softplus(values) * m).sum(axis=1) / k
+    if agg == "logsumexp":
+        return jax.scipy.special.logsumexp(values, axis=1, b=m) - math.log(k)
+    return jnp.where(m > 0, values, -jnp.inf).max(axis=1)
+
+
+def log_theta(params: DRVIParams, codes: Array, *, config: DRVIConfig) -> Array | None:
+    """Per-cell log theta (b, n_input): ``px_r`` per gene, or the batch's column ("gene-batch":
+    drvi-py's ``Linear(n_batch, n_input)`` on the batch one-hot, plus 1)."""
+    b = codes.shape[0]
+    if params.px_r is None:
+        return None
+    if config.dispersion == "gene":
+        return jnp.broadcast_to(params.px_r[None, :], (b, params.px_r.shape[0]))
+    return params.px_r.T[codes[:, 0]]
+
+
+def rates_from_mean(
+    mean: Array, log_r: Array | None, log_library: Array, *, config: DRVIConfig
+) -> Rates:
+    """Likelihood parameters from the aggregated values ``mean`` (b, n_input): softmax over genes
+    times the library (``pnb``: ``log(library.clip(1))`` in log space, ``LogNegativeBinomialNoiseModel``)."""
+    log_scale = jax.nn.log_softmax(mean, axis=-1)
+    scale = jnp.exp(log_scale)
+    if config.gene_likelihood == "pnb":
+        mu = jnp.exp(jnp.maximum(log_library, 0.0) + log_scale)
+    else:
+        mu = jnp.exp(log_library) * scale
+    theta = None if log_r is None else jnp.exp(log_r)
+    return Rates(scale=scale, mu=mu, theta=theta, zi_logits=None)
+
+
+def pnb_log_prob(x: Array, log_m: Array, log_r: Array) -> Array:
+    """``LogNegativeBinomial.negative_binomial_log_ver`` (eps 1e-8 inside lgamma and softplus)."""
+    r = jnp.exp(log_r)
+    eps = PNB_EPS
+    choice = gammaln(x + r + eps) - gammaln(x + 1.0 + eps) - gammaln(r + eps)
+    return (
+        choice - x * jax.nn.softplus(log_r - log_m + eps) - r * jax.nn.softplus(log_m - log_r + eps)
+    )
+
+
+def log_prob(x: Array, rates: Rates, *, config: DRVIConfig) -> Array:
+    """Per-gene log-likelihood (b, n_input) of counts ``x`` under ``rates``."""
+    if config.gene_likelihood == "poisson":
+        return distributions.count_term(x, rates.mu, rates.mu, likelihood="poisson") + (
+            distributions.log_prob_constant(x, rates.mu, likelihood="poisson") - rates.mu
+        )
+    assert rates.theta is not None
+    if config.gene_likelihood == "pnb":
+        return pnb_log_prob(x, jnp.log(rates.mu), jnp.log(rates.theta))
+    return distributions.log_prob_varying(
+        x, rates.mu, rates.theta, None, likelihood="nb"
+    ) + distributions.log_prob_constant(x, rates.theta, likelihood="nb")
+
+
+# --------------------------------------------------------------------------------------------
+# The family
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DRVI:
+    """The DRVI model family (:class:`linear_decoder_jax.family.Family`), configured.
+
+    ``batch`` in :meth:`encode` / :meth:`decode` holds the categorical covariate codes, (b,) or
+    (b, n_cov) integers with the batch first (drvi-py's ``[batch] + categorical_covariate_keys``);
+    ``label`` is unused. Units: one split per column when ablating splits; by default one latent.
+    """
+
+    config: DRVIConfig
+    name: ClassVar[str] = "drvi"
+
+    @property
+    def n_latent(self) -> int:
+        return self.config.n_latent
+
+    @property
+    def n_vars(self) -> int:
+        return self.config.n_input
+
+    @property
+    def simplex(self) -> bool:
+        return False
+
+    @property
+    def additive(self) -> bool:
+        return True
+
+    @property
+    def splits_own_latents(self) -> bool:
+        """Whether each split depends on its own latents only (not with ``split_method="power"``,
+        where replacing one latent re-decodes every split)."""
+        return self.config.n_split == 1 or self.config.split_method != "power"
+
+    def latent_names(self) -> list[str]:
+        return latent_names(self.config.n_latent)
+
+    def unit_latents(self) -> tuple[tuple[int, ...], ...]:
+        c = self.config
+        if c.n_split == 1 or c.split_method == "power":
+            return tuple(tuple(range(c.n_latent)) for _ in range(c.n_split))
+        m = c.split_size
+        return tuple(tuple(range(i * m, (i + 1) * m)) for i in range(c.n_split))
+
+    def split_names(self) -> list[str]:
+        units = self.unit_latents()
+        if all(len(u) == 1 for u in units):
+            names = self.latent_names()
+            return [names[u[0]] for u in units]
+        return [f"split_{i}" for i in range(self.config.n_split)]
+
+    def encode(
+        self, params: DRVIParams, x: Array, batch: Array, label: Array, *, library: LibraryChoice
+    ) -> Encoded:
+        """Posterior and observed log library (drvi-py never encodes the library, so ``library``
+        "model" and "observed" are the same)."""
+        qz_m, qz_v = posterior(params, x, config=self.config)
+        log_library = jnp.log(x.sum(axis=-1, keepdims=True))
+        return Encoded(qz_m=qz_m, qz_v=qz_v, z=qz_m, log_library=log_library)
+
+    def decoder_input(self, z: Array) -> Array:
+        return z
+
+    def split_values(self, params: DRVIParams, z: Array, batch: Array) -> Array:
+        """Per-split values before aggregation (b, n_split, n_vars)."""
+        return split_values(params, z, covariate_codes(self.config, batch), config=self.config)
+
+    def decode(
+        self,
+        params: DRVIParams,
+        z: Array,
+        log_library: Array,
+        batch: Array,
+        label: Array,
+        *,
+        split_mask: Array | None = None,
+    ) -> Rates:
+        codes = covariate_codes(self.config, batch)
+        values = split_values(params, z, codes, config=self.config)
+        mean = aggregate(values, split_mask, config=self.config)
+        return rates_from_mean(
+            mean, log_theta(params, codes, config=self.config), log_library, config=self.config
+        )
+
+    def log_prob(self, x: Array, rates: Rates) -> Array:
+        return log_prob(x, rates, config=self.config)
+
+    def loadings(self, params: DRVIParams) -> Array | None:
+        return None

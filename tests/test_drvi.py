@@ -1,0 +1,538 @@
+"""DRVI family: parity with drvi-py 0.2.8 on models trained here, the ported scvi-tools 1.5 layout,
+the split-removal convention against a float64 brute force, and hostile checkpoints.
+
+Each configuration trains a tiny model (200 cells x 60 genes, 8 latents, 2 epochs) once per
+session; drvi's own torch module at the posterior mean is the reference.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("drvi")
+pytest.importorskip("torch")
+
+import jax.numpy as jnp  # noqa: E402
+from drvi_ref import (  # noqa: E402
+    brute_decode,
+    brute_log_prob,
+    codes_of,
+    eval_counts,
+    make_adata,
+    ours,
+    rel_err,
+    torch_reference,
+    train,
+)
+
+import linear_decoder_jax.families.drvi as F  # noqa: E402
+from converters import MalformedCheckpointError, UnsafeCheckpointError, UnsupportedModelError  # noqa: E402
+from converters.drvi import detect_family, read_drvi_checkpoint  # noqa: E402
+from linear_decoder_jax.errors import ConfigError  # noqa: E402
+from linear_decoder_jax.family import Family  # noqa: E402
+
+TOL = 1e-5
+SMALL = {"n_latent": 8, "encoder_dims": (16, 16), "decoder_dims": (16, 16)}
+
+#: name -> (setup_anndata kwargs, DRVI kwargs): every aggregation, split method, reuse variant,
+#: likelihood, covariate strategy, dispersion and norm choice appears at least once.
+CONFIGS: dict[str, tuple[dict, dict]] = {
+    "default_batch": ({"batch_key": "batch"}, {}),
+    "emb_two_covs_nb_sum_nowhere": (
+        {"categorical_covariate_keys": ["batch", "donor"]},
+        {"covariate_modeling_strategy": "emb", "gene_likelihood": "nb", "split_aggregation": "sum",
+         "decoder_reuse_weights": "nowhere", "deeply_inject_covariates": True},
+    ),
+    "poisson_sumplus_split4_notfirst_bn": (
+        {"batch_key": "batch"},
+        {"gene_likelihood": "poisson", "split_aggregation": "sum_plus", "split_method": "split",
+         "n_split_latent": 4, "decoder_reuse_weights": "not_first", "use_batch_norm": "both",
+         "affine_batch_norm": "decoder", "use_layer_norm": "encoder"},
+    ),
+    "max_diag_last_genebatch": (
+        {"batch_key": "batch", "categorical_covariate_keys": ["donor"]},
+        {"split_aggregation": "max", "split_method": "split_diag", "decoder_reuse_weights": "last",
+         "dispersion": "gene-batch", "mean_activation": "elu", "var_activation": "pow2"},
+    ),
+    "power_intermediate_nb": (
+        {},
+        {"split_method": "power@6", "n_split_latent": 4, "decoder_reuse_weights": "intermediate",
+         "gene_likelihood": "nb"},
+    ),
+    "splitmap_at_one_split": ({"batch_key": "batch"}, {"split_method": "split_map@5", "n_split_latent": 1}),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def drvi_adata():
+    return make_adata()
+
+
+@pytest.fixture(scope="session")
+def drvi_models(tmp_path_factory, drvi_adata):
+    cache: dict[str, tuple] = {}
+
+    def get(name: str):
+        if name not in cache:
+            setup, kwargs = CONFIGS[name]
+            folder = tmp_path_factory.mktemp(f"drvi_{name}")
+            m = train(folder, drvi_adata, setup, {**SMALL, **kwargs})
+            cache[name] = (m, folder)
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_parity_with_drvi_py(name, drvi_models, drvi_adata):
+    m, folder = drvi_models(name)
+    x = eval_counts(drvi_adata)
+    codes = codes_of(m)
+    ref = torch_reference(m, x, codes)
+    family, params, ckpt = ours(folder)
+    assert isinstance(family, Family)
+    assert ckpt.config["source"]["layout"] == "drvi-py"
+    enc = family.encode(params, jnp.asarray(x), jnp.asarray(codes), None, library="observed")
+    values = family.split_values(params, enc.z, jnp.asarray(codes))
+    rates = family.decode(params, enc.z, enc.log_library, jnp.asarray(codes), None)
+    nll = -family.log_prob(jnp.asarray(x), rates).sum(-1)
+    # drvi-py returns (n_obs, n_vars) without splits; ours keeps a split axis of 1
+    ref["split_values"] = ref["split_values"].reshape(values.shape)
+    got = {"qz_m": enc.qz_m, "qz_v": enc.qz_v, "split_values": values, "scale": rates.scale,
+           "mu": rates.mu, "nll": nll}  # fmt: skip
+    errors = {k: rel_err(got[k], ref[k]) for k in got}
+    assert max(errors.values()) <= TOL, errors
+    assert len(family.unit_latents()) == family.config.n_split
+    assert detect_family(folder) == "drvi"
+
+
+@pytest.mark.parametrize("name", ["default_batch", "emb_two_covs_nb_sum_nowhere",
+                                  "poisson_sumplus_split4_notfirst_bn", "max_diag_last_genebatch"])  # fmt: skip
+def test_split_removal_and_baseline_against_float64_brute_force(name, drvi_models, drvi_adata):
+    """decode with splits removed (divisor K) and with a latent at a baseline equals a float64
+    numpy decoder written from drvi-py's code; for logsumexp the divisor cancels (K - 1 gives the
+    same scale), for sum it does not."""
+    m, folder = drvi_models(name)
+    family, params, _ = ours(folder)
+    x = eval_counts(drvi_adata)[:50]
+    codes = codes_of(m)[:50]
+    enc = family.encode(params, jnp.asarray(x), jnp.asarray(codes), None, library="observed")
+    z = np.asarray(enc.z)
+    lib = x.sum(1)
+    s = family.config.n_split
+    rng = np.random.default_rng(0)
+    mask = (rng.random((50, s)) > 0.4).astype(np.float32)
+    mask[:, 0] = 1.0  # keep at least one split per cell
+    rates = family.decode(
+        params, enc.z, enc.log_library, jnp.asarray(codes), None, split_mask=jnp.asarray(mask)
+    )
+    brute = brute_decode(m, z, codes, lib, split_mask=mask)
+    assert rel_err(rates.scale, brute["scale"]) <= TOL
+    assert rel_err(rates.mu, brute["mu"]) <= TOL
+    ll = family.log_prob(jnp.asarray(x), rates).sum(-1)
+    assert rel_err(ll, brute_log_prob(x, brute, family.config.gene_likelihood).sum(-1)) <= TOL
+    kept = brute_decode(m, z, codes, lib, split_mask=mask, divisor="kept")
+    same = rel_err(kept["scale"], brute["scale"])
+    if family.config.split_aggregation in ("logsumexp", "max"):
+        assert same < 1e-12
+    else:
+        assert same > 1e-3  # the convention matters for sum / sum_plus: ours keeps K
+    # one latent at a baseline (0), every split decoded again
+    z0 = z.copy()
+    z0[:, 1] = 0.0
+    rates0 = family.decode(params, jnp.asarray(z0), enc.log_library, jnp.asarray(codes), None)
+    assert rel_err(rates0.mu, brute_decode(m, z0, codes, lib)["mu"]) <= TOL
+    # a one-split mask as (n_split,) broadcasts over cells
+    row = np.ones(s, np.float32)
+    row[-1] = 0.0
+    r_row = family.decode(
+        params, enc.z, enc.log_library, jnp.asarray(codes), None, split_mask=jnp.asarray(row)
+    )
+    assert rel_err(r_row.scale, brute_decode(m, z, codes, lib, split_mask=row)["scale"]) <= TOL
+
+
+def test_config_checks_and_round_trip():
+    c = F.DRVIConfig(n_input=10, n_latent=8, n_split=4, split_method="split")
+    assert F.DRVIConfig.from_dict(c.to_dict()) == c
+    assert hash(c) == hash(F.DRVIConfig.from_dict(c.to_dict()))
+    fam = F.DRVI(c)
+    assert fam.unit_latents() == ((0, 1), (2, 3), (4, 5), (6, 7))
+    assert fam.split_names() == ["split_0", "split_1", "split_2", "split_3"]
+    assert F.DRVI(F.DRVIConfig(n_input=10, n_latent=3, n_split=3)).split_names() == [
+        "Z_0",
+        "Z_1",
+        "Z_2",
+    ]
+    bad = [
+        ({"split_aggregation": "mean"}, "split_aggregation"),
+        ({"n_split": 3}, "divisible"),
+        ({"split_method": "split_diag", "n_split": 4}, "n_split == n_latent"),
+        ({"gene_likelihood": "zinb"}, "gene_likelihood"),
+        ({"covariate_modeling": "emb"}, "embedding dimension"),
+        ({"mean_activation": "tanh"}, "mean_activation"),
+        ({"n_split": 1, "decoder_reuse_weights": "nowhere"}, "several splits"),
+    ]
+    for kwargs, text in bad:
+        with pytest.raises(ConfigError, match=text):
+            F.DRVIConfig(**{"n_input": 10, "n_latent": 8, "n_split": 8, **kwargs})
+    with pytest.raises(ConfigError, match="Unknown DRVI configuration keys"):
+        F.DRVIConfig.from_dict({"n_input": 3, "zinb": True})
+
+
+def test_family_jits_with_static_config():
+    """The family is hashable: jit takes it as a static argument; params are abstract-shaped."""
+    import jax
+
+    config = F.DRVIConfig(
+        n_input=7,
+        n_latent=4,
+        n_split=4,
+        encoder_dims=(5,),
+        decoder_dims=(6,),
+        n_cats_per_cov=(1, 3),
+    )
+    family = F.DRVI(config)
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map(
+        lambda s: jnp.asarray(rng.normal(size=s.shape) * 0.3, jnp.float32),
+        F.abstract_params(config),
+    )
+    x = jnp.asarray(rng.poisson(3.0, size=(5, 7)), jnp.float32)
+    codes = jnp.asarray(np.stack([np.zeros(5), rng.integers(0, 3, 5)], 1), jnp.int32)
+
+    @jax.jit
+    def nll(params, x, codes, mask):
+        enc = family.encode(params, x, codes, None, library="observed")
+        rates = family.decode(params, enc.z, enc.log_library, codes, None, split_mask=mask)
+        return -family.log_prob(x, rates).sum(-1)
+
+    full = nll(params, x, codes, jnp.ones(4))
+    assert full.shape == (5,) and bool(jnp.all(jnp.isfinite(full)))
+    assert not np.allclose(nll(params, x, codes, jnp.asarray([1.0, 0, 1, 1])), full)
+    with pytest.raises(ConfigError, match=r"\(n_obs, 2\) integer array"):
+        family.decode(params, x[:, :4], x[:, :1], codes[:, 1], None)
+
+
+# --------------------------------------------------------------------------------------------
+# The scvi-tools 1.5 layout (drvi.utils.port_to_scvi_tools)
+# --------------------------------------------------------------------------------------------
+
+PORTED = Path(__file__).parent / "data" / "drvi_ported"
+
+
+@pytest.mark.parametrize(
+    "name", sorted(p.name for p in PORTED.iterdir()) if PORTED.exists() else []
+)
+def test_ported_fixtures(name):
+    """Committed ports (tests/data/make_drvi_ported.py): ours on the 1.5 layout equals drvi-py's
+    module on the original drvi-py model."""
+    folder = PORTED / name
+    family, params, ckpt = ours(folder)
+    assert ckpt.config["source"]["layout"] == "scvi-tools-1.5"
+    data = np.load(folder / "counts.npz")
+    ref = dict(np.load(folder / "expected.npz"))
+    x, codes = data["x"], data["codes"]
+    enc = family.encode(params, jnp.asarray(x), jnp.asarray(codes), None, library="observed")
+    rates = family.decode(params, enc.z, enc.log_library, jnp.asarray(codes), None)
+    got = {"qz_m": enc.qz_m, "qz_v": enc.qz_v, "split_values": family.split_values(params, enc.z, jnp.asarray(codes)),
+           "scale": rates.scale, "mu": rates.mu, "nll": -family.log_prob(jnp.asarray(x), rates).sum(-1)}  # fmt: skip
+    errors = {k: rel_err(got[k], ref[k]) for k in got}
+    assert max(errors.values()) <= TOL, errors
+
+
+def test_port_in_session_matches(drvi_models, tmp_path):
+    """port_to_scvi_tools run here on a trained model reads back to the same parameters."""
+    from drvi.utils import port_to_scvi_tools
+
+    _, folder = drvi_models("default_batch")
+    dest = Path(port_to_scvi_tools(folder, tmp_path / "ported"))
+    a, b = read_drvi_checkpoint(folder), read_drvi_checkpoint(dest)
+    assert a.params.keys() == b.params.keys()
+    for key in a.params:
+        np.testing.assert_array_equal(a.params[key], b.params[key], err_msg=key)
+    assert detect_family(dest) == "drvi"
+
+    # 1.5 options the port never writes are refused by name
+    def zinb(saved):
+        saved["attr_dict"]["init_params_"]["non_kwargs"]["gene_likelihood"] = "zinb"
+
+    with pytest.raises(UnsupportedModelError, match="gene_likelihood='zinb' is not supported"):
+        read_drvi_checkpoint(_rewrite(dest, tmp_path / "zinb", zinb))
+
+    def encoded_library(saved):
+        saved["attr_dict"]["init_params_"]["kwargs"]["kwargs"]["use_observed_lib_size"] = False
+
+    with pytest.raises(UnsupportedModelError, match="use_observed_lib_size=False"):
+        read_drvi_checkpoint(_rewrite(dest, tmp_path / "lib", encoded_library))
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def _rewrite(src: Path, dest: Path, edit) -> Path:
+    """Load a model.pt with torch, edit the dict, save it again."""
+    import torch
+
+    saved = torch.load(src / "model.pt", weights_only=False)
+    edit(saved)
+    dest.mkdir()
+    torch.save(saved, dest / "model.pt")
+    return dest
+
+
+def test_hostile_checkpoints(drvi_models, tmp_path):
+    import torch
+
+    _, folder = drvi_models("default_batch")
+
+    def option(saved):
+        saved["attr_dict"]["init_params_"]["kwargs"]["model_kwargs"]["encode_covariates"] = True
+
+    with pytest.raises(
+        UnsupportedModelError, match=r"encode_covariates=True is not supported"
+    ) as e:
+        read_drvi_checkpoint(_rewrite(folder, tmp_path / "a", option))
+    assert "\n" not in str(e.value)
+
+    def unknown(saved):
+        saved["attr_dict"]["init_params_"]["kwargs"]["model_kwargs"]["fancy_prior_mix"] = 3
+
+    with pytest.raises(UnsupportedModelError, match="fancy_prior_mix=3"):
+        read_drvi_checkpoint(_rewrite(folder, tmp_path / "b", unknown))
+
+    def likelihood(saved):
+        saved["attr_dict"]["init_params_"]["kwargs"]["model_kwargs"]["gene_likelihood"] = "normal"
+
+    with pytest.raises(UnsupportedModelError, match="gene_likelihood='normal'"):
+        read_drvi_checkpoint(_rewrite(folder, tmp_path / "c", likelihood))
+
+    def shape(saved):
+        sd = saved["model_state_dict"]
+        sd["decoder.params_nets.r"] = torch.zeros(7)
+
+    with pytest.raises(
+        MalformedCheckpointError,
+        match=r"'decoder.params_nets.r': expected shape \(60,\), got \(7,\)",
+    ):
+        read_drvi_checkpoint(_rewrite(folder, tmp_path / "d", shape))
+
+    def extra(saved):
+        saved["model_state_dict"]["decoder.extra_head.weight"] = torch.zeros(2)
+
+    with pytest.raises(
+        MalformedCheckpointError, match="unexpected state-dict key 'decoder.extra_head.weight'"
+    ):
+        read_drvi_checkpoint(_rewrite(folder, tmp_path / "e", extra))
+
+    def nan(saved):
+        saved["model_state_dict"]["decoder.params_nets.r"][0] = float("nan")
+
+    with pytest.raises(MalformedCheckpointError, match="non-finite"):
+        read_drvi_checkpoint(_rewrite(folder, tmp_path / "f", nan))
+
+    # a pickle payload: data.pkl asks for posix.system
+    payload = tmp_path / "g"
+    payload.mkdir()
+    with (
+        zipfile.ZipFile(folder / "model.pt") as zin,
+        zipfile.ZipFile(payload / "model.pt", "w") as zout,
+    ):
+        for item in zin.infolist():
+            data = zin.read(item)
+            if item.filename.endswith("data.pkl"):
+                data = b"\x80\x02cposix\nsystem\nq\x00X\x04\x00\x00\x00trueq\x01\x85q\x02Rq\x03."
+            zout.writestr(item, data)
+    with pytest.raises(UnsafeCheckpointError, match="posix.system"):
+        read_drvi_checkpoint(payload)
+    with pytest.raises(UnsafeCheckpointError, match="posix.system"):
+        detect_family(payload)
+
+
+# --------------------------------------------------------------------------------------------
+# Our own format: config.json version 2 names the family; version 1 stays LinearSCVI
+# --------------------------------------------------------------------------------------------
+
+
+def test_save_load_drvi_and_version_one(drvi_models, tmp_path):
+    import json
+
+    from linear_decoder_jax import checkpoint
+    from linear_decoder_jax.config import ModelSpec
+
+    _, folder = drvi_models("emb_two_covs_nb_sum_nowhere")
+    family, params, ckpt = ours(folder)
+    spec = ModelSpec.from_converter(ckpt.config, family="drvi")
+    assert spec.family == "drvi" and spec.data.categorical_covariate_keys == ("batch", "donor")
+    out = checkpoint.save(tmp_path / "m", params, spec)
+    written = json.loads((out / "config.json").read_text())
+    assert written["format_version"] == 2 and written["family"] == "drvi"
+    params2, spec2 = checkpoint.load(out)
+    assert spec2 == spec and type(params2) is type(params)
+    for a, b in zip(np.asarray(params.px_r), np.asarray(params2.px_r), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert checkpoint.fingerprint(params2, spec2) == checkpoint.fingerprint(params, spec)
+    # the covariate categories are checked against the configuration
+    bad = dict(written)
+    bad["data"] = {**written["data"], "categorical_covariate_categories": [["a"], ["d0", "d1"]]}
+    (out / "config.json").write_text(json.dumps(bad))
+    with pytest.raises(Exception, match="categories per covariate"):
+        checkpoint.read_spec(out)
+    # a version-1 directory (no "family") is LinearSCVI
+    v1 = {
+        "format_version": 1,
+        "model": {"n_input": 2, "n_latent": 1},
+        "data": {"var_names": ["a", "b"]},
+    }
+    assert ModelSpec.from_dict(v1).family == "linear_scvi"
+    with pytest.raises(ConfigError, match="family"):
+        ModelSpec.from_dict({**v1, "format_version": 2, "family": "scvi"})
+
+
+# --------------------------------------------------------------------------------------------
+# DRVI's own interpretability scores (linear_decoder_jax.drvi_scores) against drvi-py's
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["default_batch", "emb_two_covs_nb_sum_nowhere"])
+def test_interpretability_scores_equal_drvi_py(name, drvi_models, drvi_adata):
+    import anndata as ad
+
+    from linear_decoder_jax import drvi_scores as S
+
+    m, folder = drvi_models(name)
+    family, params, _ = ours(folder)
+    adata = m.adata
+    x, codes = np.asarray(adata.X, np.float32), codes_of(m)
+
+    def close(a, b, tol=2e-5):
+        assert np.shape(a) == np.shape(b)
+        assert rel_err(a, b) <= tol, rel_err(a, b)
+
+    # reconstruction effect: summed, per cell, directional per cell
+    close(S.get_reconstruction_effect_of_each_split(family, params, x, codes, batch_size=64),
+          m.get_reconstruction_effect_of_each_split(adata))  # fmt: skip
+    for directional in (False, True):
+        close(
+            S.get_reconstruction_effect_of_each_split(
+                family, params, x, codes, aggregate_over_cells=False, directional=directional
+            ),
+            m.get_reconstruction_effect_of_each_split(
+                adata, aggregate_over_cells=False, directional=directional
+            ),
+        )
+    # within-distribution effects, both directions and not
+    for directional in (True, False):
+        ours_ind = S.get_effect_of_splits_within_distribution(
+            family, params, x, codes, directional=directional
+        )
+        ref_ind = m.get_effect_of_splits_within_distribution(adata, directional=directional)
+        assert ours_ind.keys() == ref_ind.keys()
+        for key in ref_ind:
+            close(ours_ind[key], ref_ind[key])
+    # latent dimension stats on an embedding AnnData
+    latent = m.get_latent_representation(adata)
+    e_ref, e_ours = ad.AnnData(latent.copy()), ad.AnnData(latent.copy())
+    m.set_latent_dimension_stats(e_ref)
+    effect = S.get_reconstruction_effect_of_each_split(family, params, x, codes)
+    S.set_latent_dimension_stats(e_ours, effect)
+    assert list(e_ours.var.columns) == list(e_ref.var.columns)
+    for col in e_ref.var.columns:
+        if e_ref.var[col].dtype.kind == "f":
+            close(e_ours.var[col].to_numpy(), e_ref.var[col].to_numpy())
+        else:
+            assert e_ours.var[col].tolist() == e_ref.var[col].tolist(), col
+    # out of distribution: the same covariate draws
+    np.random.seed(3)
+    ood_ref = m.get_effect_of_splits_out_of_distribution(e_ref, n_samples=4)
+    np.random.seed(3)
+    combos = np.random.permutation(S.all_covariate_combinations(family))[:4]
+    ood = S.get_effect_of_splits_out_of_distribution(
+        family, params, e_ours.var["min"].values, e_ours.var["max"].values, combinations=combos
+    )
+    for key in ood_ref:
+        close(ood[key], ood_ref[key], tol=1e-4)
+    # interpretability tables (OOD over every combination: nothing drawn when n_samples is large)
+    m.calculate_interpretability_scores(e_ref, methods="ALL", n_samples=1000)
+    S.calculate_interpretability_scores(family, params, e_ours, x, codes, methods="ALL")
+    assert sorted(e_ours.varm.keys()) == sorted(e_ref.varm.keys())
+    t_ref = m.get_interpretability_scores(e_ref, adata, key="IND_max")
+    t_ours = S.get_interpretability_scores(e_ours, adata.var_names, key="IND_max")
+    assert list(t_ours.columns) == list(t_ref.columns) and list(t_ours.index) == list(t_ref.index)
+    close(t_ours.to_numpy(), t_ref.to_numpy())
+
+
+def test_interpretability_refusals(drvi_models, drvi_adata):
+    from linear_decoder_jax import drvi_scores as S
+
+    m, folder = drvi_models("max_diag_last_genebatch")
+    family, params, _ = ours(folder)
+    x, codes = np.asarray(drvi_adata.X, np.float32), codes_of(m)
+    with pytest.raises(NotImplementedError):
+        m.get_effect_of_splits_within_distribution(m.adata)
+    with pytest.raises(ConfigError, match="'logsumexp' and 'sum' only"):
+        S.get_effect_of_splits_within_distribution(family, params, x, codes)
+
+
+def test_detect_family_on_linear_scvi_fixtures():
+    data = Path(__file__).parent / "data"
+    folders = [data / "golden", *sorted((data / "old_release").iterdir())]
+    assert {detect_family(f) for f in folders} == {"linear_scvi"}
+    assert {detect_family(p) for p in sorted(PORTED.iterdir())} == {"drvi"}
+    with pytest.raises(UnsupportedModelError, match="LinearSCVI model, not DRVI"):
+        read_drvi_checkpoint(data / "golden")
+
+
+@pytest.mark.parametrize("name", ["default_batch", "emb_two_covs_nb_sum_nowhere"])
+def test_ldj_load_query_and_ablate_against_float64_brute_force(name, drvi_models, drvi_adata):
+    """``ldj.load`` names the family and returns the DRVI facade; its query methods, the sweep
+    over latents (baseline zero) and over splits (removed from the aggregation, divisor K), exact
+    Shapley values and the refit run through the family protocol and equal a float64 numpy
+    decoder written from drvi-py's code (to float32 rounding: the converter adds drvi-py's
+    dispersion offset in float32, as drvi-py does)."""
+    import linear_decoder_jax as ldj
+
+    m, folder = drvi_models(name)
+    model = ldj.load(folder, dtype="float64")
+    assert isinstance(model, ldj.DRVI) and model.family.name == "drvi"
+    assert not hasattr(model, "get_loadings")
+    adata = drvi_adata[:40].copy()
+    x = np.asarray(adata.X, np.float64)
+    codes = codes_of(m)[:40]
+    lib = x.sum(1)
+    z = model.get_latent_representation(adata)
+    full = brute_decode(m, z, codes, lib)
+    ll = brute_log_prob(x, full, model.config.gene_likelihood).sum(-1)
+    assert rel_err(model.get_reconstruction_error(adata), -ll) <= TOL
+    assert rel_err(model.get_normalized_expression(adata, return_numpy=True), full["scale"]) <= TOL
+
+    result = ldj.ablate(model, adata, shapley="exact", refit=True, refit_steps=20)
+    assert result.settings["family"] == "drvi" and result.loadings is None
+    for k in range(model.n_latent):
+        zk = z.copy()
+        zk[:, k] = 0.0
+        llk = brute_log_prob(x, brute_decode(m, zk, codes, lib), model.config.gene_likelihood)
+        assert rel_err(result.delta_nll[:, k], ll - llk.sum(-1)) <= TOL, k
+    gain = ll - brute_log_prob(
+        x, brute_decode(m, np.zeros_like(z), codes, lib), model.config.gene_likelihood
+    ).sum(-1)
+    assert rel_err(result.arrays["gain_nll"], gain) <= TOL
+    phi_sum = result.arrays["shapley_nll"].sum(1)  # efficiency: the values sum to the gain
+    np.testing.assert_allclose(phi_sum, result.arrays["gain_nll"], rtol=1e-9, atol=1e-9)
+    assert (result.arrays["unique_delta_nll"] >= 0).all()
+
+    splits = ldj.ablate(model, adata, unit="split")
+    assert splits.delta_nll.shape[1] == model.config.n_split
+    assert splits.latent_names == model.family.split_names()
+    for j in range(model.config.n_split):
+        keep = np.ones(model.config.n_split)
+        keep[j] = 0.0
+        llj = brute_log_prob(
+            x, brute_decode(m, z, codes, lib, split_mask=keep), model.config.gene_likelihood
+        )
+        assert rel_err(splits.delta_nll[:, j], ll - llj.sum(-1)) <= TOL, j
