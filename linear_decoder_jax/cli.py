@@ -44,8 +44,21 @@ def _cmd_info(args: argparse.Namespace) -> int:
     model = _model_source(args.path, args.prefix)
     c, d = model.config, model.spec.data
     genes = ", ".join(d.var_names[:5]) + (" ..." if len(d.var_names) > 5 else "")
+    if model.family.name != "linear_scvi":  # another family: its own options, as recorded
+        options_ = ", ".join(f"{k}={v}" for k, v in c.to_dict().items())
+        lines = [
+            f"model:        {model.path}",
+            f"family:       {model.family.name}",
+            f"source:       {model.spec.source.get('layout', 'converted')} layout",
+            f"latents:      {c.n_latent}; splits {', '.join(model.family.split_names()[:6])}",
+            f"genes:        {c.n_input} ({genes})",
+            f"options:      {options_}",
+        ]
+        print("\n".join(lines))
+        return 0
     lines = [
         f"model:        {model.path}",
+        f"family:       {model.family.name}",
         f"source:       scvi-tools {model.spec.source.get('scvi_version') or 'unknown'} "
         f"({model.spec.source.get('layout', 'converted')} layout)",
         f"likelihood:   {c.gene_likelihood}, dispersion {c.dispersion}",
