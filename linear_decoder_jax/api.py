@@ -121,12 +121,14 @@ def load(
     only inside this model's calls; no global state is changed).
     """
     path = Path(path)
+    training = None
     if path.is_dir() and _is_model_dir(path):
         params, spec = checkpoint.load(path)
+        training = checkpoint.read_training(path)
     else:
         flat, spec = _read_foreign(path, prefix)
         params = from_flat(flat, spec.model)
-    return LinearSCVI(params, spec, dtype=dtype, path=str(path.absolute()))
+    return LinearSCVI(params, spec, dtype=dtype, path=str(path.absolute()), training=training)
 
 
 class LinearSCVI:
@@ -139,11 +141,13 @@ class LinearSCVI:
         *,
         dtype: DType = "float32",
         path: str | None = None,
+        training: dict[str, Any] | None = None,
     ):
         if dtype not in ("float32", "float64"):
             raise ConfigError(f"Expected dtype 'float32' or 'float64', got {dtype!r} instead.")
         self.spec = spec
         self.path = path
+        self.training = training  # ldj.train's record: history, settings, indices
         self.dtype: DType = dtype
         self._host_params = jax.tree.map(lambda a: np.asarray(a, dtype=dtype), params)
         self._device_params: LDVAEParams | None = None
@@ -192,8 +196,50 @@ class LinearSCVI:
         return checkpoint.fingerprint(self._host_params, self.spec)
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        """Write this model in our format (orbax parameters + ``config.json``), atomically."""
-        return checkpoint.save(path, self._host_params, self.spec, overwrite=overwrite)
+        """Write this model in our format (orbax parameters + ``config.json``, and the training
+        record of a model trained here), atomically."""
+        return checkpoint.save(
+            path, self._host_params, self.spec, overwrite=overwrite, training=self.training
+        )
+
+    # -- training record (models made by ldj.train) ---------------------------------------------
+    @property
+    def history_(self) -> dict[str, Any]:
+        """Per-epoch training metrics as scvi-tools' ``history_``: one DataFrame per key, indexed
+        by ``epoch`` (empty for a converted model)."""
+        import pandas as pd
+
+        if self.training is None:
+            return {}
+        out = {}
+        for key, rows in self.training["history"].items():
+            epochs, values = zip(*rows, strict=True) if rows else ((), ())
+            index = pd.Index(np.asarray(epochs, np.int64), name="epoch")
+            out[key] = pd.DataFrame({key: np.asarray(values, np.float64)}, index=index)
+        return out
+
+    def _indices(self, which: str) -> np.ndarray | None:
+        return None if self.training is None else np.asarray(self.training["indices"][which])
+
+    @property
+    def train_indices(self) -> np.ndarray | None:
+        """Cells (positions in the training AnnData) the model was trained on."""
+        return self._indices("train")
+
+    @property
+    def validation_indices(self) -> np.ndarray | None:
+        return self._indices("validation")
+
+    @property
+    def test_indices(self) -> np.ndarray | None:
+        return self._indices("test")
+
+    def export_scvi(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write this model as a scvi-tools 1.4 ``LinearSCVI`` directory (``model.pt``), without
+        torch: ``scvi.model.LinearSCVI.load(path, adata=...)`` reads it."""
+        from linear_decoder_jax.training import export
+
+        return export.export_scvi(self, path, overwrite=overwrite)
 
     # -- plumbing ------------------------------------------------------------------------------
     @contextlib.contextmanager
