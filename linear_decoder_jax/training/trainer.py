@@ -26,10 +26,12 @@ IN_MEMORY_BYTES = 2 << 30
 
 
 def _minibatches(indices: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """(full minibatches (k, batch_size), the last partial one (1, r) or None)."""
+    """(full minibatches (k, batch_size), the last partial one (1, r) or None); the cells of
+    each minibatch sorted (an h5ad is read in order; the draws then fall on the same cells
+    whether the counts are in memory or streamed)."""
     k = len(indices) // batch_size
-    full = indices[: k * batch_size].reshape(k, batch_size)
-    rest = indices[k * batch_size :]
+    full = np.sort(indices[: k * batch_size].reshape(k, batch_size), axis=1)
+    rest = np.sort(indices[k * batch_size :])
     return full, (rest[None, :] if len(rest) else None)
 
 
@@ -123,8 +125,7 @@ def fit(
             step += rows.shape[0]
             return sums
         total = jnp.zeros(3)
-        for mb in rows:
-            order = np.sort(mb)
+        for order in rows:
             x = jnp.asarray(tdata.take(cells, order))
             local = jnp.arange(len(order))[None, :]
             params, opt_state, sums = loop.train_steps(
