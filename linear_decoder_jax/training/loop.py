@@ -121,6 +121,7 @@ class StepSettings(NamedTuple):
     eps: float
     weight_decay: float
     decoupled: bool
+    bn_train: tuple[bool, bool] = (True, True)  # encoders, decoder (False: frozen)
 
 
 def kl_weight(epoch: Any, step: Any, s: StepSettings) -> Any:
@@ -197,8 +198,9 @@ def train_steps(
 
         def loss_fn(p):
             parts, new = objective.train_loss(
-                p, x, b, lab, noise, w, config=config, dropout_rate=settings.dropout_rate
-            )
+                p, x, b, lab, noise, w, config=config, dropout_rate=settings.dropout_rate,
+                bn_train=settings.bn_train,
+            )  # fmt: skip
             return parts.loss, (parts, new)
 
         (loss, (parts, new)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)

@@ -90,13 +90,23 @@ def batch_norm_train(p: BatchNorm, x: Array) -> tuple[Array, BatchNorm]:
 
 
 def layer_train(
-    p: Layer, x: Array, keep: Array | None, *, relu: bool, dropout_rate: float
+    p: Layer,
+    x: Array,
+    keep: Array | None,
+    *,
+    relu: bool,
+    dropout_rate: float,
+    bn_train: bool = True,
 ) -> tuple[Array, Layer]:
-    """One ``FCLayers`` block in train mode: Linear -> BatchNorm -> ReLU -> Dropout(keep mask)."""
+    """One ``FCLayers`` block in train mode: Linear -> BatchNorm -> ReLU -> Dropout(keep mask).
+    ``bn_train=False``: a frozen BatchNorm (running statistics, not updated)."""
     y = layers.dense(p.dense, x)
     bn = p.bn
     if p.bn is not None:
-        y, bn = batch_norm_train(p.bn, y)
+        if bn_train:
+            y, bn = batch_norm_train(p.bn, y)
+        else:
+            y = layers.batch_norm_eval(p.bn, y)
     if relu:
         y = jax.nn.relu(y)
     if keep is not None and dropout_rate > 0:
@@ -105,13 +115,15 @@ def layer_train(
 
 
 def encoder_train(
-    p: Encoder, x: Array, keep: tuple[Array, ...], *, dropout_rate: float
+    p: Encoder, x: Array, keep: tuple[Array, ...], *, dropout_rate: float, bn_train: bool = True
 ) -> tuple[Array, Array, Encoder]:
     """``Encoder`` in train mode: ``(q_m, q_v)`` and the encoder with updated running stats."""
     h = x
     blocks = []
     for block, mask in zip(p.layers, keep, strict=True):
-        h, block = layer_train(block, h, mask, relu=True, dropout_rate=dropout_rate)
+        h, block = layer_train(
+            block, h, mask, relu=True, dropout_rate=dropout_rate, bn_train=bn_train
+        )
         blocks.append(block)
     q_m = layers.dense(p.mean, h)
     q_v = jnp.exp(layers.dense(p.var, h)) + layers.VAR_EPS
@@ -125,10 +137,12 @@ def kl_normal(m1: Array, v1: Array, m2: Array, v2: Array) -> Array:
     return 0.5 * (var_ratio + t1 - 1.0 - jnp.log(var_ratio))
 
 
-def _head_train(head: Layer, z: Array, batch: Array, *, config: LDVAEConfig) -> tuple[Array, Layer]:
+def _head_train(
+    head: Layer, z: Array, batch: Array, *, config: LDVAEConfig, bn_train: bool
+) -> tuple[Array, Layer]:
     if config.n_batch_onehot:
         z = jnp.concatenate([z, jax.nn.one_hot(batch, config.n_batch, dtype=z.dtype)], axis=-1)
-    return layer_train(head, z, None, relu=False, dropout_rate=0.0)
+    return layer_train(head, z, None, relu=False, dropout_rate=0.0, bn_train=bn_train)
 
 
 def library_prior(params: LDVAEParams, batch: Array) -> tuple[Array, Array]:
@@ -147,6 +161,7 @@ def train_loss(
     *,
     config: LDVAEConfig,
     dropout_rate: float,
+    bn_train: tuple[bool, bool] = (True, True),
 ) -> tuple[LossParts, LDVAEParams]:
     """Train-mode forward pass and ``VAE.loss`` of one minibatch.
 
@@ -162,6 +177,9 @@ def train_loss(
         The draws of this pass (:func:`draw_noise`).
     kl_weight
         Warm-up weight of KL(z) (``TrainingPlan.kl_weight``).
+    bn_train
+        Whether the encoders' and the decoder's BatchNorm layers run in train mode; False
+        freezes them (running statistics used, not updated), as query mapping does.
 
     Returns
     -------
@@ -170,8 +188,9 @@ def train_loss(
         updated as torch updates them in this pass.
     """
     h = model.encoder_input(x, config=config)
+    enc_bn, dec_bn = bn_train
     qz_m, qz_v, z_encoder = encoder_train(
-        params.z_encoder, h, noise.z_keep, dropout_rate=dropout_rate
+        params.z_encoder, h, noise.z_keep, dropout_rate=dropout_rate, bn_train=enc_bn
     )
     z = model.z_transformation(qz_m + jnp.sqrt(qz_v) * noise.z, config=config)
     l_encoder = params.l_encoder
@@ -180,13 +199,15 @@ def train_loss(
         kl_l = jnp.zeros(x.shape[0], x.dtype)
     else:
         ql_m, ql_v, l_encoder = encoder_train(
-            params.l_encoder, h, noise.l_keep, dropout_rate=dropout_rate
+            params.l_encoder, h, noise.l_keep, dropout_rate=dropout_rate, bn_train=enc_bn
         )
         log_library = ql_m + jnp.sqrt(ql_v) * noise.library
         prior_m, prior_v = library_prior(params, batch)
         kl_l = kl_normal(ql_m, ql_v, prior_m, prior_v).sum(axis=1)
-    logits, factor = _head_train(params.decoder.factor, z, batch, config=config)
-    zi_logits, dropout_head = _head_train(params.decoder.dropout, z, batch, config=config)
+    logits, factor = _head_train(params.decoder.factor, z, batch, config=config, bn_train=dec_bn)
+    zi_logits, dropout_head = _head_train(
+        params.decoder.dropout, z, batch, config=config, bn_train=dec_bn
+    )
     scale = jax.nn.softmax(logits, axis=-1)
     decoded = model.Decoded(
         scale=scale,

@@ -51,12 +51,14 @@ def fit(
     cfg: TrainConfig,
     *,
     dropout_rate: float,
-    params: LDVAEParams | None = None,
-    grad_mask: LDVAEParams | None = None,
+    init: Callable[[np.ndarray, np.ndarray], tuple[LDVAEParams, LDVAEParams]] | None = None,
+    bn_train: tuple[bool, bool] = (True, True),
     in_memory: bool | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> TrainingResult:
-    """Train on ``cells`` (aligned with ``config``); ``params`` to start from (fresh when None)."""
+    """Train on ``cells`` (aligned with ``config``). ``init(library_log_means,
+    library_log_vars)`` gives the parameters to start from and a 0/1 gradient mask (query
+    mapping); None: fresh parameters, all trained."""
     n_obs = cells.n_obs
     max_epochs = cfg.max_epochs or tdata.max_epochs_heuristic(n_obs)
     n_train, n_val = tdata.validate_data_split(
@@ -88,9 +90,13 @@ def fit(
             f"{scan.empty} cells have no counts, which might fail inference; filter them with "
             "scanpy.pp.filter_cells."
         )
-    if params is None:
-        means, variances = tdata.library_size_prior(scan.log_library, cells.batch, config.n_batch)
+    means, variances = tdata.library_size_prior(scan.log_library, cells.batch, config.n_batch)
+    grad_mask = None
+    if init is None:
         params = loop.init_params(config, jax.random.key(cfg.seed), means, variances)
+    else:
+        params, grad_mask = init(means, variances)
+        grad_mask = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), grad_mask)
     settings = loop.StepSettings(
         dropout_rate=float(dropout_rate),
         n_epochs_kl_warmup=cfg.n_epochs_kl_warmup,
@@ -100,6 +106,7 @@ def fit(
         eps=float(cfg.eps),
         weight_decay=float(cfg.weight_decay),
         decoupled=cfg.optimizer == "AdamW",
+        bn_train=bn_train,
     )
     params = jax.tree.map(lambda a: jnp.array(a, jnp.float32), params)
     tx = loop.make_optimizer(config, settings, cfg.lr)
@@ -254,6 +261,8 @@ def train(
     early_stopping_min_delta: float = 0.0,
     check_val_every_n_epoch: int | None = None,
     seed: int = 0,
+    reference: Any = None,
+    freeze_batchnorm_decoder: bool = True,
     allow_non_integer: bool = False,
     in_memory: bool | None = None,
     progress_bar: bool = True,
@@ -274,6 +283,14 @@ def train(
         Counts layer (None: X).
     batch_key, labels_key
         obs columns of the batch and the labels (labels matter for ``dispersion="gene-label"``).
+    reference
+        A trained ``LinearSCVI`` to map ``adata`` onto (query mapping, :mod:`.query`): the
+        model options come from it, ``batch_key`` defaults to its own, the new batch categories
+        get their own decoder rows, library prior and (gene-batch) ``px_r`` columns, and nothing
+        else is trained.
+    freeze_batchnorm_decoder
+        Query mapping: keep the decoder's BatchNorm frozen (the reference's cells then decode
+        exactly as before); False trains it as scArches can.
     seed
         Seeds the split (as ``scvi.settings.seed`` does: ``np.random.RandomState(seed)``), the
         initial weights, the minibatch order and every draw.
@@ -319,33 +336,83 @@ def train(
             in_memory = False if in_memory is None else in_memory
         if adata.n_obs < 3:
             raise IncompatibleDataError(f"Expected at least 3 cells to train on, got {adata.n_obs}.")
-        registry = tdata.registry(
-            adata, layer=layer, batch_key=batch_key, labels_key=labels_key
-        )
-        n_batch = max(len(registry.batch_categories), 1)
-        n_labels = max(len(registry.label_categories), 1)
-        config = LDVAEConfig(
-            n_input=len(registry.var_names), n_latent=n_latent, n_hidden=n_hidden,
-            n_layers=n_layers, n_batch=n_batch, n_labels=n_labels,
-            gene_likelihood=gene_likelihood, dispersion=dispersion,
-            latent_distribution=latent_distribution,
-            use_observed_lib_size=bool(use_observed_lib_size), decoder_batch_norm=bool(use_batch_norm),
-            decoder_bias=bool(bias),
-        )  # fmt: skip
-        if dispersion == "gene-label" and labels_key is None:
-            raise ConfigError("dispersion='gene-label' needs labels_key (CLI: --labels-key).")
-        spec = ModelSpec(model=config, data=registry, source={"trained_with": "linear-decoder-jax"})
+        init = None
+        bn_train = (True, True)
+        if reference is not None:
+            from linear_decoder_jax.training import query
+
+            ref_spec = reference.spec
+            key = batch_key or ref_spec.data.batch_key
+            if key is None:
+                raise ConfigError("Query mapping needs a batch_key (the reference has none).")
+            categories = tdata.registry(adata, layer=None, batch_key=key, labels_key=None)
+            spec = query.query_spec(ref_spec, categories.batch_categories, key)
+            spec = ModelSpec(
+                model=spec.model,
+                data=spec.data.__class__(**(spec.data.__dict__ | {"batch_key": key,
+                                                                  "layer": layer})),  # fmt: skip
+                source=spec.source,
+            )
+            config = spec.model
+            ref_params = reference.host_params
+
+            def init(means, variances):
+                return query.extend(
+                    jax.tree.map(np.asarray, ref_params), ref_spec.model, config, means,
+                    variances, seed=seed, freeze_batchnorm_decoder=freeze_batchnorm_decoder,
+                )  # fmt: skip
+
+            bn_train = (False, not freeze_batchnorm_decoder)
+        else:
+            spec = _fresh_spec(
+                adata, layer, batch_key, labels_key, n_hidden=n_hidden, n_latent=n_latent,
+                n_layers=n_layers, dispersion=dispersion, gene_likelihood=gene_likelihood,
+                latent_distribution=latent_distribution,
+                use_observed_lib_size=use_observed_lib_size, use_batch_norm=use_batch_norm,
+                bias=bias,
+            )  # fmt: skip
+            config = spec.model
         cells = anndata_io.prepare(
             adata, spec, layer=layer, allow_non_integer=allow_non_integer
         )
-        tdata.check_batches(cells.batch, registry.batch_categories, batch_key)
+        tdata.check_batches(cells.batch, spec.data.batch_categories, spec.data.batch_key)
         report = loop.stderr_progress if progress_bar else None
         result = fit(
-            cells, config, cfg, dropout_rate=dropout_rate, in_memory=in_memory, progress=report
-        )
+            cells, config, cfg, dropout_rate=dropout_rate, in_memory=in_memory, progress=report,
+            init=init, bn_train=bn_train,
+        )  # fmt: skip
     training = {
         "history": result.history,
         "settings": result.settings | {"seconds": time.perf_counter() - start},
         "indices": result.indices,
     }
     return LinearSCVI(result.params, spec, training=training)
+
+
+def _fresh_spec(
+    adata: Any,
+    layer: str | None,
+    batch_key: str | None,
+    labels_key: str | None,
+    *,
+    dispersion: str,
+    use_batch_norm: bool,
+    bias: bool,
+    use_observed_lib_size: bool,
+    **options: Any,
+) -> ModelSpec:
+    """The spec of a new model set up on ``adata`` (scvi-tools' ``setup_anndata`` + init)."""
+    registry = tdata.registry(adata, layer=layer, batch_key=batch_key, labels_key=labels_key)
+    if dispersion == "gene-label" and labels_key is None:
+        raise ConfigError("dispersion='gene-label' needs labels_key (CLI: --labels-key).")
+    config = LDVAEConfig(
+        n_input=len(registry.var_names),
+        n_batch=max(len(registry.batch_categories), 1),
+        n_labels=max(len(registry.label_categories), 1),
+        dispersion=dispersion,  # type: ignore[arg-type]
+        use_observed_lib_size=bool(use_observed_lib_size),
+        decoder_batch_norm=bool(use_batch_norm),
+        decoder_bias=bool(bias),
+        **options,
+    )
+    return ModelSpec(model=config, data=registry, source={"trained_with": "linear-decoder-jax"})
