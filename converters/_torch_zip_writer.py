@@ -65,8 +65,11 @@ class _Storage:
         self.key, self.array = key, array
 
 
-class _Pickler(pickle._Pickler):  # type: ignore[name-defined,misc]  # the pure-Python pickler
-    dispatch = pickle._Pickler.dispatch.copy()  # type: ignore[attr-defined]
+_PurePickler: Any = pickle._Pickler  # the pure-Python pickler (C one has no dispatch table)
+
+
+class _Pickler(_PurePickler):
+    dispatch: dict[type, Any] = _PurePickler.dispatch.copy()
 
     def __init__(self, file: io.BytesIO) -> None:
         super().__init__(file, protocol=2)

@@ -78,7 +78,7 @@ def save(
             record = {k: v for k, v in training.items() if k != "indices"}
             (tmp / TRAINING_FILE).write_text(json.dumps(record) + "\n")
             indices = {k: np.asarray(v, np.int64) for k, v in training["indices"].items()}
-            np.savez(tmp / INDICES_FILE, **indices)
+            np.savez(str(tmp / INDICES_FILE), **indices)  # type: ignore[arg-type]
     return Path(path).absolute()
 
 

@@ -94,7 +94,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     dst = model.save(args.output, overwrite=args.overwrite)
     history = model.history_
     last = {k: float(v.iloc[-1, 0]) for k, v in history.items() if len(v)}
-    summary = ", ".join(f"{k}={last[k]:.4g}" for k in ("elbo_train", "elbo_validation") if k in last)
+    summary = ", ".join(
+        f"{k}={last[k]:.4g}" for k in ("elbo_train", "elbo_validation") if k in last
+    )
     print(f"wrote {dst} ({len(history['train_loss'])} epochs; {summary})")
     return 0
 

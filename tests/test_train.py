@@ -9,14 +9,13 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import make_adata  # noqa: E402  (tests/ is on the path)
 
 import linear_decoder_jax as ldj
 from linear_decoder_jax import cli
 from linear_decoder_jax.errors import ConfigError, IncompatibleDataError
 from linear_decoder_jax.training import data as tdata
 from linear_decoder_jax.training.loop import TRAIN_KEYS, VALIDATION_KEYS
-
-from conftest import make_adata  # noqa: E402  (tests/ is on the path)
 
 SMALL = dict(n_latent=3, n_hidden=16, max_epochs=3, batch_size=32, progress_bar=False)
 
@@ -59,7 +58,9 @@ def test_max_epochs_heuristic_equals_scvi_tools(n_obs):
     [(150, None, None, 32), (131, None, None, 128), (258, None, None, 128),
      (300, 0.8, 0.1, 64), (100, 1.0, None, 16), (137, 0.7, 0.2, 16)],
 )  # fmt: skip
-def test_split_equals_scvi_tools_data_splitter(adata, n_obs, train_size, validation_size, batch_size):
+def test_split_equals_scvi_tools_data_splitter(
+    adata, n_obs, train_size, validation_size, batch_size
+):
     from scvi import settings
     from scvi.dataloaders import DataSplitter
 

@@ -32,11 +32,16 @@ CASES = {
     "zinb_gene_batch_ln": dict(
         gene_likelihood="zinb", dispersion="gene-batch", latent_distribution="ln", n_batch=3
     ),
-    "poisson_gene_label": dict(gene_likelihood="poisson", dispersion="gene-label", n_batch=2,
-                               n_labels=3),  # fmt: skip
+    "poisson_gene_label": dict(
+        gene_likelihood="poisson", dispersion="gene-label", n_batch=2, n_labels=3
+    ),  # fmt: skip
     "nb_observed_lib_2_layers_bias_no_bn": dict(
-        gene_likelihood="nb", use_observed_lib_size=True, n_layers_encoder=2, bias=True,
-        use_batch_norm=False, n_batch=2,
+        gene_likelihood="nb",
+        use_observed_lib_size=True,
+        n_layers_encoder=2,
+        bias=True,
+        use_batch_norm=False,
+        n_batch=2,
     ),  # fmt: skip
 }
 
@@ -183,65 +188,62 @@ def test_loss_gradients_and_adam_steps_equal_scvi_tools(name):
     tx = optim.torch_adam(lr, eps=0.01, weight_decay=wd, mask=mask)
     module.train()
 
-    if True:
-        params = jax.tree.map(jnp.asarray, params)
-        state = tx.init(params)
-        for step, kl_weight in enumerate((0.25, 0.7)):
-            noise = objective.draw_noise(
-                jax.random.key(step), N_OBS, config=config, dropout_rate=DROPOUT,
+    params = jax.tree.map(jnp.asarray, params)
+    state = tx.init(params)
+    for step, kl_weight in enumerate((0.25, 0.7)):
+        noise = objective.draw_noise(
+            jax.random.key(step), N_OBS, config=config, dropout_rate=DROPOUT,
+        )  # fmt: skip
+
+        def loss_fn(p, noise=noise, kl_weight=kl_weight):
+            parts, new = objective.train_loss(
+                p, jnp.asarray(x), jnp.asarray(batch), jnp.asarray(label), noise, kl_weight,
+                config=config, dropout_rate=DROPOUT,
             )  # fmt: skip
+            return parts.loss, (parts, new)
 
-            def loss_fn(p, noise=noise, kl_weight=kl_weight):
-                parts, new = objective.train_loss(
-                    p, jnp.asarray(x), jnp.asarray(batch), jnp.asarray(label), noise, kl_weight,
-                    config=config, dropout_rate=DROPOUT,
-                )  # fmt: skip
-                return parts.loss, (parts, new)
+        (loss, (parts, new)), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
+        torch_opt.zero_grad(set_to_none=True)
+        with _torch_draws(module, noise):
+            _, _, out = module(_tensors(x, batch, label), loss_kwargs={"kl_weight": kl_weight})
+        out.loss.backward()
+        _close(loss, out.loss.item(), f"{name} step {step}: loss")
+        _close(parts.reconstruction_loss, out.reconstruction_loss["reconstruction_loss"]
+               .detach().numpy(), "reconstruction")  # fmt: skip
+        _close(parts.kl_z, out.kl_local["kl_divergence_z"].detach().numpy(), "kl_z")
+        _close(parts.kl_l, out.kl_local["kl_divergence_l"].detach().numpy(), "kl_l")
 
-            (loss, (parts, new)), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
-                params
-            )
-            torch_opt.zero_grad(set_to_none=True)
-            with _torch_draws(module, noise):
-                _, _, out = module(_tensors(x, batch, label), loss_kwargs={"kl_weight": kl_weight})
-            out.loss.backward()
-            _close(loss, out.loss.item(), f"{name} step {step}: loss")
-            _close(parts.reconstruction_loss, out.reconstruction_loss["reconstruction_loss"]
-                   .detach().numpy(), "reconstruction")  # fmt: skip
-            _close(parts.kl_z, out.kl_local["kl_divergence_z"].detach().numpy(), "kl_z")
-            _close(parts.kl_l, out.kl_local["kl_divergence_l"].detach().numpy(), "kl_l")
+        theirs_grad = _torch_flat(module, config, grads=True)
+        ours_grad = to_flat(grads)
+        ours_mask = to_flat(mask)
+        floor = 1e-6 * max(float(np.max(np.abs(g))) for g in theirs_grad.values() if g is not None)
+        for key, g in theirs_grad.items():
+            if key.endswith(("bn/mean", "bn/var")) or key.startswith("library_log"):
+                continue
+            assert (g is not None) == bool(ours_mask[key]), key
+            expected = np.zeros(np.shape(ours_grad[key])) if g is None else g
+            _close(ours_grad[key], expected, f"{name} step {step}: grad {key}", floor=floor)
+        # running statistics after the forward pass
+        theirs_state = _torch_flat(module, config)
+        for key, value in to_flat(new).items():
+            if key.endswith(("bn/mean", "bn/var")):
+                _close(value, theirs_state[key], f"{name} step {step}: running {key}")
 
-            theirs_grad = _torch_flat(module, config, grads=True)
-            ours_grad = to_flat(grads)
-            ours_mask = to_flat(mask)
-            floor = 1e-6 * max(float(np.max(np.abs(g))) for g in theirs_grad.values() if g is not None)
-            for key, g in theirs_grad.items():
-                if key.endswith(("bn/mean", "bn/var")) or key.startswith("library_log"):
-                    continue
-                assert (g is not None) == bool(ours_mask[key]), key
-                expected = np.zeros(np.shape(ours_grad[key])) if g is None else g
-                _close(ours_grad[key], expected, f"{name} step {step}: grad {key}", floor=floor)
-            # running statistics after the forward pass
-            theirs_state = _torch_flat(module, config)
-            for key, value in to_flat(new).items():
-                if key.endswith(("bn/mean", "bn/var")):
-                    _close(value, theirs_state[key], f"{name} step {step}: running {key}")
-
-            torch_opt.step()
-            # the step from torch's own gradients (equal to ours above, up to float32 noise that
-            # Adam's normalisation would amplify where a gradient is ~0), so that this checks the
-            # optimizer alone: weight decay, moments, bias correction, eps, frozen leaves
-            same = {k: (np.zeros(np.shape(v)) if theirs_grad.get(k) is None else theirs_grad[k])
-                    for k, v in ours_grad.items()}  # fmt: skip
-            grads = from_flat(same, config)
-            updates, state = tx.update(grads, state, new)
-            params = jax.tree.map(lambda p, u: p + u, new, updates)
-            theirs_state = _torch_flat(module, config)
-            for key, value in to_flat(params).items():
-                _close(value, theirs_state[key], f"{name} step {step}: after Adam {key}")
-            key = "decoder/factor/dense/kernel"
-            moved = np.abs(np.asarray(to_flat(params)[key]) - np.asarray(to_flat(new)[key]))
-            assert moved.min() > 0  # the step did something
+        torch_opt.step()
+        # the step from torch's own gradients (equal to ours above, up to float32 noise that
+        # Adam's normalisation would amplify where a gradient is ~0), so that this checks the
+        # optimizer alone: weight decay, moments, bias correction, eps, frozen leaves
+        same = {k: (np.zeros(np.shape(v)) if theirs_grad.get(k) is None else theirs_grad[k])
+                for k, v in ours_grad.items()}  # fmt: skip
+        grads = from_flat(same, config)
+        updates, state = tx.update(grads, state, new)
+        params = jax.tree.map(lambda p, u: p + u, new, updates)
+        theirs_state = _torch_flat(module, config)
+        for key, value in to_flat(params).items():
+            _close(value, theirs_state[key], f"{name} step {step}: after Adam {key}")
+        key = "decoder/factor/dense/kernel"
+        moved = np.abs(np.asarray(to_flat(params)[key]) - np.asarray(to_flat(new)[key]))
+        assert moved.min() > 0  # the step did something
 
 
 @pytest.mark.parametrize("decoupled", [False, True])

@@ -17,7 +17,7 @@ import numpy as np
 
 from linear_decoder_jax import anndata_io
 from linear_decoder_jax._text import preview
-from linear_decoder_jax.anndata_io import BackedAnnData, CellData, H5CSR
+from linear_decoder_jax.anndata_io import H5CSR, BackedAnnData, CellData
 from linear_decoder_jax.config import DataRegistry
 from linear_decoder_jax.errors import ConfigError, IncompatibleDataError
 

@@ -69,8 +69,11 @@ def registry(model: LinearSCVI, n_obs: int) -> dict[str, Any]:
     return {
         "scvi_version": SCVI_VERSION,
         "model_name": "LinearSCVI",
-        "setup_args": {"batch_key": data.batch_key, "labels_key": data.labels_key,
-                       "layer": data.layer},  # fmt: skip
+        "setup_args": {
+            "batch_key": data.batch_key,
+            "labels_key": data.labels_key,
+            "layer": data.layer,
+        },  # fmt: skip
         "field_registries": fields,
         "setup_method_name": "setup_anndata",
         "_scvi_uuid": str(uuid.uuid4()),
@@ -122,9 +125,7 @@ def export_scvi(model: LinearSCVI, path: str | os.PathLike, *, overwrite: bool =
     """Write ``model`` as a scvi-tools ``LinearSCVI`` directory ``path`` (``model.pt``)."""
     from converters._torch_zip_writer import Tensor, write_torch_zip
 
-    state: OrderedDict[str, Any] = OrderedDict(
-        (k, Tensor(v)) for k, v in state_dict(model).items()
-    )
+    state: OrderedDict[str, Any] = OrderedDict((k, Tensor(v)) for k, v in state_dict(model).items())
     state["pyro_param_store"] = {"params": {}, "constraints": {}}
     saved = {
         "model_state_dict": state,

@@ -100,7 +100,9 @@ class TrainConfig:
     def validates(self) -> bool:
         """Whether validation runs (scvi-tools: only when asked, or for early stopping or the
         learning-rate schedule)."""
-        return bool(self.check_val_every_n_epoch or self.early_stopping or self.reduce_lr_on_plateau)
+        return bool(
+            self.check_val_every_n_epoch or self.early_stopping or self.reduce_lr_on_plateau
+        )
 
     @property
     def val_every(self) -> int:

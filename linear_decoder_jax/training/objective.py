@@ -274,7 +274,7 @@ def trainable_mask(config: LDVAEConfig) -> LDVAEParams:
     def layer_mask(lay: Layer, on: bool) -> Layer:
         dense = lay.dense._replace(
             kernel=on,  # type: ignore[arg-type]
-            bias=None if lay.dense.bias is None else on,
+            bias=None if lay.dense.bias is None else on,  # type: ignore[arg-type]
         )
         return Layer(dense, bn_mask(lay.bn, on))
 

@@ -26,7 +26,7 @@ Array = jax.Array
 
 
 class TorchAdamState(NamedTuple):
-    count: Array  # () int32: steps taken
+    step: Array  # () int32: steps taken
     mu: Any  # first moments, like params
     nu: Any  # second moments, like params
     lr: Array  # () the current learning rate
@@ -51,7 +51,7 @@ def torch_adam(
     def init(params: Any) -> TorchAdamState:
         zeros = jax.tree.map(jnp.zeros_like, params)
         return TorchAdamState(
-            count=jnp.zeros((), jnp.int32),
+            step=jnp.zeros((), jnp.int32),
             mu=zeros,
             nu=jax.tree.map(jnp.zeros_like, params),
             lr=jnp.asarray(lr, jax.tree.leaves(params)[0].dtype),
@@ -60,7 +60,7 @@ def torch_adam(
     def update(grads: Any, state: TorchAdamState, params: Any = None) -> tuple[Any, Any]:
         if params is None:
             raise ValueError("torch_adam needs params (weight decay).")
-        count = state.count + 1
+        count = state.step + 1
         t = count.astype(state.lr.dtype)
         bc1 = 1.0 - b1**t
         bc2_sqrt = jnp.sqrt(1.0 - b2**t)
@@ -80,11 +80,11 @@ def torch_adam(
             return u, m, v
 
         out = jax.tree.map(one, _mask(params), grads, params, state.mu, state.nu)
-        treedef = jax.tree.structure(params)
+        treedef: Any = jax.tree.structure(params)
         flat = treedef.flatten_up_to(out)
         updates = treedef.unflatten([o[0] for o in flat])
         mu = treedef.unflatten([o[1] for o in flat])
         nu = treedef.unflatten([o[2] for o in flat])
-        return updates, TorchAdamState(count=count, mu=mu, nu=nu, lr=state.lr)
+        return updates, TorchAdamState(step=count, mu=mu, nu=nu, lr=state.lr)
 
-    return optax.GradientTransformation(init, update)  # type: ignore[arg-type]
+    return optax.GradientTransformation(init, update)

@@ -18,6 +18,7 @@ then the reference's own cells no longer decode exactly as before.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import numpy as np
@@ -27,7 +28,9 @@ from linear_decoder_jax.errors import ConfigError
 from linear_decoder_jax.params import BatchNorm, Layer, LDVAEParams
 
 
-def query_spec(reference: ModelSpec, query_categories: tuple[str, ...], batch_key: str) -> ModelSpec:
+def query_spec(
+    reference: ModelSpec, query_categories: tuple[str, ...], batch_key: str
+) -> ModelSpec:
     """The mapped model's spec: the reference's, with the new batch categories appended."""
     known = reference.data.batch_categories
     if reference.data.batch_key is None:
@@ -63,6 +66,7 @@ def extend(
     """(mapped parameters, 0/1 gradient mask) for the grown model ``new``; the library prior
     arrays (1, new.n_batch) hold the query's values at the new batches' positions."""
     rng = np.random.default_rng(seed)
+    a: Any = np.asarray  # numpy leaves in the Array-typed parameter tuples
     k, g = old.n_latent, old.n_input
     n_old, n_new = old.n_batch, new.n_batch
     n_in = k + n_new
@@ -80,15 +84,15 @@ def extend(
             mask_rows.append(np.zeros((1, g)))
         rows.append(rng.uniform(-bound, bound, (n_new - n_old, g)))
         mask_rows.append(np.ones((n_new - n_old, g)))
-        grown = head._replace(dense=head.dense._replace(kernel=np.concatenate(rows)))
+        grown = head._replace(dense=head.dense._replace(kernel=a(np.concatenate(rows))))
         mask_dense = head.dense._replace(
-            kernel=np.concatenate(mask_rows),
-            bias=None if head.dense.bias is None else np.zeros(g),
+            kernel=a(np.concatenate(mask_rows)),
+            bias=None if head.dense.bias is None else a(np.zeros(g)),
         )
         bn_mask = None
         if head.bn is not None:
-            on = np.full(g, 0.0 if freeze_batchnorm_decoder else 1.0)
-            bn_mask = BatchNorm(on, on, np.zeros(g), np.zeros(g))
+            on = a(np.full(g, 0.0 if freeze_batchnorm_decoder else 1.0))
+            bn_mask = BatchNorm(on, on, a(np.zeros(g)), a(np.zeros(g)))
         return grown, Layer(mask_dense, bn_mask)
 
     factor, factor_mask = grow(params.decoder.factor)
@@ -107,13 +111,13 @@ def extend(
     observed = new.use_observed_lib_size
     grown = params._replace(
         decoder=params.decoder._replace(factor=factor, dropout=dropout),
-        px_r=px_r,
-        library_log_means=None if observed else means,
-        library_log_vars=None if observed else variances,
+        px_r=a(px_r),
+        library_log_means=None if observed else a(means),
+        library_log_vars=None if observed else a(variances),
     )
     zeros = jax.tree.map(lambda a: np.zeros(np.shape(a)), grown)
     mask = zeros._replace(
-        decoder=zeros.decoder._replace(factor=factor_mask, dropout=dropout_mask), px_r=px_mask
+        decoder=zeros.decoder._replace(factor=factor_mask, dropout=dropout_mask), px_r=a(px_mask)
     )
     cast = jax.tree.map(lambda a: np.asarray(a, np.float32), (grown, mask))
     return cast[0], cast[1]

@@ -210,8 +210,12 @@ def fit(
         params=jax.tree.map(np.asarray, params),
         history=history,
         indices={"train": train_idx, "validation": val_idx, "test": test_idx},
-        settings=cfg.to_dict() | {"max_epochs": max_epochs, "dropout_rate": dropout_rate,
-                                  "epochs_trained": epoch + 1},  # fmt: skip
+        settings=cfg.to_dict()
+        | {
+            "max_epochs": max_epochs,
+            "dropout_rate": dropout_rate,
+            "epochs_trained": epoch + 1,
+        },  # fmt: skip
     )
 
 
@@ -335,7 +339,9 @@ def train(
             adata = stack.enter_context(anndata_io.BackedAnnData(adata))
             in_memory = False if in_memory is None else in_memory
         if adata.n_obs < 3:
-            raise IncompatibleDataError(f"Expected at least 3 cells to train on, got {adata.n_obs}.")
+            raise IncompatibleDataError(
+                f"Expected at least 3 cells to train on, got {adata.n_obs}."
+            )
         init = None
         bn_train = (True, True)
         if reference is not None:
@@ -349,8 +355,9 @@ def train(
             spec = query.query_spec(ref_spec, categories.batch_categories, key)
             spec = ModelSpec(
                 model=spec.model,
-                data=spec.data.__class__(**(spec.data.__dict__ | {"batch_key": key,
-                                                                  "layer": layer})),  # fmt: skip
+                data=spec.data.__class__(
+                    **(spec.data.__dict__ | {"batch_key": key, "layer": layer})
+                ),  # fmt: skip
                 source=spec.source,
             )
             config = spec.model
@@ -372,9 +379,7 @@ def train(
                 bias=bias,
             )  # fmt: skip
             config = spec.model
-        cells = anndata_io.prepare(
-            adata, spec, layer=layer, allow_non_integer=allow_non_integer
-        )
+        cells = anndata_io.prepare(adata, spec, layer=layer, allow_non_integer=allow_non_integer)
         tdata.check_batches(cells.batch, spec.data.batch_categories, spec.data.batch_key)
         report = loop.stderr_progress if progress_bar else None
         result = fit(
