@@ -212,3 +212,36 @@ def test_export_loads_in_scvi_tools_with_equal_outputs(trained, adata, tmp_path,
     assert set(flat_back) == set(flat)
     for key in flat:
         np.testing.assert_array_equal(flat_back[key], flat[key], err_msg=key)
+
+
+def test_resume_after_interruption_equals_uninterrupted(adata, tmp_path, monkeypatch):
+    from linear_decoder_jax.params import to_flat
+    from linear_decoder_jax.training import loop
+
+    kwargs = dict(SMALL, max_epochs=4, progress_bar=True, reduce_lr_on_plateau=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        straight = ldj.train(adata, batch_key="batch", seed=2, **kwargs)
+        state = tmp_path / "state.npz"
+
+        def interrupt(line):
+            if line.startswith("Epoch 3/4"):
+                raise KeyboardInterrupt  # killed during epoch 4, after the epoch-2 checkpoint
+
+        monkeypatch.setattr(loop, "stderr_progress", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            ldj.train(adata, batch_key="batch", seed=2, checkpoint=state, checkpoint_every=2,
+                      **kwargs)  # fmt: skip
+        assert state.is_file()
+        monkeypatch.setattr(loop, "stderr_progress", lambda line: None)
+        resumed = ldj.train(
+            adata, batch_key="batch", seed=2, checkpoint=state, resume=True, **kwargs
+        )
+        with pytest.raises(ConfigError, match="other data or options"):
+            ldj.train(adata, batch_key="batch", seed=2, checkpoint=state, resume=True,
+                      **(kwargs | {"lr": 0.5}))  # fmt: skip
+    a, b = to_flat(straight.host_params), to_flat(resumed.host_params)
+    for key in a:
+        np.testing.assert_allclose(b[key], a[key], rtol=1e-6, atol=1e-7, err_msg=key)
+    for key, frame in straight.history_.items():
+        np.testing.assert_allclose(resumed.history_[key].to_numpy(), frame.to_numpy(), rtol=1e-6)

@@ -17,7 +17,7 @@ from linear_decoder_jax.config import LDVAEConfig, ModelSpec
 from linear_decoder_jax.errors import ConfigError, IncompatibleDataError
 from linear_decoder_jax.params import LDVAEParams
 from linear_decoder_jax.training import data as tdata
-from linear_decoder_jax.training import loop
+from linear_decoder_jax.training import loop, resume_state
 from linear_decoder_jax.training.loop import TrainConfig
 
 #: Above this many bytes of dense counts, minibatches are read from the matrix at each step
@@ -55,6 +55,9 @@ def fit(
     bn_train: tuple[bool, bool] = (True, True),
     in_memory: bool | None = None,
     progress: Callable[[str], None] | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 1,
+    resume: bool = False,
 ) -> TrainingResult:
     """Train on ``cells`` (aligned with ``config``). ``init(library_log_means,
     library_log_vars)`` gives the parameters to start from and a 0/1 gradient mask (query
@@ -114,13 +117,23 @@ def fit(
     batch_all = jnp.asarray(cells.batch, jnp.int32)
     label_all = jnp.asarray(cells.label, jnp.int32)
     x_all = jnp.asarray(scan.dense) if in_memory else None
-    rng = np.random.default_rng(cfg.seed)
     key = jax.random.key(cfg.seed + 1)
     history: dict[str, list[list[float]]] = {}  # key -> [[epoch, value], ...]
     plateau = loop.Plateau(cfg.lr_factor, cfg.lr_patience, cfg.lr_threshold, cfg.lr_min)
     stopper = loop.EarlyStopping(cfg.early_stopping_patience, cfg.early_stopping_min_delta)
     lr = float(cfg.lr)
     step = 0
+    first_epoch = 0
+    identity = {"model": config.to_dict(), "training": cfg.to_dict() | {"max_epochs": None},
+                "dropout_rate": dropout_rate, "n_obs": n_obs}  # fmt: skip
+    if checkpoint is not None and resume and resume_state.exists(checkpoint):
+        state = resume_state.load(checkpoint, params, opt_state, identity)
+        params, opt_state = state.params, state.opt_state
+        history, step, first_epoch, lr = state.history, state.step, state.epoch + 1, state.lr
+        plateau.best, plateau.bad_epochs = state.plateau
+        stopper.best, stopper.wait = state.stopper
+        if progress is not None:
+            progress(f"Resuming from {checkpoint} after epoch {first_epoch}.")
 
     def run(rows: np.ndarray, epoch: int) -> jax.Array:
         nonlocal params, opt_state, step
@@ -159,8 +172,10 @@ def fit(
             )  # fmt: skip
         return total
 
-    for epoch in range(max_epochs):
-        order = rng.permutation(train_idx)
+    epoch = first_epoch - 1
+    for epoch in range(first_epoch, max_epochs):
+        # each epoch's order from (seed, epoch) alone: a resumed run draws the same minibatches
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(train_idx)
         full, rest = _minibatches(order, cfg.batch_size)
         sums = jnp.zeros(3)
         if len(full):
@@ -205,6 +220,18 @@ def fit(
             if new_lr != lr:
                 lr = new_lr
                 opt_state = opt_state._replace(lr=jnp.asarray(lr, jnp.float32))
+        if checkpoint is not None and (
+            (epoch + 1) % checkpoint_every == 0 or epoch + 1 == max_epochs
+        ):
+            resume_state.save(
+                checkpoint,
+                resume_state.State(
+                    params=params, opt_state=opt_state, history=history, step=step, epoch=epoch,
+                    lr=lr, plateau=(plateau.best, plateau.bad_epochs),
+                    stopper=(stopper.best, stopper.wait),
+                ),
+                identity,
+            )  # fmt: skip
     # validation keys of epochs without validation are absent, as in scvi-tools' history_
     return TrainingResult(
         params=jax.tree.map(np.asarray, params),
@@ -267,6 +294,9 @@ def train(
     seed: int = 0,
     reference: Any = None,
     freeze_batchnorm_decoder: bool = True,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 1,
+    resume: bool = False,
     allow_non_integer: bool = False,
     in_memory: bool | None = None,
     progress_bar: bool = True,
@@ -295,6 +325,12 @@ def train(
     freeze_batchnorm_decoder
         Query mapping: keep the decoder's BatchNorm frozen (the reference's cells then decode
         exactly as before); False trains it as scArches can.
+    checkpoint
+        A file to write the training state to (weights, optimizer moments, epoch, history)
+        every ``checkpoint_every`` epochs and after the last, atomically.
+    resume
+        Continue from ``checkpoint`` when it exists (after an interruption): the result equals
+        the uninterrupted run with the same seed. The data and options must be the same.
     seed
         Seeds the split (as ``scvi.settings.seed`` does: ``np.random.RandomState(seed)``), the
         initial weights, the minibatch order and every draw.
@@ -384,7 +420,8 @@ def train(
         report = loop.stderr_progress if progress_bar else None
         result = fit(
             cells, config, cfg, dropout_rate=dropout_rate, in_memory=in_memory, progress=report,
-            init=init, bn_train=bn_train,
+            init=init, bn_train=bn_train, checkpoint=checkpoint,
+            checkpoint_every=checkpoint_every, resume=resume,
         )  # fmt: skip
     training = {
         "history": result.history,
