@@ -35,6 +35,40 @@ def _minibatches(indices: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.n
     return full, (rest[None, :] if len(rest) else None)
 
 
+class _Placement:
+    """Where arrays go: one device, or data parallel over ``devices`` (a 1-D mesh "data").
+
+    Data parallel: weights, optimizer state and codes are replicated, each minibatch's cells are
+    split across the devices, and jit (GSPMD) inserts the reductions. BatchNorm's batch
+    statistics are therefore those of the whole global minibatch (synchronised BatchNorm, as
+    one device computes them), as are the gradients: a step on several devices is the step on
+    one, up to the order of float32 reductions. A minibatch whose size the device count does
+    not divide (the last one of an epoch) runs replicated.
+    """
+
+    def __init__(self, devices: list[Any] | None):
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        self.mesh: Mesh | None = None
+        if devices is not None and len(devices) > 1:
+            mesh = Mesh(np.asarray(devices), ("data",))
+            self.mesh = mesh
+            self._spec = lambda *names: NamedSharding(mesh, PartitionSpec(*names))
+
+    def replicate(self, tree: Any) -> Any:
+        if self.mesh is None:
+            return tree
+        return jax.device_put(tree, self._spec())
+
+    def cells(self, array: Any, axis: int) -> jax.Array:
+        """``array`` with its cell axis ``axis`` split across the devices."""
+        if self.mesh is None or np.shape(array)[axis] % self.mesh.size:
+            return self.replicate(jnp.asarray(array))
+        names: list[str | None] = [None] * np.ndim(array)
+        names[axis] = "data"
+        return jax.device_put(jnp.asarray(array), self._spec(*names))
+
+
 class TrainingResult:
     """What :func:`fit` returns: parameters, the history and the split."""
 
@@ -58,6 +92,7 @@ def fit(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 1,
     resume: bool = False,
+    devices: list[Any] | None = None,
 ) -> TrainingResult:
     """Train on ``cells`` (aligned with ``config``). ``init(library_log_means,
     library_log_vars)`` gives the parameters to start from and a 0/1 gradient mask (query
@@ -114,9 +149,11 @@ def fit(
     params = jax.tree.map(lambda a: jnp.array(a, jnp.float32), params)
     tx = loop.make_optimizer(config, settings, cfg.lr)
     opt_state = tx.init(params)
-    batch_all = jnp.asarray(cells.batch, jnp.int32)
-    label_all = jnp.asarray(cells.label, jnp.int32)
-    x_all = jnp.asarray(scan.dense) if in_memory else None
+    place = _Placement(devices)
+    batch_all = place.replicate(jnp.asarray(cells.batch, jnp.int32))
+    label_all = place.replicate(jnp.asarray(cells.label, jnp.int32))
+    x_all = place.replicate(jnp.asarray(scan.dense)) if in_memory else None
+    params, opt_state, grad_mask = place.replicate((params, opt_state, grad_mask))
     key = jax.random.key(cfg.seed + 1)
     history: dict[str, list[list[float]]] = {}  # key -> [[epoch, value], ...]
     plateau = loop.Plateau(cfg.lr_factor, cfg.lr_patience, cfg.lr_threshold, cfg.lr_min)
@@ -139,17 +176,18 @@ def fit(
         nonlocal params, opt_state, step
         if in_memory:
             params, opt_state, sums = loop.train_steps(
-                params, opt_state, x_all, batch_all, label_all, jnp.asarray(rows), key,
+                params, opt_state, x_all, batch_all, label_all, place.cells(rows, 1), key,
                 jnp.asarray(epoch), jnp.asarray(step), grad_mask, config=config, settings=settings,
             )  # fmt: skip
             step += rows.shape[0]
             return sums
         total = jnp.zeros(3)
         for order in rows:
-            x = jnp.asarray(tdata.take(cells, order))
-            local = jnp.arange(len(order))[None, :]
+            x = place.cells(tdata.take(cells, order), 0)
+            local = place.cells(np.arange(len(order))[None, :], 1)
+            codes = place.cells(cells.batch[order], 0), place.cells(cells.label[order], 0)
             params, opt_state, sums = loop.train_steps(
-                params, opt_state, x, batch_all[order], label_all[order], local, key,
+                params, opt_state, x, codes[0], codes[1], local, key,
                 jnp.asarray(epoch), jnp.asarray(step), grad_mask, config=config, settings=settings,
             )  # fmt: skip
             step += 1
@@ -160,14 +198,16 @@ def fit(
         vkey = jax.random.fold_in(jax.random.key(cfg.seed + 2), epoch)
         if in_memory:
             return loop.eval_steps(
-                params, x_all, batch_all, label_all, jnp.asarray(rows), vkey, weight, config=config
-            )
+                params, x_all, batch_all, label_all, place.cells(rows, 1), vkey, weight,
+                config=config,
+            )  # fmt: skip
         total = jnp.zeros(3)
         for i, mb in enumerate(rows):
-            x = jnp.asarray(tdata.take(cells, mb))
-            local = jnp.arange(len(mb))[None, :]
+            x = place.cells(tdata.take(cells, mb), 0)
+            local = place.cells(np.arange(len(mb))[None, :], 1)
+            codes = place.cells(cells.batch[mb], 0), place.cells(cells.label[mb], 0)
             total = total + loop.eval_steps(
-                params, x, batch_all[mb], label_all[mb], local, jax.random.fold_in(vkey, i),
+                params, x, codes[0], codes[1], local, jax.random.fold_in(vkey, i),
                 weight, config=config,
             )  # fmt: skip
         return total
@@ -297,6 +337,7 @@ def train(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 1,
     resume: bool = False,
+    devices: int | None = None,
     allow_non_integer: bool = False,
     in_memory: bool | None = None,
     progress_bar: bool = True,
@@ -331,6 +372,9 @@ def train(
     resume
         Continue from ``checkpoint`` when it exists (after an interruption): the result equals
         the uninterrupted run with the same seed. The data and options must be the same.
+    devices
+        Train data parallel over this many of JAX's devices (each minibatch's cells split
+        across them; BatchNorm statistics and gradients are those of the whole minibatch).
     seed
         Seeds the split (as ``scvi.settings.seed`` does: ``np.random.RandomState(seed)``), the
         initial weights, the minibatch order and every draw.
@@ -422,6 +466,7 @@ def train(
             cells, config, cfg, dropout_rate=dropout_rate, in_memory=in_memory, progress=report,
             init=init, bn_train=bn_train, checkpoint=checkpoint,
             checkpoint_every=checkpoint_every, resume=resume,
+            devices=None if devices is None else _devices(devices),
         )  # fmt: skip
     training = {
         "history": result.history,
@@ -429,6 +474,14 @@ def train(
         "indices": result.indices,
     }
     return LinearSCVI(result.params, spec, training=training)
+
+
+def _devices(n: int) -> list[Any]:
+    available = jax.devices()
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= len(available):
+        msg = f"Expected devices between 1 and {len(available)} (JAX's devices), got {n!r} instead."
+        raise ConfigError(msg)
+    return available[:n]
 
 
 def _fresh_spec(
