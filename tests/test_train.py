@@ -245,3 +245,24 @@ def test_resume_after_interruption_equals_uninterrupted(adata, tmp_path, monkeyp
         np.testing.assert_allclose(b[key], a[key], rtol=1e-6, atol=1e-7, err_msg=key)
     for key, frame in straight.history_.items():
         np.testing.assert_allclose(resumed.history_[key].to_numpy(), frame.to_numpy(), rtol=1e-6)
+
+
+def test_export_other_options_load_in_scvi_tools(adata, tmp_path):
+    """ZINB, gene-label dispersion, "ln", observed library, 2 layers, decoder bias, no decoder
+    BatchNorm: scvi-tools builds the same module from the exported registry and init params."""
+    scvi = pytest.importorskip("scvi")
+    from scvi_ref import scvi_reference
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = ldj.train(
+            adata, batch_key="batch", labels_key="cell_type", gene_likelihood="zinb",
+            dispersion="gene-label", latent_distribution="ln", use_observed_lib_size=True,
+            n_layers=2, bias=True, use_batch_norm=False, **(SMALL | {"max_epochs": 1}),
+        )  # fmt: skip
+        model.export_scvi(tmp_path / "scvi")
+        theirs = scvi.model.LinearSCVI.load(str(tmp_path / "scvi"), adata=adata.copy())
+    ref = scvi_reference(theirs, theirs.adata)
+    ours = model.get_normalized_expression(adata, return_numpy=True)
+    np.testing.assert_allclose(ours, ref["scale"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(model.get_reconstruction_error(adata), ref["nll"], rtol=1e-5)
