@@ -46,7 +46,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     genes = ", ".join(d.var_names[:5]) + (" ..." if len(d.var_names) > 5 else "")
     lines = [
         f"model:        {model.path}",
-        f"source:       scvi-tools {model.spec.source.get('scvi_version') or 'unknown'} "
+        "source:       trained with linear-decoder-jax (ldj train)"
+        if model.spec.source.get("trained_with")
+        else f"source:       scvi-tools {model.spec.source.get('scvi_version') or 'unknown'} "
         f"({model.spec.source.get('layout', 'converted')} layout)",
         f"likelihood:   {c.gene_likelihood}, dispersion {c.dispersion}",
         f"latents:      {c.n_latent} ({c.latent_distribution}), encoder {c.n_layers} x "
@@ -74,10 +76,11 @@ _TRAIN_OPTIONS = {
     "validation_size": float, "lr": float, "weight_decay": float, "eps": float,
     "optimizer": str, "n_epochs_kl_warmup": int, "n_steps_kl_warmup": int,
     "max_kl_weight": float, "min_kl_weight": float, "early_stopping_patience": int,
-    "check_val_every_n_epoch": int, "seed": int,
+    "check_val_every_n_epoch": int, "seed": int, "checkpoint": str, "checkpoint_every": int,
+    "devices": int,
 }  # fmt: skip
 _TRAIN_SWITCHES = ("use_observed_lib_size", "bias", "early_stopping", "reduce_lr_on_plateau",
-                   "allow_non_integer")  # fmt: skip
+                   "allow_non_integer", "resume")  # fmt: skip
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -89,6 +92,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         kwargs["use_batch_norm"] = False
     if args.no_shuffle_set_split:
         kwargs["shuffle_set_split"] = False
+    if args.reference is not None:
+        kwargs["reference"] = ldj.load(args.reference)
+    if args.unfreeze_batchnorm_decoder:
+        kwargs["freeze_batchnorm_decoder"] = False
     data = args.data if args.stream else _read_h5ad(args.data)
     model = ldj.train(data, progress_bar=not args.quiet, **kwargs)
     dst = model.save(args.output, overwrite=args.overwrite)
@@ -520,11 +527,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="model directory to create")
     for name, kind in _TRAIN_OPTIONS.items():
         flag = "--" + name.replace("_", "-")
-        p.add_argument(flag, type=kind, default=None, help="default: as scvi-tools")
+        p.add_argument(flag, type=kind, default=None, help="default: ldj.train's (scvi-tools')")
     for name in _TRAIN_SWITCHES:
         p.add_argument("--" + name.replace("_", "-"), action="store_true")
     p.add_argument("--no-batch-norm", action="store_true", help="decoder without BatchNorm")
     p.add_argument("--no-shuffle-set-split", action="store_true")
+    p.add_argument("--reference", help="model to map DATA onto (query mapping: new batches)")
+    p.add_argument("--unfreeze-batchnorm-decoder", action="store_true",
+                   help="query mapping: train the decoder's BatchNorm too")  # fmt: skip
     p.add_argument("--stream", action="store_true",
                    help="read minibatches from the file at each step (never the whole matrix)")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
@@ -608,6 +618,8 @@ def check_paths(args: argparse.Namespace) -> None:
         _writable(args.output, args.overwrite, h5ad=True)
     elif command == "train":
         _exists(args.data, "the cells to train on")
+        if args.reference is not None:
+            _exists(args.reference, "the reference model")
         _writable(args.output, args.overwrite, h5ad=False)
     elif command == "export":
         _exists(args.model, "the model")
