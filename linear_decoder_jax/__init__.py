@@ -41,6 +41,7 @@ _EXPORTS = {
     "enrichment": "genesets",
     "read_gmt": "genesets",
     "load": "api",
+    "train": "training.trainer",
 }
 
 _SUBMODULES = ("module", "pl")
@@ -81,3 +82,4 @@ if TYPE_CHECKING:
     from linear_decoder_jax.matching import compare
     from linear_decoder_jax.model import AffineDecoder, Decoded, Posterior
     from linear_decoder_jax.results import AblationResult
+    from linear_decoder_jax.training.trainer import train

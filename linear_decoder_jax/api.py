@@ -151,12 +151,14 @@ def load(
     only inside this model's calls; no global state is changed).
     """
     path = Path(path)
+    training = None
     if path.is_dir() and _is_model_dir(path):
         params, spec = checkpoint.load(path)
+        training = checkpoint.read_training(path)
     else:
         params, spec = _read_foreign(path, prefix)
     facade = DRVI if spec.family == "drvi" else LinearSCVI
-    return facade(params, spec, dtype=dtype, path=str(path.absolute()))
+    return facade(params, spec, dtype=dtype, path=str(path.absolute()), training=training)
 
 
 class _Model:
@@ -171,6 +173,7 @@ class _Model:
         dtype: DType = "float32",
         path: str | None = None,
         family: Family | None = None,
+        training: dict[str, Any] | None = None,
     ):
         if dtype not in ("float32", "float64"):
             raise ConfigError(f"Expected dtype 'float32' or 'float64', got {dtype!r} instead.")
@@ -178,6 +181,7 @@ class _Model:
         self.family: Family = family or families.of(spec)
         self.spec = spec
         self.path = path
+        self.training = training  # ldj.train's record: history, settings, indices
         self.dtype: DType = dtype
         self._host_params = jax.tree.map(lambda a: np.asarray(a, dtype=dtype), params)
         self._device_params: Any = None
@@ -205,8 +209,43 @@ class _Model:
         return checkpoint.fingerprint(self._host_params, self.spec)
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        """Write this model in our format (orbax parameters + ``config.json``), atomically."""
-        return checkpoint.save(path, self._host_params, self.spec, overwrite=overwrite)
+        """Write this model in our format (orbax parameters + ``config.json``, and the training
+        record of a model trained here), atomically."""
+        return checkpoint.save(
+            path, self._host_params, self.spec, overwrite=overwrite, training=self.training
+        )
+
+    # -- training record (models made by ldj.train) ---------------------------------------------
+    @property
+    def history_(self) -> dict[str, Any]:
+        """Per-epoch training metrics as scvi-tools' ``history_``: one DataFrame per key, indexed
+        by ``epoch`` (empty for a converted model)."""
+        import pandas as pd
+
+        if self.training is None:
+            return {}
+        out = {}
+        for key, rows in self.training["history"].items():
+            epochs, values = zip(*rows, strict=True) if rows else ((), ())
+            index = pd.Index(np.asarray(epochs, np.int64), name="epoch")
+            out[key] = pd.DataFrame({key: np.asarray(values, np.float64)}, index=index)
+        return out
+
+    def _indices(self, which: str) -> np.ndarray | None:
+        return None if self.training is None else np.asarray(self.training["indices"][which])
+
+    @property
+    def train_indices(self) -> np.ndarray | None:
+        """Cells (positions in the training AnnData) the model was trained on."""
+        return self._indices("train")
+
+    @property
+    def validation_indices(self) -> np.ndarray | None:
+        return self._indices("validation")
+
+    @property
+    def test_indices(self) -> np.ndarray | None:
+        return self._indices("test")
 
     @contextlib.contextmanager
     def precision(self) -> Iterator[None]:
@@ -312,6 +351,13 @@ class LinearSCVI(_Model):
             f"gene_likelihood={c.gene_likelihood!r}, dispersion={c.dispersion!r}, "
             f"latent_distribution={c.latent_distribution!r}, dtype={self.dtype!r})"
         )
+
+    def export_scvi(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write this model as a scvi-tools 1.4 ``LinearSCVI`` directory (``model.pt``), without
+        torch: ``scvi.model.LinearSCVI.load(path, adata=...)`` reads it."""
+        from linear_decoder_jax.training import export
+
+        return export.export_scvi(self, path, overwrite=overwrite)
 
     def to_flax(self) -> tuple[Any, dict[str, Any]]:
         """This model as a Flax (linen) module and its ``variables``: ``module.apply(variables,

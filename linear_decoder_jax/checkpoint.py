@@ -6,6 +6,8 @@ Layout of a converted model directory::
       config.json   {"format_version": 2, "family": "linear_scvi" | "drvi", "model": {...},
                      "data": {...}, "source": {...}}  (version 1, without "family": LinearSCVI)
       params/       orbax checkpoint of the parameter tree (flat keys nested by "/")
+      training.json history (scvi-tools' history_ keys, one value per epoch) and settings, and
+      training_indices.npz  train / validation / test cell indices (trained models only)
 
 This is the only module that writes or reads that format. Restores go against
 ``abstract_params(config)``, and every leaf's shape is checked.
@@ -27,6 +29,8 @@ from linear_decoder_jax.params import abstract_params, from_flat, to_flat
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
+TRAINING_FILE = "training.json"
+INDICES_FILE = "training_indices.npz"
 
 
 def _nest(flat: dict[str, Any]) -> dict[str, Any]:
@@ -60,8 +64,18 @@ def _family_params(spec: ModelSpec) -> tuple[Any, Any]:
     return drvi.abstract_params, drvi.from_flat
 
 
-def save(path: str | os.PathLike, params: Any, spec: ModelSpec, *, overwrite: bool = False) -> Path:
-    """Write ``params`` and ``spec`` to the directory ``path`` atomically; return its path."""
+def save(
+    path: str | os.PathLike,
+    params: Any,
+    spec: ModelSpec,
+    *,
+    overwrite: bool = False,
+    training: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``params`` and ``spec`` to the directory ``path`` atomically; return its path.
+
+    ``training`` (a trained model's record: ``history``, ``settings`` and ``indices``, a dict of
+    index arrays) goes to ``training.json`` and ``training_indices.npz``."""
     import orbax.checkpoint as ocp
 
     flat = {k: np.asarray(v) for k, v in to_flat(params).items()}
@@ -70,7 +84,27 @@ def save(path: str | os.PathLike, params: Any, spec: ModelSpec, *, overwrite: bo
             ckptr.save(tmp / PARAMS_DIR, _nest(flat))
             ckptr.wait_until_finished()
         (tmp / CONFIG_FILE).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
+        if training is not None:
+            record = {k: v for k, v in training.items() if k != "indices"}
+            (tmp / TRAINING_FILE).write_text(json.dumps(record) + "\n")
+            indices = {k: np.asarray(v, np.int64) for k, v in training["indices"].items()}
+            np.savez(str(tmp / INDICES_FILE), **indices)  # type: ignore[arg-type]
     return Path(path).absolute()
+
+
+def read_training(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The training record of a model directory written by ``ldj.train`` (None otherwise)."""
+    path = Path(path)
+    if not (path / TRAINING_FILE).is_file():
+        return None
+    try:
+        record = json.loads((path / TRAINING_FILE).read_text(encoding="utf-8"))
+        with np.load(path / INDICES_FILE, allow_pickle=False) as npz:
+            record["indices"] = {k: np.asarray(npz[k]) for k in npz.files}
+    except (OSError, ValueError, KeyError) as err:
+        msg = f"{path}: cannot read the training record ({type(err).__name__}: {err})."
+        raise CheckpointFormatError(msg) from err
+    return record
 
 
 def read_spec(path: str | os.PathLike) -> ModelSpec:

@@ -1,5 +1,5 @@
-"""The ``ldj`` command line: ``convert``, ``info``, ``ablate``, ``report``, ``demo``, ``enrich``
-and ``compare``.
+"""The ``ldj`` command line: ``convert``, ``info``, ``ablate``, ``report``, ``demo``, ``enrich``,
+``compare``, ``train`` and ``export``.
 
 ``main(argv) -> int`` is testable; ``console_main`` is the console-script entry point. jax and the
 converter are imported inside each command, after the paths have been checked, so ``ldj --help``
@@ -59,7 +59,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     lines = [
         f"model:        {model.path}",
         f"family:       {model.family.name}",
-        f"source:       scvi-tools {model.spec.source.get('scvi_version') or 'unknown'} "
+        "source:       trained with linear-decoder-jax (ldj train)"
+        if model.spec.source.get("trained_with")
+        else f"source:       scvi-tools {model.spec.source.get('scvi_version') or 'unknown'} "
         f"({model.spec.source.get('layout', 'converted')} layout)",
         f"likelihood:   {c.gene_likelihood}, dispersion {c.dispersion}",
         f"latents:      {c.n_latent} ({c.latent_distribution}), encoder {c.n_layers} x "
@@ -75,6 +77,62 @@ def _cmd_info(args: argparse.Namespace) -> int:
         f"counts:       {'layer ' + repr(d.layer) if d.layer else 'X'}",
     ]
     print("\n".join(lines))
+    return 0
+
+
+#: ``ldj train`` flags -> ``ldj.train`` keywords; a flag left out keeps the library's default
+#: (scvi-tools'), so no default is written twice.
+_TRAIN_OPTIONS = {
+    "layer": str, "batch_key": str, "labels_key": str, "n_hidden": int, "n_latent": int,
+    "n_layers": int, "dropout_rate": float, "dispersion": str, "gene_likelihood": str,
+    "latent_distribution": str, "max_epochs": int, "batch_size": int, "train_size": float,
+    "validation_size": float, "lr": float, "weight_decay": float, "eps": float,
+    "optimizer": str, "n_epochs_kl_warmup": int, "n_steps_kl_warmup": int,
+    "max_kl_weight": float, "min_kl_weight": float, "early_stopping_patience": int,
+    "check_val_every_n_epoch": int, "seed": int, "checkpoint": str, "checkpoint_every": int,
+    "devices": int,
+}  # fmt: skip
+_TRAIN_SWITCHES = ("use_observed_lib_size", "bias", "early_stopping", "reduce_lr_on_plateau",
+                   "allow_non_integer", "resume")  # fmt: skip
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import linear_decoder_jax as ldj
+
+    kwargs = {k: getattr(args, k) for k in _TRAIN_OPTIONS if getattr(args, k) is not None}
+    kwargs |= {k: True for k in _TRAIN_SWITCHES if getattr(args, k)}
+    if args.no_batch_norm:
+        kwargs["use_batch_norm"] = False
+    if args.no_shuffle_set_split:
+        kwargs["shuffle_set_split"] = False
+    if args.reference is not None:
+        kwargs["reference"] = ldj.load(args.reference)
+    if args.unfreeze_batchnorm_decoder:
+        kwargs["freeze_batchnorm_decoder"] = False
+    data = args.data if args.stream else _read_h5ad(args.data)
+    model = ldj.train(data, progress_bar=not args.quiet, **kwargs)
+    dst = model.save(args.output, overwrite=args.overwrite)
+    history = model.history_
+    last = {k: float(v.iloc[-1, 0]) for k, v in history.items() if len(v)}
+    summary = ", ".join(
+        f"{k}={last[k]:.4g}" for k in ("elbo_train", "elbo_validation") if k in last
+    )
+    print(f"wrote {dst} ({len(history['train_loss'])} epochs; {summary})")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import linear_decoder_jax as ldj
+
+    model = ldj.load(args.model)
+    if not isinstance(model, ldj.LinearSCVI):
+        from linear_decoder_jax.errors import ConfigError
+
+        raise ConfigError(
+            f"ldj export writes LinearSCVI models; {args.model} is a {model.family.name} model."
+        )
+    dst = model.export_scvi(args.output, overwrite=args.overwrite)
+    print(f"wrote {dst}/model.pt (load with scvi.model.LinearSCVI.load({str(dst)!r}, adata=...))")
     return 0
 
 
@@ -321,6 +379,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix-b", help="file-name prefix of a scvi-tools model B")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_compare)
+    p = sub.add_parser("train", help="train a LinearSCVI model (scvi-tools' objective, in JAX)")
+    p.add_argument("data", help="h5ad with raw counts")
+    p.add_argument("-o", "--output", required=True, help="model directory to create")
+    for name, kind in _TRAIN_OPTIONS.items():
+        flag = "--" + name.replace("_", "-")
+        p.add_argument(flag, type=kind, default=None, help="default: ldj.train's (scvi-tools')")
+    for name in _TRAIN_SWITCHES:
+        p.add_argument("--" + name.replace("_", "-"), action="store_true")
+    p.add_argument("--no-batch-norm", action="store_true", help="decoder without BatchNorm")
+    p.add_argument("--no-shuffle-set-split", action="store_true")
+    p.add_argument("--reference", help="model to map DATA onto (query mapping: new batches)")
+    p.add_argument("--unfreeze-batchnorm-decoder", action="store_true",
+                   help="query mapping: train the decoder's BatchNorm too")  # fmt: skip
+    p.add_argument("--stream", action="store_true",
+                   help="read minibatches from the file at each step (never the whole matrix)")  # fmt: skip
+    p.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("export", help="write a model as a scvi-tools LinearSCVI directory")
+    p.add_argument("model", help="model directory (ldj train / ldj convert)")
+    p.add_argument("output", help="scvi-tools model directory to create (model.pt)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_export)
     return parser
 
 
@@ -391,6 +473,14 @@ def check_paths(args: argparse.Namespace) -> None:
         for part in args.parts:
             _exists(part, "a result part")
         _writable(args.output, args.overwrite, h5ad=True)
+    elif command == "train":
+        _exists(args.data, "the cells to train on")
+        if args.reference is not None:
+            _exists(args.reference, "the reference model")
+        _writable(args.output, args.overwrite, h5ad=False)
+    elif command == "export":
+        _exists(args.model, "the model")
+        _writable(args.output, args.overwrite, h5ad=False)
     elif command == "report":
         _exists(args.result, "the result")
         if args.data is not None:

@@ -125,7 +125,7 @@ class DataRegistry:
 
 def _model_config(family: str, d: dict[str, Any]) -> Any:
     if family == "drvi":  # imported here: this module stays stdlib-only for LinearSCVI
-        from linear_decoder_jax.families.drvi import DRVIConfig
+        from linear_decoder_jax.families.drvi_config import DRVIConfig
 
         return DRVIConfig.from_dict(d)
     return LDVAEConfig.from_dict(d)
@@ -180,7 +180,7 @@ class ModelSpec:
         """Build from the plain config dict returned by ``converters.read_scvi_checkpoint``
         (``family="linear_scvi"``) or ``converters.drvi.read_drvi_checkpoint`` (``"drvi"``)."""
         if family == "drvi":
-            from linear_decoder_jax.families.drvi import DRVIConfig
+            from linear_decoder_jax.families.drvi_config import DRVIConfig
 
             model_cls: Any = DRVIConfig
         else:

@@ -25,7 +25,12 @@ import linear_decoder_jax as ldj
 from linear_decoder_jax.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("linear_decoder_jax", "linear_decoder_jax.families", "converters")
+PACKAGES = (
+    "linear_decoder_jax",
+    "linear_decoder_jax.families",
+    "linear_decoder_jax.training",
+    "converters",
+)
 # torch, scvi-tools, drvi-py and what they bring in for training; none may be imported at run time.
 FORBIDDEN = {"torch", "scvi", "drvi", "lightning", "pytorch_lightning", "pyro", "torchmetrics"}
 DOCS = ROOT / "docs"
