@@ -93,10 +93,14 @@ def _is_model_dir(path: Path) -> bool:
 
 def _read_foreign(src: str | os.PathLike, prefix: str | None) -> tuple[Any, ModelSpec]:
     """(params, spec) of a foreign checkpoint, its family detected (no torch, no pickle code)."""
-    from converters import read_scvi_checkpoint
+    from converters import ConverterError, read_scvi_checkpoint
     from converters.drvi import detect_family, read_drvi_checkpoint
 
-    if detect_family(src, prefix=prefix) == "drvi":
+    try:
+        family = detect_family(src, prefix=prefix)
+    except ConverterError:  # not a readable model: the LinearSCVI reader says exactly why
+        family = "linear_scvi"
+    if family == "drvi":
         from linear_decoder_jax.families import drvi
 
         ckpt = read_drvi_checkpoint(src, prefix=prefix)

@@ -213,8 +213,12 @@ def test_family_jits_with_static_config():
     full = nll(params, x, codes, jnp.ones(4))
     assert full.shape == (5,) and bool(jnp.all(jnp.isfinite(full)))
     assert not np.allclose(nll(params, x, codes, jnp.asarray([1.0, 0, 1, 1])), full)
-    with pytest.raises(ConfigError, match=r"\(n_obs, 2\) integer array"):
-        family.decode(params, x[:, :4], x[:, :1], codes[:, 1], None)
+    # one packed code per cell (batch first, mixed radix) is the same as the code columns
+    packed = jnp.asarray(F.pack_covariates(config, np.asarray(codes)))
+    np.testing.assert_array_equal(F.covariate_codes(config, packed), codes)
+    np.testing.assert_allclose(nll(params, x, packed, jnp.ones(4)), full, rtol=1e-6)
+    with pytest.raises(ConfigError, match=r"Expected covariate codes of shape \(n_obs, 2\)"):
+        family.decode(params, x[:, :4], x[:, :1], jnp.concatenate([codes, codes], 1), None)
 
 
 # --------------------------------------------------------------------------------------------
