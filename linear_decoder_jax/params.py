@@ -116,12 +116,17 @@ def to_flat(params: LDVAEParams) -> dict[str, Array]:
 
 def from_flat(flat: dict[str, np.ndarray], config: LDVAEConfig, *, dtype=np.float32) -> LDVAEParams:
     """Build ``LDVAEParams`` from flat keys, checking every key and shape against ``config``."""
-    template = abstract_params(config, dtype)
+    return fill(abstract_params(config, dtype), flat, dtype=dtype, what="the configuration")
+
+
+def fill(template: Any, flat: dict[str, Any], *, dtype: DTypeLike, what: str) -> Any:
+    """The parameter tree of ``template`` (``ShapeDtypeStruct`` leaves) with the values of
+    ``flat``, every key, shape and value checked (any family's ``from_flat``)."""
     expected = to_flat(template)
     missing = sorted(set(expected) - set(flat))
     extra = sorted(set(flat) - set(expected))
     if missing or extra:
-        msg = f"Parameters do not match the configuration: missing {missing[:5]}, unexpected {extra[:5]}."
+        msg = f"Parameters do not match {what}: missing {missing[:5]}, unexpected {extra[:5]}."
         raise CheckpointFormatError(msg)
 
     def pick(path: tuple, spec: jax.ShapeDtypeStruct) -> np.ndarray:

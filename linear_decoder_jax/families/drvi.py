@@ -38,14 +38,14 @@ from jax.scipy.special import gammaln
 from numpy.typing import DTypeLike
 
 from linear_decoder_jax import distributions
-from linear_decoder_jax.errors import CheckpointFormatError, ConfigError
+from linear_decoder_jax.errors import ConfigError
 from linear_decoder_jax.families.drvi_config import DRVIConfig as DRVIConfig  # re-exported
 from linear_decoder_jax.families.drvi_config import (
     config_from_converter as config_from_converter,  # re-exported
 )
 from linear_decoder_jax.families.drvi_config import in_part
 from linear_decoder_jax.family import Encoded, LibraryChoice, Rates
-from linear_decoder_jax.params import _key, to_flat
+from linear_decoder_jax.params import fill
 from linear_decoder_jax.schema import latent_names
 
 Array = jax.Array
@@ -193,26 +193,7 @@ def abstract_params(config: DRVIConfig, dtype: DTypeLike = np.float32) -> DRVIPa
 
 def from_flat(flat: dict[str, np.ndarray], config: DRVIConfig, *, dtype=np.float32) -> DRVIParams:
     """Build ``DRVIParams`` from flat keys, checking every key and shape against ``config``."""
-    template = abstract_params(config, dtype)
-    expected = to_flat(template)  # type: ignore[arg-type]  # generic over NamedTuple pytrees
-    missing = sorted(set(expected) - set(flat))
-    extra = sorted(set(flat) - set(expected))
-    if missing or extra:
-        msg = f"Parameters do not match the DRVI configuration: missing {missing[:5]}, unexpected {extra[:5]}."
-        raise CheckpointFormatError(msg)
-
-    def pick(path: tuple, spec: jax.ShapeDtypeStruct) -> np.ndarray:
-        key = _key(path)
-        value = np.asarray(flat[key])
-        if value.shape != spec.shape:
-            msg = f"Parameter {key!r}: expected shape {spec.shape}, got {value.shape} instead."
-            raise CheckpointFormatError(msg)
-        if not np.all(np.isfinite(value)):
-            msg = f"Parameter {key!r} holds NaN or infinite values."
-            raise CheckpointFormatError(msg)
-        return value.astype(dtype)
-
-    return jax.tree_util.tree_map_with_path(pick, template)
+    return fill(abstract_params(config, dtype), flat, dtype=dtype, what="the DRVI configuration")
 
 
 # --------------------------------------------------------------------------------------------
