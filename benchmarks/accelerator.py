@@ -205,10 +205,10 @@ def copy_rate(path: Path, n_vars: int) -> dict[str, float]:
     import jax
     import numpy as np
 
-    from linear_decoder_jax import anndata_io, sizing
+    from linear_decoder_jax import anndata_io, sizing, sources
 
     device = jax.local_devices()[0]
-    with anndata_io.BackedAnnData(path) as adata:
+    with sources.StoreSource(path) as adata:
         data = make_model("nb", n_vars).prepare(adata)
         size = sizing.choose_batch_size(
             data.n_obs, n_vars, N_LATENT, itemsize=4, vectorize=device.platform != "cpu",
