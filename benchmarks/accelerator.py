@@ -284,6 +284,59 @@ def throughput(model: Any, path: Path, out: Path) -> dict[str, Any]:
     }
 
 
+def drvi(path: Path, out: Path, n_vars: int) -> dict[str, Any]:
+    """A default-shaped DRVI (32 latents, one per split, random weights) ablated over the same
+    streamed file, latents and then splits, through the generic scorers."""
+    import jax
+    import numpy as np
+
+    import linear_decoder_jax as ldj
+    from linear_decoder_jax.config import DataRegistry, ModelSpec
+    from linear_decoder_jax.families import drvi as family
+
+    config = family.DRVIConfig(n_input=n_vars, n_latent=32, n_split=32)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(
+        lambda s: (rng.normal(size=s.shape) * 0.05).astype(np.float32),
+        family.abstract_params(config),
+    )
+    registry = DataRegistry(var_names=tuple(f"g{j}" for j in range(n_vars)))
+    model = ldj.DRVI(params, ModelSpec(config, registry, {}), dtype="float32")
+    row: dict[str, Any] = {}
+    for unit in ("latent", "split"):
+        runs = []
+        for _ in range(2):  # the first compiles
+            t0 = time.perf_counter()
+            ldj.ablate(model, str(path), output=out, overwrite=True, unit=unit)
+            runs.append(time.perf_counter() - t0)
+        row[f"{unit}_s"], row[f"{unit}_first_s"] = min(runs), runs[0]
+    return row
+
+
+def training(path: Path) -> dict[str, Any]:
+    """``ldj.train`` on the file's cells (in memory, batch key, scvi-tools' defaults), compiled by
+    a first call: the time of one epoch (two epochs minus one, so set-up cancels) and of a
+    2-epoch call."""
+    import anndata
+
+    import linear_decoder_jax as ldj
+
+    adata = anndata.read_h5ad(path)
+    t0 = time.perf_counter()
+    ldj.train(adata, batch_key="batch", max_epochs=1, seed=0, progress_bar=False)  # compiles
+    walls = {0: time.perf_counter() - t0}
+    for epochs in (1, 2):
+        t0 = time.perf_counter()
+        ldj.train(adata, batch_key="batch", max_epochs=epochs, seed=0, progress_bar=False)
+        walls[epochs] = time.perf_counter() - t0
+    return {
+        "n_obs": adata.n_obs,
+        "epoch_s": walls[2] - walls[1],
+        "two_epochs_s": walls[2],
+        "first_call_s": walls[0],
+    }
+
+
 def table(r: dict[str, Any]) -> str:
     cpu = r.get("cpu_reference", {})
     lines = [
@@ -394,6 +447,14 @@ def main(argv: list[str] | None = None) -> None:
             run.data["throughput"][f"{lik}/{n}"] = row
             run.save()
             print(f"{lik} {n}: {row}", flush=True)
+        if i == 0 and step(run, "drvi", 20):
+            run.data["drvi"] = {str(n): drvi(files[n], tmp / "out.h5ad", n_vars)}
+            run.save()
+            print(f"drvi {n}: {run.data['drvi']}", flush=True)
+        if i == 0 and step(run, "training", 30):
+            run.data["training"] = {str(n): training(files[n])}
+            run.save()
+            print(f"training {n}: {run.data['training']}", flush=True)
         files.pop(n).unlink()
     if step(run, "floor", 5):
         bench_ablation = bench_throughput._bench("bench_ablation")
