@@ -260,6 +260,15 @@ class AblationResult:
                 + ", ".join(f"{names[j]} {unique[j]:.2f}" for j in order)
                 + f"; refit converged: {np.asarray(self.refit_converged).mean():.1%} of fits"
             )
+        if self.shapley is not None and self.gain is not None:
+            # S8 over every cell: each latent's share of the mean likelihood gain
+            every = list(self.settings.get("all_latent_names", latent_names(self.shapley.shape[1])))
+            share = np.asarray(self.shapley, np.float64).sum(0) / np.asarray(self.gain).sum()
+            top = np.argsort(-share)[:n_top]
+            lines.append(
+                f"explained (Shapley, share of the mean gain {np.asarray(self.gain).mean():.2f} "
+                "nats/cell): " + ", ".join(f"{every[k]} {share[k]:.0%}" for k in top)
+            )
         return "\n".join(lines)
 
     def to_anndata(self):

@@ -529,6 +529,7 @@ def test_ldj_load_query_and_ablate_against_float64_brute_force(name, drvi_models
     phi_sum = result.arrays["shapley_nll"].sum(1)  # efficiency: the values sum to the gain
     np.testing.assert_allclose(phi_sum, result.arrays["gain_nll"], rtol=1e-9, atol=1e-9)
     assert (result.arrays["unique_delta_nll"] >= 0).all()
+    assert result.summary().splitlines()[-1].startswith("explained (Shapley")
 
     splits = ldj.ablate(model, adata, unit="split")
     assert splits.delta_nll.shape[1] == model.config.n_split

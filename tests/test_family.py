@@ -175,3 +175,16 @@ def test_version_1_directories_load_as_linear_scvi(tmp_path):
     (path / "config.json").write_text(json.dumps(spec))
     again = ldj.load(path)
     assert again.family == fast.family and again.fingerprint() == fast.fingerprint()
+
+
+def test_summary_shows_the_explained_shares():
+    """With Shapley values, the CLI summary's last line gives each latent's share of the mean
+    gain over every cell (both paths)."""
+    fast, generic = _pair(11)
+    adata = random_adata(fast, n_obs=20, seed=2)
+    for m in (fast, generic):
+        result = ldj.ablate(m, adata, shapley="exact")
+        share = np.asarray(result.shapley).sum(0) / np.asarray(result.gain).sum()
+        k = int(np.argmax(share))
+        last = result.summary().splitlines()[-1]
+        assert last.startswith("explained (Shapley") and f"Z_{k} {share[k]:.0%}" in last
