@@ -311,6 +311,14 @@ class _Model:
 
         return self._map(data, batch_size, fn)
 
+    def _frame(self, values: np.ndarray, obs_names, genes: np.ndarray, return_numpy: bool | None):
+        if return_numpy:
+            return values
+        import pandas as pd
+
+        columns = np.asarray(self.spec.data.var_names)[genes]
+        return pd.DataFrame(values, index=obs_names, columns=columns)
+
     def _check_latent(self, latent: Any, n_obs: int) -> np.ndarray:
         latent = np.asarray(latent, dtype=self.dtype)
         if latent.ndim != 2 or latent.shape[1] != self.n_latent:
@@ -583,14 +591,6 @@ class LinearSCVI(_Model):
             raise IncompatibleDataError(f"Genes not in the model: {preview(missing)}.")
         return np.array([index[g] for g in gene_list], dtype=np.int64)
 
-    def _frame(self, values: np.ndarray, obs_names, genes: np.ndarray, return_numpy: bool | None):
-        if return_numpy:
-            return values
-        import pandas as pd
-
-        columns = np.asarray(self.spec.data.var_names)[genes]
-        return pd.DataFrame(values, index=obs_names, columns=columns)
-
     def get_reconstruction_error(
         self,
         adata: Any,
@@ -721,13 +721,6 @@ class DRVI(_Model):
         data, out = self._decoded(adata, indices, latent, batch_size, fn)
         genes = np.arange(len(self.var_names))
         return self._frame(out["scale"], data.obs_names, genes, return_numpy)
-
-    def _frame(self, values: np.ndarray, obs_names, genes: np.ndarray, return_numpy: bool | None):
-        if return_numpy:
-            return values
-        import pandas as pd
-
-        return pd.DataFrame(values, index=obs_names, columns=np.asarray(self.var_names)[genes])
 
     def get_reconstruction_error(
         self,
