@@ -850,12 +850,13 @@ def ablate(
         change per ablated latent (``result.gene_table``), reduced inside the same pass
         (``linear_decoder_jax.attribution``). Needs ``n_samples=0``.
     shapley
-        "exact" (K <= 12) or "permutation": the gain ``gain_nll`` (NLL with every latent at its
+        "exact" (K <= 12), "permutation", or "auto" (exact up to K = 12, permutation above: a
+        32-latent DRVI gets permutations): the gain ``gain_nll`` (NLL with every latent at its
         baseline minus the full NLL) and its Shapley decomposition over all K latents,
         ``shapley_nll``, rows summing to the gain (``result.gain``, ``result.shapley``,
-        ``result.explained(groupby)``).
+        ``result.explained(groupby)``). ``uns["ablation"]["shapley"]`` records the method used.
     n_permutations
-        Random permutations for ``shapley="permutation"`` (even, >= 4: antithetic pairs drawn
+        Random permutations for ``shapley="permutation"`` (or "auto" above K = 12; even, >= 4: antithetic pairs drawn
         from ``seed``); adds the standard error ``shapley_nll_se``.
     distributed, coordinator, num_processes, process_id, join_timeout, heartbeat_timeout
         Run as one process of a multi-process job (``linear_decoder_jax.distributed``): every

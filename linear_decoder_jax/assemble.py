@@ -249,7 +249,7 @@ def ablate(
                     params,
                     plan,
                     place=place,
-                    method=shap.shapley,
+                    method=shap.method(family.n_latent),
                     n_permutations=shap.n_permutations,
                 )
             )

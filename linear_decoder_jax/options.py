@@ -24,7 +24,7 @@ Unit = Literal["latent", "split"]
 LibraryChoice = Literal["model", "observed"]
 Baseline = Literal["zero", "mean", "median"]
 Optimizer = Literal["lbfgs", "adam"]
-Shapley = Literal["exact", "permutation"]
+Shapley = Literal["auto", "exact", "permutation"]
 
 MODES: tuple[Mode, ...] = get_args(Mode)
 UNITS: tuple[Unit, ...] = get_args(Unit)
@@ -147,8 +147,11 @@ class ShapleyOptions:
 
     shapley: Shapley | None = _opt(
         None,
-        "decompose each cell's likelihood gain over the latents (exact: K <= "
-        f"{MAX_EXACT_SHAPLEY_LATENTS})",
+        "decompose each cell's likelihood gain over the latents: exact (enumerates 2^K "
+        f"coalitions, K <= {MAX_EXACT_SHAPLEY_LATENTS}), permutation (sampled), or auto (the "
+        "default of a bare --shapley: exact up to that K, permutation above, e.g. DRVI's 32)",
+        nargs="?",
+        const="auto",
     )
     n_permutations: int = _opt(
         64, "antithetic permutations for --shapley permutation (even, >= 4)", type=int
@@ -157,11 +160,19 @@ class ShapleyOptions:
     def __post_init__(self) -> None:
         if self.shapley is not None:
             _check_choice("shapley", self.shapley, Shapley)
-        if self.shapley == "permutation" and not (
+        if self.shapley in ("auto", "permutation") and not (
             _is_int(self.n_permutations, low=4) and self.n_permutations % 2 == 0
         ):
             msg = f"Expected an even n_permutations >= 4 (antithetic pairs), got {self.n_permutations!r}."
             raise ConfigError(msg)
+
+    def method(self, n_latent: int) -> Literal["exact", "permutation"]:
+        """The method a run uses: ``auto`` is exact up to the enumeration limit, permutation above."""
+        if self.shapley == "auto":
+            return "exact" if n_latent <= MAX_EXACT_SHAPLEY_LATENTS else "permutation"
+        if self.shapley is None:
+            raise ConfigError("No Shapley method: shapley is None.")
+        return self.shapley
 
     def check(self, n_latent: int) -> None:
         """Refuse exact Shapley values over too many latents (they enumerate 2^K coalitions)."""

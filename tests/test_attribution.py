@@ -370,6 +370,11 @@ def test_refusals():
         options.ShapleyOptions("exact", 0).check(13)
     with pytest.raises(ConfigError, match="even n_permutations"):
         options.ShapleyOptions("permutation", 5)
+    with pytest.raises(ConfigError, match="even n_permutations"):
+        options.ShapleyOptions("auto", 3)
+    assert options.ShapleyOptions("auto").method(12) == "exact"
+    assert options.ShapleyOptions("auto").method(13) == "permutation"
+    assert options.ShapleyOptions("exact").method(13) == "exact"  # refused by check(13)
     with pytest.raises(ConfigError, match="shapley one of"):
         options.ShapleyOptions("kernel", 0)  # type: ignore[arg-type]
 

@@ -18,11 +18,13 @@ from helpers import random_adata, random_model
 
 import linear_decoder_jax as ldj
 from linear_decoder_jax import model as ldvae
+from linear_decoder_jax.cli import main
 from linear_decoder_jax.config import LDVAEConfig
 from linear_decoder_jax.distributions import log_prob
 from linear_decoder_jax.errors import ConfigError, IncompatibleDataError
 from linear_decoder_jax.families.linear_scvi import LinearSCVIFamily
 from linear_decoder_jax.family import AffineFamily, Encoded, Family, Rates
+from linear_decoder_jax.results import read_result
 from linear_decoder_jax.schema import latent_names
 
 
@@ -188,3 +190,23 @@ def test_summary_shows_the_explained_shares():
         k = int(np.argmax(share))
         last = result.summary().splitlines()[-1]
         assert last.startswith("explained (Shapley") and f"Z_{k} {share[k]:.0%}" in last
+
+
+def test_auto_shapley_is_exact_up_to_twelve_latents_and_permutation_above(tmp_path):
+    """``shapley="auto"`` (a bare ``--shapley``): exact for K <= 12, permutations above (DRVI's
+    default 32 latents), recorded as the method used; permutation rows still sum to the gain."""
+    for k, method in ((4, "exact"), (13, "permutation")):
+        fast, generic = _pair(5, n_latent=k)
+        adata = random_adata(fast, n_obs=12, seed=3)
+        result = ldj.ablate(generic, adata, shapley="auto", n_permutations=4)
+        assert result.settings["shapley"] == method
+        assert ("shapley_nll_se" in result.arrays) == (method == "permutation")
+        np.testing.assert_allclose(
+            np.asarray(result.shapley).sum(1), np.asarray(result.gain), rtol=1e-9, atol=1e-9
+        )
+    fast.save(tmp_path / "m")
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    out = tmp_path / "r.h5ad"
+    cmd = ["ablate", str(tmp_path / "m"), str(tmp_path / "a.h5ad"), "-o", str(out), "--shapley"]
+    assert main([*cmd, "--n-permutations", "4"]) == 0
+    assert read_result(out).settings["shapley"] == "permutation"
