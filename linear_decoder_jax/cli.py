@@ -429,7 +429,7 @@ def _hint(err: BaseException) -> str:
             "the file is damaged, save the model again."
         )
     if isinstance(err, UnsupportedModelError):
-        return "ldj converts only LinearSCVI models it can mirror exactly (README: Safety)."
+        return "ldj converts only LinearSCVI models it can mirror exactly (docs/index.md: Safety)."
     if isinstance(err, CheckpointFormatError):
         return "Convert the scvi-tools model again with `ldj convert`."
     return ""

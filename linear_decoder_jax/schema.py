@@ -4,8 +4,8 @@ Each :class:`Field` is one array of a result: where it lives in the AnnData (``s
 dimensions, its dtype, when it is present and what it means. The in-memory writer
 (``AblationResult.to_anndata``), the streamed writer (``results.H5adStream``), the reader
 (``AblationResult.read``), ``ldj merge``, ``ldj.pl`` and ``ldj report`` iterate over :data:`FIELDS`;
-the README's and the docs' schema tables are generated from it (:func:`markdown_table`, checked by
-``tests/test_schema.py``). A new score is one scorer (``pipeline.Scorer``) plus its rows here.
+the docs' schema table is generated from it (:func:`markdown_table`, checked by
+``tests/test_run.py``). A new score is one scorer (``pipeline.Scorer``) plus its rows here.
 
 Dimension names: ``obs`` cells, ``vars`` genes, ``latent`` all K latents, ``ablated`` the A ablated
 latents (result column order), ``group`` the ``groupby`` categories then all cells (their names:
@@ -240,7 +240,7 @@ _DIM_TEXT = {
 
 
 def markdown_table() -> str:
-    """The schema as a Markdown table (README and docs/result-schema.md embed this text)."""
+    """The schema as a Markdown table (docs/result-schema.md embeds this text)."""
     rows = ["| field | shape | present | content |", "| --- | --- | --- | --- |"]
     rows.append("| `obs` | n_obs | always | the input's obs columns, same obs_names and order |")
     for f in (*FIELDS, LOADINGS):

@@ -71,7 +71,7 @@ def _checkpoint_cases(tmp: Path) -> dict[str, tuple[list[object], tuple[str, ...
         "legacy_missing_files": ([legacy], ("layout is missing", "attr.pkl", "var_names.csv")),
         "no_model_file": ([tmp / "no_model"], ("found neither", "pass it with --prefix.")),
         "missing_path": ([tmp / "nowhere"], ("no such file or folder",)),
-        "scanvi": ([scanvi], ("this is a SCANVI model, not LinearSCVI", "README: Safety")),
+        "scanvi": ([scanvi], ("this is a SCANVI model, not LinearSCVI", "docs/index.md: Safety")),
         "gene_cell": ([gene_cell], ("dispersion='gene-cell' cannot be mirrored",)),
     }
 
@@ -152,10 +152,10 @@ def test_cli_debug_shows_the_traceback(tmp_path: Path, converted: Path, capsys) 
         main(["--debug", "convert", str(GOLDEN.parent / "counts.npz"), str(tmp_path / "o")])
 
 
-def test_readme_safety_section_matches_the_reader() -> None:
-    text = (ROOT / "README.md").read_text()
+def test_docs_safety_section_matches_the_reader() -> None:
+    text = (ROOT / "docs" / "index.md").read_text()
     section = text[text.index("## Safety") :]
-    section = section[: section.index("\n## ", 3)]
+    section = section[: (section + "\n## ").index("\n## ", 3)]
     for claim in ("allowlist", "os.system", "SCVI, SCANVI", "gene-cell", "stored or deflate"):
         assert claim in section, claim
 

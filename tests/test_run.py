@@ -88,8 +88,8 @@ def test_refit_reads_and_encodes_the_input_once(monkeypatch):
     np.testing.assert_array_equal(refitted.delta_nll, plain.delta_nll)
 
 
-def test_schema_tables_in_readme_and_docs_are_generated():
-    for name in ("README.md", "docs/result-schema.md"):
+def test_schema_table_in_docs_is_generated():
+    for name in ("docs/result-schema.md",):
         text = (ROOT / name).read_text()
         assert schema.embed(text) == text, (
             f"{name}: run `python -m linear_decoder_jax.schema {name}` to regenerate the table"
