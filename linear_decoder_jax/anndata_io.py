@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from linear_decoder_jax import sources
+from linear_decoder_jax import options, sources
 from linear_decoder_jax._text import preview as _preview
 from linear_decoder_jax.config import ModelSpec
 from linear_decoder_jax.errors import ConfigError, IncompatibleDataError
@@ -155,8 +155,8 @@ def _raise_negative(row: int, where: str) -> None:
     raise IncompatibleDataError(msg)
 
 
-# ``layer=`` default: the layer the model was set up with when the data has it, else X.
-AUTO = "auto"
+# ``layer=`` default, declared with the data options: the model's layer if the data has it, else X.
+AUTO: str = options.DataOptions.layer  # type: ignore[assignment]
 _SAMPLE_ROWS = 64  # rows read from each of three places when checking that a matrix holds counts
 
 
