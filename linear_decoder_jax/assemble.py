@@ -16,7 +16,16 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from linear_decoder_jax import ablation, anndata_io, attribution, options, results, schema, sources
+from linear_decoder_jax import (
+    ablation,
+    anndata_io,
+    attribution,
+    options,
+    results,
+    schema,
+    sources,
+    traversal,
+)
 from linear_decoder_jax._atomic import atomic_path
 from linear_decoder_jax.errors import ConfigError
 from linear_decoder_jax.family import Family
@@ -137,6 +146,7 @@ def ablate(
     sweep: options.SweepOptions = opts[options.SweepOptions]
     shap: options.ShapleyOptions = opts[options.ShapleyOptions]
     refit_opts: options.RefitOptions = opts[options.RefitOptions]
+    trav: options.TraversalOptions = opts.get(options.TraversalOptions, options.TraversalOptions())
     data_opts: options.DataOptions = opts[options.DataOptions]
     run_opts: options.ExecutionOptions = opts[options.ExecutionOptions]
     family = model.family
@@ -168,6 +178,10 @@ def ablate(
         shap.check(family.n_latent)
         if units is not None:
             raise ConfigError("Shapley values are over latents: use unit='latent' with shapley.")
+    if trav.traverse and units is not None:
+        raise ConfigError("A traversal moves latents: use unit='latent' with traverse.")
+    if trav.traverse and sweep.n_samples:
+        raise ConfigError("A traversal is computed at the posterior mean: use n_samples=0.")
     if refit_opts.refit and units is not None:
         raise ConfigError("refit=True re-fits latents: use unit='latent' with refit.")
     if refit_opts.refit and sweep.mode != "drop":
@@ -194,6 +208,10 @@ def ablate(
         attribution.check_gene_budget(
             len(group_names), len(idx), family.n_vars, budget=options.GENE_SCORES_BUDGET
         )
+    named_grid = trav.traverse and isinstance(trav.traverse_grid, str)
+    if trav.traverse:
+        steps = trav.traverse_steps if named_grid else np.shape(trav.traverse_grid)[-1]
+        traversal.check_budget(len(group_names), len(idx), steps, family.n_vars)
 
     def make_plan(baseline: np.ndarray, name: str, rows: tuple[int, int]) -> Plan:
         return Plan(
@@ -220,7 +238,7 @@ def ablate(
     with jax.enable_x64(dtype == np.float64), obs_rows:  # no reading thread outlives the run
         params = model.params
         stats = None
-        if isinstance(sweep.baseline, str) and sweep.baseline in ("mean", "median"):
+        if named_grid or (isinstance(sweep.baseline, str) and sweep.baseline in ("mean", "median")):
             obs_rows.check()  # a streamed file's obs is read beside this pass
             zero = np.zeros(family.n_latent)
             if lockstep is None:  # over all input cells, shards too
@@ -242,6 +260,14 @@ def ablate(
         scorers.append(
             ablation.SweepScorer(family, params, plan, place=place, gene_scores=sweep.gene_scores)
         )
+        if trav.traverse:
+            grid = traversal.resolve_grid(
+                trav.traverse_grid,
+                None if stats is None else stats[:, idx],
+                len(idx),
+                trav.traverse_steps,
+            )
+            scorers.append(traversal.TraversalScorer(family, params, plan, grid, place=place))
         if shap.shapley is not None:
             scorers.append(
                 attribution.ShapleyScorer(
@@ -328,6 +354,8 @@ def ablate(
                 settings.update(s.settings())
             if refit_scorer is None:
                 settings["refit"] = False
+            if not trav.traverse:
+                settings["traverse"] = False
             if shap.shapley is None:
                 settings.update(shapley="", n_permutations=0)
             groups, explained = results.derive(arrays, obs, settings)
