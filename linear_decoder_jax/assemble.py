@@ -146,7 +146,7 @@ def ablate(
     sweep: options.SweepOptions = opts[options.SweepOptions]
     shap: options.ShapleyOptions = opts[options.ShapleyOptions]
     refit_opts: options.RefitOptions = opts[options.RefitOptions]
-    trav: options.TraversalOptions = opts.get(options.TraversalOptions, options.TraversalOptions())
+    trav: options.TraversalOptions = opts[options.TraversalOptions]
     data_opts: options.DataOptions = opts[options.DataOptions]
     run_opts: options.ExecutionOptions = opts[options.ExecutionOptions]
     family = model.family
@@ -190,17 +190,22 @@ def ablate(
             f'mode="drop"; got mode={sweep.mode!r} instead.'
         )
         raise ConfigError(msg)
+    named_grid = trav.traverse and isinstance(trav.traverse_grid, str)
+    grid_shape = () if isinstance(trav.traverse_grid, str) else np.shape(trav.traverse_grid)
+    steps = grid_shape[-1] if grid_shape else trav.traverse_steps
+    if trav.traverse:
+        traversal.check_budget(len(group_names), len(idx), steps, family.n_vars)
     dtype = np.dtype(model.dtype)
     n_dev = len(devices)
     vectorize = vectorize_default(devices)
     size = run_opts.batch_size or choose_batch_size(
         data.n_obs if lockstep is None else lockstep.max_rows,  # type: ignore[attr-defined]
         family.n_vars,
-        len(idx),
+        len(idx) * (steps if trav.traverse else 1),  # the widest vmapped body
         itemsize=dtype.itemsize,
         vectorize=vectorize,
         devices=devices,
-        n_scores=1 + (shap.shapley is not None),
+        n_scores=1 + (shap.shapley is not None) + trav.traverse,
     )
     size = int(-(-size // n_dev) * n_dev)  # a multiple of the device count
     codes = None if all_codes is None else all_codes[lo:hi]
@@ -208,10 +213,6 @@ def ablate(
         attribution.check_gene_budget(
             len(group_names), len(idx), family.n_vars, budget=options.GENE_SCORES_BUDGET
         )
-    named_grid = trav.traverse and isinstance(trav.traverse_grid, str)
-    if trav.traverse:
-        steps = trav.traverse_steps if named_grid else np.shape(trav.traverse_grid)[-1]
-        traversal.check_budget(len(group_names), len(idx), steps, family.n_vars)
 
     def make_plan(baseline: np.ndarray, name: str, rows: tuple[int, int]) -> Plan:
         return Plan(

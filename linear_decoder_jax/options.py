@@ -245,7 +245,8 @@ class TraversalOptions:
         f"range: --traverse-steps values evenly spaced from the latent's {TRAVERSE_TAIL:.0%} to "
         f"its {1 - TRAVERSE_TAIL:.0%} quantile over the input cells' decoder inputs; quantile: "
         "its quantiles at evenly spaced probabilities between those; V1,V2,... or FILE.npy: "
-        "the same values for every latent (a .npy may hold one row per traversed latent)",
+        "the same values for every latent (a .npy may hold one row per traversed latent; "
+        "write --traverse-grid=-2,0,2 when the first value is negative)",
         type=parse_grid,
     )
     traverse_steps: int = _opt(

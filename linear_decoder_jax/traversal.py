@@ -17,8 +17,10 @@ given. It is recorded in ``uns["ablation"]["traverse_values"]`` (A, steps).
 
 A family's ``decode`` is all the generic path needs (DRVI, any family). An affine family
 (``family.AffineFamily``, LinearSCVI) moves its logits by the rank-one term
-``(v - z_k) * loadings[:, k]`` instead of decoding again (no (cells, K) x (K, genes) product per
-grid value); both are checked against a float64 brute force (tests/test_traversal.py).
+``(v - z_k) * loadings[:, k]`` instead of decoding again, and takes the NLL change from the
+z-dependent likelihood terms only, as the sweep does (the lgamma terms, most of a dense
+log-likelihood's cost, cancel); both paths are checked against a float64 brute force
+(tests/test_traversal.py, tests/test_drvi.py) and against each other (tests/test_family.py).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from linear_decoder_jax import attribution, options, schema
+from linear_decoder_jax.distributions import count_term, rate_reference, rate_term_change
 from linear_decoder_jax.errors import ConfigError
 from linear_decoder_jax.family import AffineFamily, Family, Rates, affine_logits
 from linear_decoder_jax.pipeline import Batch, Placement, Plan
@@ -93,15 +96,23 @@ def check_budget(n_groups: int, n_traversed: int, steps: int, n_vars: int) -> No
 
 
 Mover = Callable[[Array, Array], tuple[Rates, Array]]
+NLLChange = Callable[[Rates, Array], Array]
 
 
-def _affine_mover(family: AffineFamily, params: Any, batch: Batch) -> tuple[Rates, Array, Mover]:
-    """(full rates, full log scale, mover) of the rank-one path: latent k at ``value`` moves each
-    head's logits by ``(value - z_k) * loadings[:, k]``."""
+def _affine_parts(
+    family: AffineFamily, params: Any, batch: Batch
+) -> tuple[Array, Mover, NLLChange]:
+    """(full log scale, mover, NLL change) of the rank-one path: latent k at ``value`` moves each
+    head's logits by ``(value - z_k) * loadings[:, k]``. The NLL change is taken as the sweep
+    takes it (``ablation``): the z-dependent terms only, dense at ``x = 0`` and at the non-zero
+    counts, so the lgamma terms cancel exactly and cost nothing."""
+    lik = family.likelihood
     heads = family.affine_heads(params)
-    full = [affine_logits(h, batch.z, batch.batch) for h in heads]
+    full_logits = [affine_logits(h, batch.z, batch.batch) for h in heads]
     theta = family.dispersion(params, batch.batch, batch.label)
     lib = jnp.exp(batch.log_library)
+    at_nz = functools.partial(jnp.take_along_axis, indices=batch.nz_index, axis=1)
+    theta_nz = at_nz(theta)
 
     def rates(logits: list[Array]) -> tuple[Rates, Array]:
         log_scale = jax.nn.log_softmax(logits[0], axis=-1)
@@ -109,15 +120,32 @@ def _affine_mover(family: AffineFamily, params: Any, batch: Batch) -> tuple[Rate
         zi = logits[1] if len(logits) > 1 else None
         return Rates(scale=scale, mu=lib * scale, theta=theta, zi_logits=zi), log_scale
 
+    def counts(log_scale: Array, zi: Array | None) -> Array:
+        """count_term at the non-zero counts (b, width)."""
+        mu_nz = jnp.exp(at_nz(log_scale) + batch.log_library)
+        zi_nz = [] if zi is None else [at_nz(zi)]
+        return count_term(batch.nz_count, mu_nz, theta_nz, *zi_nz, likelihood=lik)
+
+    full, log_scale = rates(full_logits)
+    reference = rate_reference(full.mu, theta, full.zi_logits, likelihood=lik)
+    count_full = counts(log_scale, full.zi_logits)
+
     def moved(k: Array, value: Array) -> tuple[Rates, Array]:
         d = (value - batch.z[:, k])[:, None]
-        return rates([f + d * h.loadings[:, k][None, :] for f, h in zip(full, heads, strict=True)])
+        return rates(
+            [f + d * h.loadings[:, k][None, :] for f, h in zip(full_logits, heads, strict=True)]
+        )
 
-    return (*rates(full), moved)
+    def nll_change(r: Rates, log_scale_k: Array) -> Array:
+        zi = [] if r.zi_logits is None else [r.zi_logits]
+        gain = rate_term_change(r.mu, theta, reference, *zi, likelihood=lik)
+        return -(gain + (counts(log_scale_k, r.zi_logits) - count_full).sum(-1))
+
+    return log_scale, moved, nll_change
 
 
-def _generic_mover(family: Family, params: Any, batch: Batch) -> tuple[Rates, Array, Mover]:
-    """(full rates, full log scale, mover) decoding the whole decoder input again per value."""
+def _generic_parts(family: Family, params: Any, batch: Batch) -> tuple[Array, Mover, NLLChange]:
+    """(full log scale, mover, NLL change) decoding the whole decoder input again per value."""
 
     def decode(z: Array) -> tuple[Rates, Array]:
         rates = family.decode(params, z, batch.log_library, batch.batch, batch.label)
@@ -126,7 +154,13 @@ def _generic_mover(family: Family, params: Any, batch: Batch) -> tuple[Rates, Ar
     def moved(k: Array, value: Array) -> tuple[Rates, Array]:
         return decode(batch.z.at[:, k].set(value))
 
-    return (*decode(batch.z), moved)
+    full, log_scale = decode(batch.z)
+    lp_full = family.log_prob(batch.x, full)  # (b, n_vars)
+
+    def nll_change(r: Rates, log_scale_k: Array) -> Array:
+        return (lp_full - family.log_prob(batch.x, r)).sum(-1)
+
+    return log_scale, moved, nll_change
 
 
 @functools.partial(jax.jit, static_argnames=("family", "n_groups", "vectorize"))
@@ -144,15 +178,14 @@ def traverse_minibatch(
     """``totals`` plus one minibatch's group sums of the log fold changes and NLL changes at every
     (latent, grid value): ``grid`` (A, steps) for the model latents ``latents`` (A,)."""
     if isinstance(family, AffineFamily):
-        full, log_scale, moved = _affine_mover(family, params, batch)
+        log_scale, moved, nll_change = _affine_parts(family, params, batch)
     else:
-        full, log_scale, moved = _generic_mover(family, params, batch)
-    lp_full = family.log_prob(batch.x, full)  # (b, n_vars)
+        log_scale, moved, nll_change = _generic_parts(family, params, batch)
     weights = attribution.group_weights(batch.group, batch.valid, n_groups)  # (rows, b)
 
     def one(args: tuple[Array, Array]) -> tuple[Array, Array]:
         rates, log_scale_k = moved(*args)
-        delta = (lp_full - family.log_prob(batch.x, rates)).sum(-1)  # (b,)
+        delta = nll_change(rates, log_scale_k)  # (b,)
         lfc = attribution.segment_total(weights, log_scale_k - log_scale)  # (rows, n_vars)
         return lfc, attribution.segment_total(weights, delta[:, None])[:, 0]
 
