@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from linear_decoder_jax import attribution, options, schema
+from linear_decoder_jax.ablation import _SHIFT_SLACK  # the sweep's bound on a moved maximum
 from linear_decoder_jax.distributions import count_term, rate_reference, rate_term_change
 from linear_decoder_jax.errors import ConfigError
 from linear_decoder_jax.family import AffineFamily, Family, Rates, affine_logits
@@ -114,9 +115,13 @@ def _affine_parts(
     at_nz = functools.partial(jnp.take_along_axis, indices=batch.nz_index, axis=1)
     theta_nz = at_nz(theta)
 
-    def rates(logits: list[Array]) -> tuple[Rates, Array]:
-        log_scale = jax.nn.log_softmax(logits[0], axis=-1)
-        scale = jnp.exp(log_scale)
+    def rates(logits: list[Array], top: Array) -> tuple[Rates, Array]:
+        """Rates and log scale with one exp per entry; ``top`` (b, 1) bounds the scale logits
+        from above (within :data:`_SHIFT_SLACK` of their maximum)."""
+        e = jnp.exp(logits[0] - top)
+        total = e.sum(axis=-1, keepdims=True)
+        scale = e * (1.0 / total)
+        log_scale = logits[0] - (top + jnp.log(total))
         zi = logits[1] if len(logits) > 1 else None
         return Rates(scale=scale, mu=lib * scale, theta=theta, zi_logits=zi), log_scale
 
@@ -126,15 +131,23 @@ def _affine_parts(
         zi_nz = [] if zi is None else [at_nz(zi)]
         return count_term(batch.nz_count, mu_nz, theta_nz, *zi_nz, likelihood=lik)
 
-    full, log_scale = rates(full_logits)
+    top_full = full_logits[0].max(axis=-1, keepdims=True)
+    full, log_scale = rates(full_logits, top_full)
     reference = rate_reference(full.mu, theta, full.zi_logits, likelihood=lik)
     count_full = counts(log_scale, full.zi_logits)
+    hi, lo = heads[0].loadings.max(axis=0), heads[0].loadings.min(axis=0)  # (K,)
 
     def moved(k: Array, value: Array) -> tuple[Rates, Array]:
         d = (value - batch.z[:, k])[:, None]
-        return rates(
-            [f + d * h.loadings[:, k][None, :] for f, h in zip(full_logits, heads, strict=True)]
-        )
+        logits = [
+            f + d * h.loadings[:, k][None, :] for f, h in zip(full_logits, heads, strict=True)
+        ]
+        # the moved maximum is at most the full one plus the largest shift, read off the
+        # loadings' range (no pass over the genes) unless that range is too wide to trust
+        bound = top_full + jnp.maximum(d * hi[k], d * lo[k])
+        narrow = jnp.all(jnp.abs(d) * (hi[k] - lo[k]) <= _SHIFT_SLACK)
+        top = jax.lax.cond(narrow, lambda: bound, lambda: logits[0].max(axis=-1, keepdims=True))
+        return rates(logits, top)
 
     def nll_change(r: Rates, log_scale_k: Array) -> Array:
         zi = [] if r.zi_logits is None else [r.zi_logits]
