@@ -18,9 +18,11 @@ given. It is recorded in ``uns["ablation"]["traverse_values"]`` (A, steps).
 A family's ``decode`` is all the generic path needs (DRVI, any family). An affine family
 (``family.AffineFamily``, LinearSCVI) moves its logits by the rank-one term
 ``(v - z_k) * loadings[:, k]`` instead of decoding again, and takes the NLL change from the
-z-dependent likelihood terms only, as the sweep does (the lgamma terms, most of a dense
-log-likelihood's cost, cancel); both paths are checked against a float64 brute force
-(tests/test_traversal.py, tests/test_drvi.py) and against each other (tests/test_family.py).
+z-dependent likelihood terms only, as the sweep does (the lgamma terms cancel and are never
+evaluated); both paths are checked against a float64 brute force (tests/test_traversal.py,
+tests/test_drvi.py) and against each other (tests/test_family.py). On CPU both cost about the
+same (``benchmarks/bench_traverse.py``): one (cells, genes) softmax and likelihood per grid value
+dominates either way, so a traversal costs about ``steps`` sweeps.
 """
 
 from __future__ import annotations
@@ -226,12 +228,18 @@ class TraversalScorer:
     needs_key = False
 
     def __init__(
-        self, family: Family, params: Any, plan: Plan, grid: tuple[str, np.ndarray], *, place
+        self,
+        family: Family,
+        params: Any,
+        plan: Plan,
+        grid: tuple[str, np.ndarray],
+        *,
+        place: Placement,
     ):
         self.family, self.params, self.plan = family, params, plan
         self.grid_name, self.values = grid[0], np.asarray(grid[1], np.float64)
         self.n_groups = len(plan.group_names)
-        self.place: Placement = place
+        self.place = place
         self.grid = place.replicated(self.values.astype(plan.dtype))
         self.latents = place.replicated(np.asarray(plan.latents, np.int32))
 
