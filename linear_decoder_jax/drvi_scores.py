@@ -17,13 +17,17 @@ _interpretability_mixin.py``; tests run both on the same model) and keeps its op
 * :func:`get_effect_of_splits_out_of_distribution` (``min_possible``, ``max_possible``,
   ``combined``),
 * :func:`calculate_interpretability_scores` (``embed.varm["IND_*"/"OOD_*"]``) and
-  :func:`get_interpretability_scores` (genes x "DR k+/-" DataFrame).
+  :func:`get_interpretability_scores` (genes x "DR k+/-" DataFrame),
+* :func:`traverse_latent` and :func:`calculate_differential_vars` (drvi-py's ``utils.tl``: the
+  traversal AnnData and its ``max_possible``/``min_possible``/``combined_score`` effects).
 
 Differences from drvi-py, by design: the minibatches are larger (1024 cells) and jitted; the
 sums and maxima over cells are fused reductions of (cells, splits) weights instead of (cells, 2,
 splits, genes) products; the ``logsumexp`` effect takes one exp and one log per element; the
 out-of-distribution effect takes its covariate combinations as an argument (drvi-py draws them
-with ``np.random.permutation``: pass the same draws to compare). As drvi-py, the
+with ``np.random.permutation``: pass the same draws to compare); the traversal draws its noise
+and covariates as drvi-py does (numpy's global state, same order) or takes them as arguments, and
+decodes the control rows once per sample. As drvi-py, the
 within-distribution effect supports the ``logsumexp`` and ``sum`` aggregations only
 (``ConfigError`` where drvi-py raises ``NotImplementedError``), and the directional variants
 need one latent per split.
