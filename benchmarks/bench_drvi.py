@@ -15,8 +15,10 @@ each function timed the way a user calls it:
 Functions: ``get_reconstruction_effect_of_each_split``, ``get_effect_of_splits_within_distribution``
 (all three aggregations, directional), ``set_latent_dimension_stats`` (reconstruction effect +
 column stats) and ``get_effect_of_splits_out_of_distribution`` (3 covariate combinations, 20
-steps). The model is initialised and trained for ``--epochs`` (default 1; speed does not depend on
-how well it is trained).
+steps), and ``traverse_latent`` + ``calculate_differential_vars`` (drvi-py's ``utils.tl``; 20 steps,
+``--traverse-samples`` noise samples, the same numpy draws on both sides). The model is
+initialised and trained for ``--epochs`` (default 1; speed does not depend on how well it is
+trained). ``--only`` runs some of the functions (comma-separated names).
 
 Usage::
 
@@ -76,6 +78,8 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--repeats", type=int, default=1, help="drvi-py calls (least is kept)")
     p.add_argument("--steady", type=int, default=2, help="our calls after the first")
+    p.add_argument("--traverse-samples", type=int, default=20)
+    p.add_argument("--only", default=None, help="comma-separated function names")
     p.add_argument("--out", type=Path, default=HERE / "results" / "drvi.json")
     args = p.parse_args(argv)
 
@@ -131,6 +135,22 @@ def main(argv=None) -> int:
         np.random.seed(0)
         return m.get_effect_of_splits_out_of_distribution(e_ref)
 
+    def ref_traverse():
+        from drvi.utils import tl
+
+        np.random.seed(0)
+        out = tl.traverse_latent(m, e_ref, n_samples=args.traverse_samples)
+        tl.calculate_differential_vars(out)
+        return {k: out.uns[k] for k in out.uns if k.endswith("stepwise")} | {"X": out.X}
+
+    def ours_traverse():
+        np.random.seed(0)
+        out = S.traverse_latent(
+            family, params, e_ref, adata.var_names, n_samples=args.traverse_samples
+        )
+        S.calculate_differential_vars(out)
+        return {k: out.uns[k] for k in out.uns if k.endswith("stepwise")} | {"X": out.X}
+
     cases = {
         "get_reconstruction_effect_of_each_split": (
             lambda: m.get_reconstruction_effect_of_each_split(adata),
@@ -148,7 +168,10 @@ def main(argv=None) -> int:
                 combinations=np.random.default_rng(0).permutation(combos),
             ),
         ),
+        "traverse_latent+calculate_differential_vars": (ref_traverse, ours_traverse),
     }  # fmt: skip
+    if args.only:
+        cases = {k: v for k, v in cases.items() if k in args.only.split(",")}
     rows = []
     for name, (ref_fn, ours_fn) in cases.items():
         ref_out, ref_s = least(ref_fn, args.repeats)
@@ -168,6 +191,7 @@ def main(argv=None) -> int:
             "speedup_steady": round(ref_s / steady, 2),
             "speedup_e2e": round(ref_s / e2e, 2),
             "max_rel_err": err,
+            "load_avg": os.getloadavg()[0],
         }
         print(json.dumps(row), flush=True)
         rows.append(row)

@@ -785,6 +785,9 @@ def ablate(
     gene_scores: bool = options.SweepOptions.gene_scores,
     shapley: options.Shapley | None = options.ShapleyOptions.shapley,
     n_permutations: int = options.ShapleyOptions.n_permutations,
+    traverse: bool = options.TraversalOptions.traverse,
+    traverse_grid: Any = options.TraversalOptions.traverse_grid,
+    traverse_steps: int = options.TraversalOptions.traverse_steps,
     distributed: bool = options.DistributedOptions.distributed,
     coordinator: str | None = options.DistributedOptions.coordinator,
     num_processes: int | None = options.DistributedOptions.num_processes,
@@ -858,6 +861,17 @@ def ablate(
     n_permutations
         Random permutations for ``shapley="permutation"`` (or "auto" above K = 12; even, >= 4: antithetic pairs drawn
         from ``seed``); adds the standard error ``shapley_nll_se``.
+    traverse, traverse_grid, traverse_steps
+        Also traverse each ablated latent (``linear_decoder_jax.traversal``, in the same pass):
+        in every cell set it to each value of a grid, the other latents at the cell's posterior
+        mean, and record per ``groupby`` group (and all cells) each gene's mean log fold change
+        against the cell's own reconstruction, ``traverse_lfc`` (groups, A, steps, genes), and
+        the mean NLL change, ``traverse_delta_nll`` (groups, A, steps); plot with
+        ``ldj.pl.traversal``. The grid: "range" (default), ``traverse_steps`` values evenly
+        spaced from the latent's 1st to 99th percentile over the input cells' decoder inputs;
+        "quantile", those quantiles at evenly spaced probabilities; or values, one list for every
+        latent or one row per ablated latent. Latents only (``unit="latent"``), ``n_samples=0``;
+        ``mode`` does not apply. Recorded: ``settings["traverse_values"]`` (A, steps).
     distributed, coordinator, num_processes, process_id, join_timeout, heartbeat_timeout
         Run as one process of a multi-process job (``linear_decoder_jax.distributed``): every
         process calls this with the same arguments; ``jax.distributed`` joins them (explicit

@@ -16,7 +16,16 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from linear_decoder_jax import ablation, anndata_io, attribution, options, results, schema, sources
+from linear_decoder_jax import (
+    ablation,
+    anndata_io,
+    attribution,
+    options,
+    results,
+    schema,
+    sources,
+    traversal,
+)
 from linear_decoder_jax._atomic import atomic_path
 from linear_decoder_jax.errors import ConfigError
 from linear_decoder_jax.family import Family
@@ -137,6 +146,7 @@ def ablate(
     sweep: options.SweepOptions = opts[options.SweepOptions]
     shap: options.ShapleyOptions = opts[options.ShapleyOptions]
     refit_opts: options.RefitOptions = opts[options.RefitOptions]
+    trav: options.TraversalOptions = opts[options.TraversalOptions]
     data_opts: options.DataOptions = opts[options.DataOptions]
     run_opts: options.ExecutionOptions = opts[options.ExecutionOptions]
     family = model.family
@@ -168,6 +178,10 @@ def ablate(
         shap.check(family.n_latent)
         if units is not None:
             raise ConfigError("Shapley values are over latents: use unit='latent' with shapley.")
+    if trav.traverse and units is not None:
+        raise ConfigError("A traversal moves latents: use unit='latent' with traverse.")
+    if trav.traverse and sweep.n_samples:
+        raise ConfigError("A traversal is computed at the posterior mean: use n_samples=0.")
     if refit_opts.refit and units is not None:
         raise ConfigError("refit=True re-fits latents: use unit='latent' with refit.")
     if refit_opts.refit and sweep.mode != "drop":
@@ -176,17 +190,22 @@ def ablate(
             f'mode="drop"; got mode={sweep.mode!r} instead.'
         )
         raise ConfigError(msg)
+    named_grid = trav.traverse and isinstance(trav.traverse_grid, str)
+    grid_shape = () if isinstance(trav.traverse_grid, str) else np.shape(trav.traverse_grid)
+    steps = grid_shape[-1] if grid_shape else trav.traverse_steps
+    if trav.traverse:
+        traversal.check_budget(len(group_names), len(idx), steps, family.n_vars)
     dtype = np.dtype(model.dtype)
     n_dev = len(devices)
     vectorize = vectorize_default(devices)
     size = run_opts.batch_size or choose_batch_size(
         data.n_obs if lockstep is None else lockstep.max_rows,  # type: ignore[attr-defined]
         family.n_vars,
-        len(idx),
+        len(idx) * (steps if trav.traverse else 1),  # the widest vmapped body
         itemsize=dtype.itemsize,
         vectorize=vectorize,
         devices=devices,
-        n_scores=1 + (shap.shapley is not None),
+        n_scores=1 + (shap.shapley is not None) + trav.traverse,
     )
     size = int(-(-size // n_dev) * n_dev)  # a multiple of the device count
     codes = None if all_codes is None else all_codes[lo:hi]
@@ -220,7 +239,7 @@ def ablate(
     with jax.enable_x64(dtype == np.float64), obs_rows:  # no reading thread outlives the run
         params = model.params
         stats = None
-        if isinstance(sweep.baseline, str) and sweep.baseline in ("mean", "median"):
+        if named_grid or (isinstance(sweep.baseline, str) and sweep.baseline in ("mean", "median")):
             obs_rows.check()  # a streamed file's obs is read beside this pass
             zero = np.zeros(family.n_latent)
             if lockstep is None:  # over all input cells, shards too
@@ -242,6 +261,14 @@ def ablate(
         scorers.append(
             ablation.SweepScorer(family, params, plan, place=place, gene_scores=sweep.gene_scores)
         )
+        if trav.traverse:
+            grid = traversal.resolve_grid(
+                trav.traverse_grid,
+                None if stats is None else stats[:, idx],
+                len(idx),
+                trav.traverse_steps,
+            )
+            scorers.append(traversal.TraversalScorer(family, params, plan, grid, place=place))
         if shap.shapley is not None:
             scorers.append(
                 attribution.ShapleyScorer(
@@ -328,6 +355,8 @@ def ablate(
                 settings.update(s.settings())
             if refit_scorer is None:
                 settings["refit"] = False
+            if not trav.traverse:
+                settings["traverse"] = False
             if shap.shapley is None:
                 settings.update(shapley="", n_permutations=0)
             groups, explained = results.derive(arrays, obs, settings)

@@ -17,13 +17,17 @@ _interpretability_mixin.py``; tests run both on the same model) and keeps its op
 * :func:`get_effect_of_splits_out_of_distribution` (``min_possible``, ``max_possible``,
   ``combined``),
 * :func:`calculate_interpretability_scores` (``embed.varm["IND_*"/"OOD_*"]``) and
-  :func:`get_interpretability_scores` (genes x "DR k+/-" DataFrame).
+  :func:`get_interpretability_scores` (genes x "DR k+/-" DataFrame),
+* :func:`traverse_latent` and :func:`calculate_differential_vars` (drvi-py's ``utils.tl``: the
+  traversal AnnData and its ``max_possible``/``min_possible``/``combined_score`` effects).
 
 Differences from drvi-py, by design: the minibatches are larger (1024 cells) and jitted; the
 sums and maxima over cells are fused reductions of (cells, splits) weights instead of (cells, 2,
 splits, genes) products; the ``logsumexp`` effect takes one exp and one log per element; the
 out-of-distribution effect takes its covariate combinations as an argument (drvi-py draws them
-with ``np.random.permutation``: pass the same draws to compare). As drvi-py, the
+with ``np.random.permutation``: pass the same draws to compare); the traversal draws its noise
+and covariates as drvi-py does (numpy's global state, same order) or takes them as arguments, and
+decodes the control rows once per sample. As drvi-py, the
 within-distribution effect supports the ``logsumexp`` and ``sum`` aggregations only
 (``ConfigError`` where drvi-py raises ``NotImplementedError``), and the directional variants
 need one latent per split.
@@ -521,3 +525,234 @@ def get_interpretability_scores(
         info["keep"] = ~info["vanished"] if hide_vanished else True
     table = pd.DataFrame(data, columns=list(var_names), index=info["title"])
     return table.loc[info.query("keep == True").sort_values([order_col, "direction"])["title"]].T
+
+
+# --------------------------------------------------------------------------------------------
+# Latent traversal and differential variables (drvi-py's ``utils.tl``)
+# --------------------------------------------------------------------------------------------
+
+TRAVERSE_LIBRARY = 1e4  # drvi-py decodes every traversal row with library 10,000
+
+
+def _traverse_grid(
+    dims: np.ndarray, mins: np.ndarray, maxs: np.ndarray, n_steps: int, n_samples: int
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """drvi-py's ``iterate_dimensions``: the obs columns of the (dims x steps x samples) rows and
+    the dense (rows, n_latent) span vectors (float32): latent ``dim`` at ``span_value``."""
+    n_rows = len(dims) * n_steps * n_samples
+    dim_ids = np.repeat(np.asarray(dims), n_steps * n_samples)
+    sample_ids = np.tile(np.arange(n_samples), len(dims) * n_steps)
+    step_ids = np.tile(np.repeat(np.arange(n_steps), n_samples), len(dims))
+    half = n_steps // 2
+    span = np.concatenate(
+        [np.linspace(mins, mins * 0.0, num=half), np.linspace(maxs * 0.0, maxs, num=half)], axis=0
+    ).T  # (dims, steps), float64 as drvi-py's
+    span_values = np.repeat(span.reshape(-1), n_samples)
+    vectors = np.zeros((n_rows, int(np.max(dims)) + 1), np.float32)
+    vectors[np.arange(n_rows), dim_ids] = span_values
+    obs = {
+        "original_order": np.arange(n_rows),
+        "dim_id": dim_ids,
+        "sample_id": sample_ids,
+        "step_id": step_ids,
+        "span_value": span_values,
+    }
+    return obs, vectors
+
+
+@functools.partial(jax.jit, static_argnames=("family",))
+def _log_mean(family: DRVI, params: DRVIParams, z: Array, codes: Array) -> Array:
+    """``log(px.mean)`` at library :data:`TRAVERSE_LIBRARY` (drvi-py's ``decode_latent_samples``)."""
+    log_library = jnp.full((z.shape[0], 1), math.log(TRAVERSE_LIBRARY), z.dtype)
+    unused_label = jnp.zeros(z.shape[0], jnp.int32)
+    return jnp.log(family.decode(params, z, log_library, codes, unused_label).mu)
+
+
+def _decode_rows(
+    family: DRVI, params: DRVIParams, z: np.ndarray, codes: np.ndarray, batch_size: int
+) -> np.ndarray:
+    """:func:`_log_mean` of every row, in padded minibatches of one shape (one compile)."""
+    n = z.shape[0]
+    size = min(batch_size, max(n, 1))
+    out = np.empty((n, family.n_vars), np.float32)
+    for start in range(0, n, size):
+        stop = min(start + size, n)
+        zb = np.zeros((size, z.shape[1]), np.float32)
+        zb[: stop - start] = z[start:stop]
+        cb = np.zeros((size, codes.shape[1]), np.int32)
+        cb[: stop - start] = codes[start:stop]
+        values = _log_mean(family, params, jnp.asarray(zb), jnp.asarray(cb))
+        out[start:stop] = np.asarray(values)[: stop - start]
+    return out
+
+
+def traverse_latent(
+    family: DRVI,
+    params: DRVIParams,
+    embed: Any,
+    var: Any,
+    *,
+    n_steps: int = 20,
+    n_samples: int = 100,
+    noise_formula: Any = lambda x: x / 2,
+    max_noise_std: float = 0.2,
+    noise: np.ndarray | None = None,
+    covariates: np.ndarray | None = None,
+    batch_size: int = BATCH_SIZE,
+) -> Any:
+    """drvi-py's ``traverse_latent`` (``make_traverse_adata`` + the dimension titles): each latent
+    of ``embed.var`` (after :func:`set_latent_dimension_stats`) moved from its ``min`` to 0 and from
+    0 to its ``max`` in ``n_steps`` steps, on ``n_samples`` noise vectors, decoded at library 10,000.
+
+    ``var`` is the model's genes: a DataFrame (copied, as ``copy_adata_var_info=True``) or the
+    gene names. ``noise`` (n_samples, n_latent) and ``covariates`` (n_samples, n_cov, our code
+    layout: batch first) default to drvi-py's own draws from numpy's global state, in its order
+    (``np.random.randn`` for the noise, then ``np.random.randint`` per categorical covariate; the
+    batch column is 0, as drvi-py decodes without batch values): after the same
+    ``np.random.seed`` both give the same AnnData.
+
+    Returns
+    -------
+    anndata.AnnData
+        One row per (dimension, step, sample): ``X`` effect minus control (log mean),
+        ``layers["control"|"effect"]``, ``obsm["control_latent"|"effect_latent"]`` (and
+        ``obsm["cat_covs"]`` with categorical covariates), obs ``original_order``, ``dim_id``,
+        ``sample_id``, ``step_id``, ``span_value``, ``lib_size``, ``title``, ``vanished``,
+        ``order``; var the genes with ``original_order``.
+    """
+    import anndata as ad
+    import pandas as pd
+
+    if n_steps % 2:
+        raise ConfigError(f"Expected an even n_steps, got {n_steps} instead.")
+    if "original_dim_id" not in embed.var:
+        msg = 'Column "original_dim_id" not found in `embed.var`: run set_latent_dimension_stats first.'
+        raise ConfigError(msg)
+    ev = embed.var
+    obs, span = _traverse_grid(
+        ev["original_dim_id"].values, ev["min"].values, ev["max"].values, n_steps, n_samples
+    )
+    n_latent = family.n_latent
+    span = np.pad(span, ((0, 0), (0, n_latent - span.shape[1])))
+    n_cats = family.config.n_cats_per_cov
+    if noise is None:
+        noise_std = noise_formula(ev["std"].values).clip(0, max_noise_std).reshape(1, -1)
+        noise = np.random.randn(n_samples, embed.n_vars).astype(np.float32) * noise_std
+    if covariates is None:
+        covariates = np.zeros((n_samples, len(n_cats)), np.int64)
+        for i, n in enumerate(n_cats[1:], start=1):  # drvi-py: its categorical covariates only
+            covariates[:, i] = np.random.randint(0, n, size=n_samples)
+    noise, covariates = np.asarray(noise), np.asarray(covariates)
+    if noise.shape != (n_samples, n_latent) or covariates.shape != (n_samples, len(n_cats)):
+        msg = (
+            f"Expected noise ({n_samples}, {n_latent}) and covariates ({n_samples}, "
+            f"{len(n_cats)}), got {noise.shape} and {covariates.shape} instead."
+        )
+        raise ConfigError(msg)
+    sample = obs["sample_id"]
+    control_latent = noise[sample]
+    effect_latent = control_latent + span
+    # the control rows repeat each sample's noise: decode the n_samples distinct rows once
+    control = _decode_rows(family, params, noise, covariates, batch_size)[sample]
+    effect = _decode_rows(family, params, effect_latent, covariates[sample], batch_size)
+    if isinstance(var, pd.DataFrame):
+        genes = var.copy()
+    else:
+        genes = pd.DataFrame(index=pd.Index([str(v) for v in var]))
+    genes["original_order"] = np.arange(effect.shape[1])
+    index = pd.Index(np.arange(len(sample)).astype(str))  # anndata's own str index
+    out = ad.AnnData(X=effect - control, obs=pd.DataFrame(obs, index=index), var=genes)
+    out.layers["control"] = control
+    out.layers["effect"] = effect
+    out.obsm["control_latent"] = control_latent
+    out.obsm["effect_latent"] = effect_latent
+    if len(n_cats) > 1:
+        out.obsm["cat_covs"] = covariates[sample][:, 1:]
+    out.obs["lib_size"] = np.full(len(sample), TRAVERSE_LIBRARY)
+    for col in ["title", "vanished", "order"]:
+        mapping = dict(zip(ev["original_dim_id"].values, ev[col].values, strict=False))
+        out.obs[col] = out.obs["dim_id"].map(mapping)
+    return out
+
+
+def _traverse_arrays(traverse_adata: Any) -> tuple[np.ndarray, ...]:
+    """(span (dims, steps), dim ids (dims,), control and effect (dims, steps, samples, vars),
+    var names) in original order, as drvi-py's ``find_differential_effects`` reorders them."""
+    obs, var = traverse_adata.obs, traverse_adata.var
+    rows = np.argsort(obs["original_order"].to_numpy(), kind="stable")
+    cols = np.argsort(var["original_order"].to_numpy(), kind="stable")
+    n_dims, n_steps = obs["dim_id"].nunique(), obs["step_id"].nunique()
+    n_samples, n_vars = obs["sample_id"].nunique(), traverse_adata.n_vars
+    shape = (n_dims, n_steps, n_samples)
+    span = obs["span_value"].to_numpy()[rows].reshape(shape)
+    if not np.allclose(span, span.max(axis=-1, keepdims=True)):
+        raise ConfigError("Expected one span value per dimension and step in traverse_adata.obs.")
+    dim_ids = obs["dim_id"].to_numpy()[rows].reshape(shape)[:, 0, 0]
+
+    in_order = np.array_equal(rows, np.arange(len(rows))) and np.array_equal(
+        cols, np.arange(n_vars)
+    )
+
+    def layer(name: str) -> np.ndarray:
+        values = np.asarray(traverse_adata.layers[name])
+        if not in_order:
+            values = values[rows][:, cols]
+        return values.reshape(*shape, n_vars)
+
+    names = traverse_adata.var_names[cols]
+    return span[:, :, 0], dim_ids, layer("control"), layer("effect"), names
+
+
+def _store_directions(
+    traverse_adata: Any, key: str, stepwise: np.ndarray, span: np.ndarray, dim_ids, names
+) -> None:
+    """drvi-py's per-direction maxima over the steps: ``varm[key_traverse_effect_pos|neg]``
+    (genes x dimensions, columns as strings) and ``uns[key_traverse_effect_pos|neg_dim_ids]``."""
+    import pandas as pd
+
+    traverse_adata.uns[f"{key}_traverse_effect_stepwise"] = stepwise
+    for sign in ("pos", "neg"):
+        mask = np.where(span >= 0, 1, 0) if sign == "pos" else np.where(span <= 0, 1, 0)
+        top = np.max(mask[..., None] * stepwise, axis=1)  # (dims, vars)
+        frame = pd.DataFrame(top.T, index=names, columns=dim_ids).loc[traverse_adata.var_names]
+        traverse_adata.uns[f"{key}_traverse_effect_{sign}_dim_ids"] = frame.columns.values
+        frame.columns = frame.columns.astype(str)
+        traverse_adata.varm[f"{key}_traverse_effect_{sign}"] = frame
+
+
+def calculate_differential_vars(
+    traverse_adata: Any, *, add_to_counts: float = 0.1, relax_max_by: float = 0.0
+) -> None:
+    """drvi-py's ``calculate_differential_vars`` on a :func:`traverse_latent` AnnData, in place:
+    for ``max_possible`` (the log-fold change of effect over control, each with a pseudo-count
+    ``add_to_counts``), ``min_possible`` (the same against the other dimensions' largest possible
+    expression, less ``relax_max_by``) and their ``combined_score`` (the product where
+    ``max_possible >= 1`` and either exceeds a half (max) or a tenth (min) of its largest value),
+    ``uns["<key>_traverse_effect_stepwise"]`` (dims, steps, vars), ``varm["<key>_traverse_effect_
+    pos|neg"]`` (genes x dimensions) and ``uns["<key>_traverse_effect_pos|neg_dim_ids"]``.
+
+    The same operations as drvi-py's numpy code, with ``logaddexp`` in place of ``logsumexp``
+    over stacked copies (no (3, dims, steps, samples, vars) arrays)."""
+    from scipy.special import logsumexp
+
+    span, dim_ids, control, effect, names = _traverse_arrays(traverse_adata)
+    log_add = np.log(add_to_counts)
+    max_possible = (np.logaddexp(effect, log_add) - np.logaddexp(control, log_add)).mean(axis=2)
+    top = np.maximum(
+        effect.max(axis=(1, 2), keepdims=True), control.max(axis=(1, 2), keepdims=True)
+    )
+    everything = logsumexp(top, axis=0, keepdims=True)
+    others = np.log(np.exp(everything) - np.exp(top)) - relax_max_by  # (dims, 1, 1, vars)
+
+    def relative(x: np.ndarray) -> np.ndarray:
+        return np.logaddexp(np.logaddexp(x, log_add), others) - others
+
+    min_possible = (relative(effect) - relative(control)).mean(axis=2)
+    _store_directions(traverse_adata, "max_possible", max_possible, span, dim_ids, names)
+    _store_directions(traverse_adata, "min_possible", min_possible, span, dim_ids, names)
+    keep = (max_possible >= 1.0) & (
+        (max_possible > max_possible.max(axis=(0, 1), keepdims=True) / 2)
+        | (min_possible > min_possible.max(axis=(0, 1), keepdims=True) / 10)
+    )
+    combined = np.where(keep, max_possible * min_possible, 0)
+    _store_directions(traverse_adata, "combined_score", combined, span, dim_ids, names)

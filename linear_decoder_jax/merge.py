@@ -81,12 +81,14 @@ def _group_mean(results: list[AblationResult], name: str) -> np.ndarray:
     (``gene_n_cells``); NaN where no part has a cell of the group."""
     counts = [np.asarray(r.arrays["gene_n_cells"], np.float64) for r in results]
     total = sum(counts)
+    ndim = np.ndim(results[0].arrays[name])
+    along = (slice(None),) + (None,) * (ndim - 1)  # counts broadcast over the other axes
     acc = sum(
-        np.nan_to_num(np.asarray(r.arrays[name], np.float64)) * c[:, None, None]
+        np.nan_to_num(np.asarray(r.arrays[name], np.float64)) * c[along]
         for r, c in zip(results, counts, strict=True)
     )
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = acc / np.where(total > 0, total, np.nan)[:, None, None]
+        mean = acc / np.where(total > 0, total, np.nan)[along]
     return mean.astype(np.asarray(results[0].arrays[name]).dtype)
 
 

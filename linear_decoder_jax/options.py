@@ -25,6 +25,7 @@ LibraryChoice = Literal["model", "observed"]
 Baseline = Literal["zero", "mean", "median"]
 Optimizer = Literal["lbfgs", "adam"]
 Shapley = Literal["auto", "exact", "permutation"]
+TraverseGrid = Literal["range", "quantile"]
 
 MODES: tuple[Mode, ...] = get_args(Mode)
 UNITS: tuple[Unit, ...] = get_args(Unit)
@@ -32,10 +33,12 @@ LIBRARIES: tuple[LibraryChoice, ...] = get_args(LibraryChoice)
 BASELINES: tuple[Baseline, ...] = get_args(Baseline)
 OPTIMIZERS: tuple[Optimizer, ...] = get_args(Optimizer)
 SHAPLEY: tuple[Shapley, ...] = get_args(Shapley)
+TRAVERSE_GRIDS: tuple[TraverseGrid, ...] = get_args(TraverseGrid)
 
 DEFAULT_REFIT_STEPS: dict[Optimizer, int] = {"lbfgs": 100, "adam": 2000}
 MAX_EXACT_SHAPLEY_LATENTS = 12  # exact Shapley values enumerate 2^K coalitions per cell
 GENE_SCORES_BUDGET = 2 * 2**30  # bytes of the groups x latents x genes tables (gene_scores=True)
+TRAVERSE_TAIL = 0.01  # the named traversal grids span the 1st to the 99th percentile
 
 
 def _opt(default: Any, help: str, **cli: Any) -> Any:
@@ -70,6 +73,24 @@ def parse_baseline(value: str) -> Any:
         return float(value)
     except ValueError:
         msg = f"--baseline must be zero, mean, median, a number or a .npy file, got {value!r}."
+        raise argparse.ArgumentTypeError(msg) from None
+
+
+def parse_grid(value: str) -> Any:
+    """``range | quantile | V1,V2,... | FILE.npy`` (the traversal grid)."""
+    if value in TRAVERSE_GRIDS:
+        return value
+    if value.endswith(".npy"):
+        import numpy as np
+
+        try:
+            return np.load(value, allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"Cannot read traversal grid values from {value}: {err}") from err
+    try:
+        return [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        msg = f"--traverse-grid must be range, quantile, comma-separated numbers or a .npy file, got {value!r}."
         raise argparse.ArgumentTypeError(msg) from None
 
 
@@ -221,6 +242,37 @@ class RefitOptions:
 
 
 @dataclass(frozen=True)
+class TraversalOptions:
+    """The latent traversal: each ablated latent moved over a grid of values, cell by cell."""
+
+    traverse: bool = _opt(
+        False,
+        "also traverse each latent: set it to each grid value in every cell (the other latents "
+        "at the cell's posterior mean) and record each gene's mean log fold change and the mean "
+        "NLL change along the grid, per --groupby group",
+    )
+    traverse_grid: Any = _opt(
+        "range",
+        f"range: --traverse-steps values evenly spaced from the latent's {TRAVERSE_TAIL:.0%} to "
+        f"its {1 - TRAVERSE_TAIL:.0%} quantile over the input cells' decoder inputs; quantile: "
+        "its quantiles at evenly spaced probabilities between those; V1,V2,... or FILE.npy: "
+        "the same values for every latent (a .npy may hold one row per traversed latent; "
+        "write --traverse-grid=-2,0,2 when the first value is negative)",
+        type=parse_grid,
+    )
+    traverse_steps: int = _opt(
+        11, "grid values per latent of the range and quantile grids (>= 2)", type=int
+    )
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.traverse_steps, low=2):
+            msg = f"Expected traverse_steps >= 2 (an integer), got {self.traverse_steps!r} instead."
+            raise ConfigError(msg)
+        if isinstance(self.traverse_grid, str):
+            _check_choice("traverse_grid", self.traverse_grid, TraverseGrid)
+
+
+@dataclass(frozen=True)
 class DataOptions:
     """Where the counts and the groups are."""
 
@@ -287,7 +339,14 @@ class DistributedOptions:
 
 
 GROUPS: dict[str, tuple[type, ...]] = {
-    "run": (SweepOptions, ShapleyOptions, RefitOptions, DataOptions, ExecutionOptions),
+    "run": (
+        SweepOptions,
+        ShapleyOptions,
+        RefitOptions,
+        TraversalOptions,
+        DataOptions,
+        ExecutionOptions,
+    ),
     "distributed": (DistributedOptions,),
 }
 ALL: tuple[type, ...] = GROUPS["run"] + GROUPS["distributed"]

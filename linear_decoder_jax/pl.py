@@ -18,6 +18,7 @@ Examples
 >>> ldj.pl.latent_genes(result, "Z_3", n_top=15)                  # doctest: +SKIP
 >>> ldj.pl.embedding(result, "Z_3", basis="X_umap")               # doctest: +SKIP
 >>> ldj.pl.delta_distribution(result, 3, "cell_type", save="z3.png")  # doctest: +SKIP
+>>> ldj.pl.traversal(result, "Z_3", n_top=6)  # ablate(..., traverse=True)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ class ResultView(NamedTuple):
     gene_lfc: np.ndarray | None = None  # (groups + 1, A, n_vars)
     gain: np.ndarray | None = None  # (n_obs,), shapley set
     shapley: np.ndarray | None = None  # (n_obs, K)
+    traverse_lfc: np.ndarray | None = None  # (groups + 1, A, steps, n_vars), traverse=True
+    traverse_delta_nll: np.ndarray | None = None  # (groups + 1, A, steps)
 
     @property
     def n_latent(self) -> int:
@@ -131,6 +134,8 @@ def view(result: Any, *, data: Any = None) -> ResultView:
             gene_lfc=_maybe(res.gene_lfc),
             gain=_maybe(res.gain_nll),
             shapley=_maybe(res.shapley_nll),
+            traverse_lfc=_maybe(res.traverse_lfc),
+            traverse_delta_nll=_maybe(res.traverse_delta_nll),
         )
     return out if data is None else _attach(out, data)
 
@@ -906,3 +911,91 @@ def latent_correlation(
     bar = ax.figure.colorbar(image, ax=ax, shrink=0.6)
     bar.ax.set_title("Pearson r", fontsize="small", loc="left")
     return _finish(ax, show=show, save=save)
+
+
+def traversal(
+    result: Any,
+    latent: Latent,
+    n_top: int = 8,
+    *,
+    group: str | None = None,
+    genes: Sequence[str] | None = None,
+    ax: Sequence[Axes] | None = None,
+    show: bool = False,
+    save: str | os.PathLike | None = None,
+) -> list[Axes]:
+    """A latent's traversal (``ablate(traverse=True)``): the top genes' mean log fold change
+    along the grid, and the mean NLL change, in ``group`` (default all cells).
+
+    Parameters
+    ----------
+    result
+        An ``AblationResult``, a result AnnData or a :class:`ResultView` with a traversal.
+    latent
+        Name (``"Z_3"``) or index into the model's latents; it must have been traversed.
+    n_top
+        Genes drawn: the ``n_top`` with the largest absolute log fold change anywhere on the grid.
+    group
+        Group of the run's ``groupby`` whose means to show.
+    genes
+        These genes instead of the top ones.
+    ax, show, save
+        Two Axes to draw into (fold changes, NLL); call ``plt.show()``; write the figure here.
+
+    Returns
+    -------
+    list of matplotlib.axes.Axes
+        The two Axes: one line per gene (``ax.lines``, x the grid values, y the fold changes,
+        labelled by gene, largest first), then the NLL change line; a dotted vertical line marks
+        the group's mean value of the latent on both.
+    """
+    v = view(result)
+    if v.traverse_lfc is None or v.traverse_delta_nll is None:
+        msg = "The result has no traversal: run ablate with traverse=True (CLI: --traverse)."
+        raise IncompatibleDataError(msg)
+    j = _column(v, latent)
+    k, name = int(v.latents[j]), v.latent_names[j]
+    rows = v.gene_groups
+    key = ALL_CELLS if group is None else str(group)
+    if key not in rows:
+        raise ConfigError(f"Unknown group {group!r}; the traversal has {rows[:-1]}.")
+    r = rows.index(key)
+    grid = np.asarray(v.settings["traverse_values"], np.float64)[j]
+    lfc = np.asarray(v.traverse_lfc[r, j], np.float64)  # (steps, n_vars)
+    if genes is None:
+        size = np.nan_to_num(np.abs(lfc), nan=-np.inf).max(axis=0)
+        picked = np.argsort(-size, kind="stable")[:n_top]
+    else:
+        unknown = [g for g in genes if g not in v.var_names]
+        if unknown:
+            raise ConfigError(f"Genes {unknown} are not in the result's genes.")
+        picked = np.asarray([v.var_names.index(g) for g in genes])
+    if ax is None:
+        import matplotlib.pyplot as plt
+
+        fig = plt.figure(figsize=(9.0, 3.6), layout="constrained")
+        axes = list(fig.subplots(1, 2))
+    else:
+        axes = list(ax)
+        if len(axes) != 2:
+            raise ConfigError(f"Expected two Axes (fold changes, NLL), got {len(axes)}.")
+    cells = np.ones(len(v.obs), bool)
+    if group is not None:
+        cells = v.obs[v.settings["groupby"]].astype(str).to_numpy() == key
+    centre = float(np.mean(v.latent[cells, k])) if cells.any() else None
+    where = "all cells" if group is None else key
+    for i in picked:
+        axes[0].plot(grid, lfc[:, i], marker="o", markersize=3, label=v.var_names[i])
+    axes[0].set_ylabel(f"mean log fold change ({where})")
+    axes[0].legend(fontsize="small", frameon=False, loc="best")
+    axes[1].plot(grid, v.traverse_delta_nll[r, j], marker="o", markersize=3, color="0.2")
+    axes[1].set_ylabel(f"mean NLL change, nats/cell ({where})")
+    for a in axes:
+        a.axhline(0.0, color="0.6", linewidth=0.6)
+        if centre is not None:
+            a.axvline(centre, color="0.4", linestyle=":", linewidth=0.8)
+        a.set_xlabel(f"{name} (decoder input)")
+    axes[0].set_title(f"{name}: top genes along the traversal", fontsize="medium")
+    axes[1].set_title(f"{name}: reconstruction along the traversal", fontsize="medium")
+    _finish(axes[0], show=show, save=save)
+    return axes

@@ -9,7 +9,8 @@ the docs' schema table is generated from it (:func:`markdown_table`, checked by
 
 Dimension names: ``obs`` cells, ``vars`` genes, ``latent`` all K latents, ``ablated`` the A ablated
 latents (result column order), ``group`` the ``groupby`` categories then all cells (their names:
-``uns["ablation"]["gene_groups"]``).
+``uns["ablation"]["gene_groups"]``), ``step`` the traversal grid's values
+(``uns["ablation"]["traverse_values"]``, ablated x step).
 """
 
 from __future__ import annotations
@@ -164,9 +165,28 @@ FIELDS: tuple[Field, ...] = (
         "uns",
         ("group",),
         "float",
-        "gene_scores=True",
+        "gene_scores or traverse",
         "cells per group (the last entry: all cells)",
         reduce="sum",
+    ),
+    Field(
+        "traverse_lfc",
+        "uns",
+        ("group", "ablated", "step", "vars"),
+        "float",
+        "traverse=True",
+        "mean over the group's cells of `ln rho(z_k = v) - ln rho(z)` per gene, latent k set to "
+        "each grid value v",
+        reduce="group_mean",
+    ),
+    Field(
+        "traverse_delta_nll",
+        "uns",
+        ("group", "ablated", "step"),
+        "float",
+        "traverse=True",
+        "mean over the group's cells of `NLL(z_k = v) - NLL(z)` (nats) at each grid value v",
+        reduce="group_mean",
     ),
 )
 
@@ -188,7 +208,8 @@ UNS: tuple[tuple[str, str, str], ...] = (
         "source_scvi_version, model_fingerprint, has_loadings (varm['loadings'] is there: a "
         "linear family); gene_scores, and with it gene_groups; shapley, "
         "n_permutations; refit, and with it refit_optimizer, refit_steps, refit_tol, "
-        "refit_objective",
+        "refit_objective; traverse, and with it traverse_grid (range, quantile or values), "
+        "traverse_values (ablated x step: the grid) and gene_groups",
     ),
     (
         "ablation_groups",
@@ -236,6 +257,7 @@ _DIM_TEXT = {
     "latent": "K",
     "ablated": "A",
     "group": "(n_groups + 1)",
+    "step": "S",
 }
 
 

@@ -541,3 +541,117 @@ def test_ldj_load_query_and_ablate_against_float64_brute_force(name, drvi_models
             x, brute_decode(m, z, codes, lib, split_mask=keep), model.config.gene_likelihood
         )
         assert rel_err(splits.delta_nll[:, j], ll - llj.sum(-1)) <= TOL, j
+
+
+# --------------------------------------------------------------------------------------------
+# Latent traversal: our scorer against the float64 brute force, and drvi-py's own traversal
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["default_batch", "emb_two_covs_nb_sum_nowhere"])
+def test_traversal_scorer_against_float64_brute_force(name, drvi_models, drvi_adata):
+    """``ablate(traverse=True)`` through the family's decode: every cell decoded in float64 numpy
+    at every grid value, per group; minibatches of 9 cells equal one pass."""
+    import linear_decoder_jax as ldj
+
+    m, folder = drvi_models(name)
+    model = ldj.load(folder, dtype="float64")
+    adata = drvi_adata[:30].copy()
+    adata.obs["half"] = np.where(np.arange(30) < 12, "a", "b")
+    x = np.asarray(adata.X, np.float64)
+    codes, lib = codes_of(m)[:30], x.sum(1)
+    kw = dict(latents=[3, 0], traverse=True, traverse_steps=4, groupby="half")
+    result = ldj.ablate(model, adata, **kw)
+    small = ldj.ablate(model, adata, batch_size=9, **kw)
+    z = model.get_latent_representation(adata)
+    grid = np.asarray(result.settings["traverse_values"])
+    lik = model.config.gene_likelihood
+    full = brute_decode(m, z, codes, lib)
+    ll = brute_log_prob(x, full, lik).sum(-1)
+    members = [np.arange(30) < 12, np.arange(30) >= 12, np.ones(30, bool)]
+    for a, k in enumerate([3, 0]):
+        for s, value in enumerate(grid[a]):
+            zk = z.copy()
+            zk[:, k] = value
+            moved = brute_decode(m, zk, codes, lib)
+            lfc = np.log(moved["scale"]) - np.log(full["scale"])
+            delta = ll - brute_log_prob(x, moved, lik).sum(-1)
+            for r, rows in enumerate(members):
+                got_lfc = result.arrays["traverse_lfc"][r, a, s]
+                assert rel_err(got_lfc, lfc[rows].mean(0)) <= TOL, (k, s, r)
+                got = result.arrays["traverse_delta_nll"][r, a, s]
+                assert abs(got - delta[rows].mean()) <= TOL * np.abs(ll).mean(), (k, s, r)
+    for key in ("traverse_lfc", "traverse_delta_nll"):
+        np.testing.assert_allclose(small.arrays[key], result.arrays[key], rtol=1e-9, atol=1e-10)
+    with pytest.raises(ConfigError, match="moves latents"):
+        ldj.ablate(model, adata, unit="split", traverse=True)
+
+
+@pytest.mark.parametrize("name", ["default_batch", "emb_two_covs_nb_sum_nowhere"])
+def test_traverse_latent_and_differential_vars_equal_drvi_py(name, drvi_models):
+    """drvi-py's ``traverse_latent`` + ``calculate_differential_vars`` against ours, on the same
+    random draws (numpy's global state seeded alike): AnnData layout, values, uns/varm keys."""
+    import warnings
+
+    import anndata as ad
+    from drvi.utils import tl
+
+    from linear_decoder_jax import drvi_scores as S
+
+    m, folder = drvi_models(name)
+    family, params, _ = ours(folder)
+    latent = m.get_latent_representation(m.adata)
+    embed = ad.AnnData(latent.copy())
+    m.set_latent_dimension_stats(embed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        np.random.seed(7)
+        ref = tl.traverse_latent(m, embed, n_steps=6, n_samples=5)
+        tl.calculate_differential_vars(ref)
+    np.random.seed(7)
+    got = S.traverse_latent(family, params, embed, m.adata.var, n_steps=6, n_samples=5)
+    S.calculate_differential_vars(got)
+
+    assert got.shape == ref.shape and list(got.obs_names) == list(ref.obs_names)
+    assert list(got.obs.columns) == list(ref.obs.columns)
+    assert list(got.var.columns) == list(ref.var.columns)
+    assert list(got.var_names) == list(ref.var_names)
+    for col in ref.obs.columns:
+        if ref.obs[col].dtype.kind == "f":
+            np.testing.assert_allclose(got.obs[col], ref.obs[col], rtol=1e-6)
+        else:
+            assert got.obs[col].tolist() == ref.obs[col].tolist(), col
+    assert sorted(got.layers.keys()) == sorted(ref.layers.keys())
+    assert sorted(got.obsm.keys()) == sorted(ref.obsm.keys())
+    for key in ref.obsm.keys():
+        np.testing.assert_allclose(got.obsm[key], ref.obsm[key], rtol=1e-6, atol=1e-7)
+    scale = np.abs(ref.layers["effect"]).max()
+    for key in ("control", "effect"):
+        assert np.abs(got.layers[key] - ref.layers[key]).max() <= 2e-5 * scale, key
+    assert np.abs(got.X - ref.X).max() <= 2e-5 * scale
+    assert sorted(got.uns.keys()) == sorted(ref.uns.keys())
+    assert sorted(got.varm.keys()) == sorted(ref.varm.keys())
+    for key in ref.uns:
+        if key.endswith("_dim_ids"):
+            assert got.uns[key].tolist() == ref.uns[key].tolist(), key
+        else:
+            assert got.uns[key].shape == ref.uns[key].shape, key
+            assert rel_err(got.uns[key], ref.uns[key]) <= 1e-4, key
+    for key in ref.varm:
+        assert list(got.varm[key].columns) == list(ref.varm[key].columns), key
+        assert list(got.varm[key].index) == list(ref.varm[key].index), key
+        assert rel_err(got.varm[key].to_numpy(), ref.varm[key].to_numpy()) <= 1e-4, key
+    # effects amplified to a largest log-fold change of 4, so that the combined score keeps some
+    # genes and drops others (a 2-epoch model's stay below its threshold of 1): still equal
+    gain = 4.0 / np.abs(ref.X).max()
+    for adata in (ref, got):
+        adata.layers["effect"] = adata.layers["control"] + gain * adata.X
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tl.calculate_differential_vars(ref)
+    S.calculate_differential_vars(got)
+    combined = got.uns["combined_score_traverse_effect_stepwise"]
+    assert (combined > 0).any() and (combined == 0).any()
+    for key in ref.uns:
+        if not key.endswith("_dim_ids"):
+            assert rel_err(got.uns[key], ref.uns[key]) <= 1e-4, key

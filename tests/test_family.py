@@ -98,12 +98,13 @@ def test_the_protocols():
 )
 @pytest.mark.parametrize("mode", ["drop", "keep"])
 def test_whole_pipeline_on_a_second_family(overrides, mode, tmp_path):
-    """Sweep, gene scores by group, exact Shapley and (drop) refit, written to a file: the
-    generic path equals the fast path to float64 rounding (refit: on objective values)."""
+    """Sweep, gene scores by group, exact Shapley, traversal and (drop) refit, written to a file:
+    the generic path equals the fast path to float64 rounding (refit: on objective values)."""
     fast, generic = _pair(3, **overrides)
     adata = random_adata(fast, n_obs=40, seed=4)
     base = "mean" if overrides.get("latent_distribution") == "ln" else "zero"
     kw = dict(baseline=base, mode=mode, groupby="group", gene_scores=True, shapley="exact")
+    kw.update(traverse=True, traverse_steps=4)
     if mode == "drop":
         kw.update(refit=True, refit_tol=1e-7)
     a = ldj.ablate(fast, adata, **kw)
@@ -114,7 +115,8 @@ def test_whole_pipeline_on_a_second_family(overrides, mode, tmp_path):
         np.testing.assert_allclose(
             b.arrays[name], a.arrays[name], rtol=1e-7, atol=1e-8, err_msg=name
         )
-    for name in ("gene_delta_nll", "gene_lfc", "gene_n_cells"):
+    tables = ("gene_delta_nll", "gene_lfc", "gene_n_cells", "traverse_lfc", "traverse_delta_nll")
+    for name in tables:
         np.testing.assert_allclose(
             np.nan_to_num(b.arrays[name]), np.nan_to_num(a.arrays[name]), rtol=1e-7, atol=1e-8
         )

@@ -295,3 +295,55 @@ def test_one_reader_for_files_anndata_and_results(demo, tmp_path):
         bare = h5ad.copy()
         del bare.obsm["latent"]
         results.read_result(bare)
+
+
+@functools.cache
+def traversal_result():
+    """The demo traversed over two latents, per cell type."""
+    model, adata, _ = demo_result()
+    kw = dict(groupby="cell_type", latents=[2, 0], traverse=True, traverse_steps=5)
+    return ldj.ablate(model, adata, **kw)
+
+
+def test_traversal_plots_the_top_genes_and_the_nll(tmp_path):
+    result = traversal_result()
+    grid = result.settings["traverse_values"][0]
+    lfc = result.arrays["traverse_lfc"][-1, 0]  # all cells, Z_2: (steps, genes)
+    axes = pl.traversal(result, "Z_2", n_top=4)
+    top = np.argsort(-np.abs(lfc).max(0))[:4]
+    assert [line.get_label() for line in axes[0].lines[:4]] == [result.var_names[i] for i in top]
+    for line, i in zip(axes[0].lines, top, strict=False):
+        np.testing.assert_allclose(line.get_xdata(), grid)
+        np.testing.assert_allclose(line.get_ydata(), lfc[:, i], rtol=1e-6)
+    np.testing.assert_allclose(
+        axes[1].lines[0].get_ydata(), result.arrays["traverse_delta_nll"][-1, 0], rtol=1e-6
+    )
+    # a group's own means, chosen genes, from the h5ad, into given Axes, saved
+    path = tmp_path / "t.h5ad"
+    result.write(path)
+    group = result.settings["gene_groups"][1]
+    genes = [result.var_names[3], result.var_names[0]]
+    given = [_bare_axes(), _bare_axes()]
+    out = pl.traversal(str(path), 0, group=group, genes=genes, ax=given, save=tmp_path / "t.png")
+    assert out == given and (tmp_path / "t.png").is_file()
+    r = result.settings["gene_groups"].index(group)
+    np.testing.assert_allclose(
+        out[0].lines[0].get_ydata(), result.arrays["traverse_lfc"][r, 1][:, 3], rtol=1e-6
+    )
+    cells = result.obs["cell_type"].astype(str) == group
+    centre = float(np.mean(result.latent[cells.to_numpy(), 0]))
+    assert any(np.allclose(line.get_xdata(), centre) for line in out[1].lines[1:])
+
+
+def test_traversal_refusals(res):
+    result = traversal_result()
+    with pytest.raises(IncompatibleDataError, match="traverse=True"):
+        pl.traversal(res, "Z_0")
+    with pytest.raises(ConfigError, match="was not ablated"):
+        pl.traversal(result, "Z_1")
+    with pytest.raises(ConfigError, match="Unknown group"):
+        pl.traversal(result, "Z_0", group="nope")
+    with pytest.raises(ConfigError, match="not in the result's genes"):
+        pl.traversal(result, "Z_0", genes=["nope"])
+    with pytest.raises(ConfigError, match="two Axes"):
+        pl.traversal(result, "Z_0", ax=[_bare_axes()])

@@ -109,6 +109,8 @@ def test_every_schema_field_round_trips(tmp_path):
             "gene_scores": True,
             "shapley": "permutation",
             "n_permutations": 4,
+            "traverse": True,
+            "traverse_steps": 3,
         },
     ]
     present = set()
