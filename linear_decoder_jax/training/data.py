@@ -20,7 +20,7 @@ from linear_decoder_jax._text import preview
 from linear_decoder_jax.anndata_io import CellData
 from linear_decoder_jax.config import DataRegistry
 from linear_decoder_jax.errors import ConfigError, IncompatibleDataError
-from linear_decoder_jax.sources import H5CSR, StoreSource
+from linear_decoder_jax.sources import StoreSource
 
 READ_ROWS = 4096  # rows per block of the checking pass
 
@@ -188,22 +188,41 @@ def check_batches(batch: np.ndarray, categories: tuple[str, ...], key: str | Non
         raise IncompatibleDataError(msg)
 
 
+def check_streamable(data: CellData) -> None:
+    """Refuse to stream a CSC matrix from a file: every row range of it reads every column (the
+    whole matrix at each minibatch)."""
+    if getattr(data.counts, "format", None) == "csc" and not _in_memory(data.counts):
+        msg = (
+            f"The counts ({data.where}) are a CSC matrix on disk, which cannot be read by rows: "
+            "write them as CSR once (adata.X = adata.X.tocsr()) or train on an AnnData in memory."
+        )
+        raise IncompatibleDataError(msg)
+
+
+def _in_memory(matrix: Any) -> bool:
+    import scipy.sparse as sp
+
+    return isinstance(matrix, np.ndarray) or sp.issparse(matrix)
+
+
 def take(data: CellData, rows: np.ndarray) -> np.ndarray:
     """Dense float32 counts (len(rows), n_vars) of the sorted cell indices ``rows``, read from
-    the matrix without loading the rest of it, in model gene order and validated."""
+    the matrix without loading the rest of it, in model gene order and validated. A matrix on
+    disk (h5ad or zarr; sparse or dense) is read with one row slice per contiguous run."""
     import scipy.sparse as sp
 
     matrix = data.counts
     index = rows + data.offset
-    if isinstance(matrix, H5CSR):
-        blocks = []
-        # contiguous runs of rows are read with one slice each
-        breaks = np.flatnonzero(np.diff(index) != 1) + 1
-        for run in np.split(index, breaks):
-            blocks.append(matrix[int(run[0]) : int(run[-1]) + 1])
-        block = sp.vstack(blocks, format="csr")
-    else:
+    if _in_memory(matrix):
         block = matrix[index]
+    else:
+        breaks = np.flatnonzero(np.diff(index) != 1) + 1
+        blocks = [matrix[int(run[0]) : int(run[-1]) + 1] for run in np.split(index, breaks)]
+        block = (
+            sp.vstack(blocks, format="csr")
+            if sp.issparse(blocks[0])
+            else np.concatenate([np.asarray(b) for b in blocks])
+        )
     if sp.issparse(block):
         if data.gene_index is not None:
             block = block[:, data.gene_index]
