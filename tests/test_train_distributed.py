@@ -51,8 +51,11 @@ def _launch(data, out, n, *extra, devices=1, options=SMALL):
     argv += ["--num-processes", str(n), *extra]
     return [
         subprocess.Popen(
-            [*argv, "--process-id", str(i)], env=_env(devices), stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True,
+            [*argv, "--process-id", str(i)],
+            env=_env(devices),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )  # fmt: skip
         for i in range(n)
     ]
