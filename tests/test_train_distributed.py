@@ -56,7 +56,7 @@ def _launch(data, out, n, *extra, devices=1, options=SMALL):
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-        )  # fmt: skip
+        )
         for i in range(n)
     ]
 
