@@ -18,7 +18,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from linear_decoder_jax import options
 from linear_decoder_jax._version import __version__
@@ -100,7 +100,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     _check_distributed_flags(args)
     import linear_decoder_jax as ldj
 
-    _join(args)
+    cluster = _join(args)
     kwargs = {k: getattr(args, k) for k in _TRAIN_OPTIONS if getattr(args, k) is not None}
     kwargs |= options.values(args, options.GROUPS["distributed"])
     kwargs |= {k: True for k in _TRAIN_SWITCHES if getattr(args, k)}
@@ -114,9 +114,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
         kwargs["freeze_batchnorm_decoder"] = False
     data = args.data if args.stream else _read_h5ad(args.data)
     model = ldj.train(data, progress_bar=not args.quiet, **kwargs)
-    if args.distributed and not _is_process_zero():
-        return 0  # process 0 writes the model and reports the run
-    dst = model.save(args.output, overwrite=args.overwrite)
+    if cluster is not None:  # process 0 writes the model and reports the run; the others wait
+        from linear_decoder_jax import distributed  # (their exit would end process 0's run)
+
+        with distributed.guarded(cluster):
+            if not cluster.is_coordinator:
+                distributed.wait_for(cluster, "saved", [0])
+                return 0
+            dst = model.save(args.output, overwrite=args.overwrite)
+            distributed.mark(cluster, "saved")
+    else:
+        dst = model.save(args.output, overwrite=args.overwrite)
     history = model.history_
     last = {k: float(v.iloc[-1, 0]) for k, v in history.items() if len(v)}
     summary = ", ".join(
@@ -169,19 +177,20 @@ def _check_distributed_flags(args: argparse.Namespace) -> None:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
-def _join(args: argparse.Namespace) -> None:
-    """Join the distributed run of ``--distributed``, before anything starts jax's backend
-    (restoring a model does)."""
+def _join(args: argparse.Namespace) -> Any:
+    """Join the distributed run of ``--distributed`` (its ``Cluster``; None without), before
+    anything starts jax's backend (restoring a model does)."""
     if args.distributed:
         from linear_decoder_jax import distributed
 
-        distributed.initialize(
+        return distributed.initialize(
             coordinator=args.coordinator,
             num_processes=args.num_processes,
             process_id=args.process_id,
             join_timeout=args.join_timeout,
             heartbeat_timeout=args.heartbeat_timeout,
         )
+    return None
 
 
 def _cmd_ablate(args: argparse.Namespace) -> int:

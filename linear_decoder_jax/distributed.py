@@ -1,4 +1,5 @@
-"""Many hosts on JAX's multi-process runtime: one ``ldj ablate`` command across a cluster.
+"""Many hosts on JAX's multi-process runtime: one ``ldj ablate`` (or ``ldj train``) command
+across a cluster.
 
 Every process runs the same command on the same (shared-storage) data. ``jax.distributed``
 joins them (explicit coordinator, or its auto-detection: Slurm, Open MPI, TPU pods). The sweep runs
@@ -25,6 +26,9 @@ then assembles the one output atomically with the merge code and removes the par
   run Python for ``join_timeout`` seconds (a hung interpreter); a collective that lost a peer
   waits for the runtime to name it. No output appears unless every part arrived; an existing
   output is untouched. The private JAX this needs lives in :mod:`linear_decoder_jax._jax_runtime`.
+
+``ldj train --distributed`` uses the same joining, settings check and liveness (:func:`guarded`);
+its placement (cells of each minibatch split, weights replicated) is the trainer's own.
 """
 
 from __future__ import annotations
@@ -510,7 +514,8 @@ def wait_for(cluster: Cluster, key: str, processes: list[int]) -> None:
 
 
 def mark(cluster: Cluster, key: str) -> None:
-    cluster.client.key_value_set_bytes(f"{_PREFIX}/{key}/{cluster.process_id}", b"1")
+    """Tell the other processes that this one reached ``key`` (again: a second mark is fine)."""
+    cluster.client.key_value_set_bytes(f"{_PREFIX}/{key}/{cluster.process_id}", b"1", True)
 
 
 def remove_parts(output: str | os.PathLike) -> None:

@@ -4,6 +4,7 @@ a lost process ends the others with one line."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -96,14 +97,14 @@ def test_processes_train_the_one_process_model(data, tmp_path, devices, stream):
     np.testing.assert_array_equal(got.train_indices, whole.train_indices)
 
 
-def test_a_lost_process_ends_the_other(data, tmp_path):
-    """SIGKILL of process 1 after the first checkpoint: process 0 exits non-zero with one line
-    naming it; no model is written (the checkpoint of the finished epochs stays)."""
+def test_a_lost_process_ends_the_other_and_resume_continues(data, tmp_path):
+    """SIGKILL of process 1 after a checkpoint: process 0 exits non-zero with one line naming
+    it and no model is written; both processes started again with --resume continue from
+    process 0's checkpoint to the model one process trains uninterrupted."""
     tmp, _ = data
     out, state = tmp_path / "model", tmp_path / "state.npz"
-    options = dict(SMALL, max_epochs=400)
     extra = ["--checkpoint", str(state), "--heartbeat-timeout", "3"]
-    procs = _launch(tmp / "cells.h5ad", out, 2, *extra, options=options)
+    procs = _launch(tmp / "cells.h5ad", out, 2, *extra, options=dict(SMALL, max_epochs=400))
     deadline = time.monotonic() + 120
     while not state.exists() and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -117,3 +118,20 @@ def test_a_lost_process_ends_the_other(data, tmp_path):
     lines = [line for line in err.splitlines() if line.startswith("ldj: error:")]
     assert len(lines) == 1 and "process 1" in lines[0], err[-2000:]
     assert not out.exists()
+
+    with np.load(state) as npz:  # the last finished epoch; max_epochs may change on resume
+        epochs = json.loads(npz["state"].tobytes())["epoch"] + 3
+    options = dict(SMALL, max_epochs=epochs)
+    procs = _launch(tmp / "cells.h5ad", out, 2, *extra, "--resume", options=options)
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        whole = ldj.train(make_adata(4, n_obs=100, n_vars=20), progress_bar=False, **options)
+    got = ldj.load(out)
+    expected, trained = to_flat(whole.host_params), to_flat(got.host_params)
+    for key in expected:
+        np.testing.assert_allclose(trained[key], expected[key], rtol=1e-3, atol=1e-4, err_msg=key)
+    for key, frame in whole.history_.items():
+        np.testing.assert_allclose(got.history_[key].to_numpy(), frame.to_numpy(), rtol=1e-4)
