@@ -135,3 +135,18 @@ def test_a_lost_process_ends_the_other_and_resume_continues(data, tmp_path):
         np.testing.assert_allclose(trained[key], expected[key], rtol=1e-3, atol=1e-4, err_msg=key)
     for key, frame in whole.history_.items():
         np.testing.assert_allclose(got.history_[key].to_numpy(), frame.to_numpy(), rtol=1e-4)
+
+
+def test_distributed_flags_without_distributed_are_refused(data, tmp_path, capsys):
+    tmp, _ = data
+    from linear_decoder_jax import cli
+
+    argv = ["train", str(tmp / "cells.h5ad"), "-o", str(tmp_path / "m"), "--process-id", "1"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "ldj: error: --coordinator, --num-processes and --process-id need --distributed."
+    ]
+    with pytest.raises(ldj.ConfigError, match="need distributed=True"):
+        ldj.train(tmp / "cells.h5ad", num_processes=2)
+    assert not (tmp_path / "m").exists()
