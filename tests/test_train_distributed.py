@@ -62,6 +62,17 @@ def _launch(data, out, n, *extra, devices=1, options=SMALL):
     ]
 
 
+def _finish(procs, timeout=300):
+    """(stdout, stderr) of each process; none is left running, even when one hangs."""
+    try:
+        return [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train-dist")
@@ -81,7 +92,7 @@ def test_processes_train_the_one_process_model(data, tmp_path, devices, stream):
     out, state = tmp_path / "model", tmp_path / "state.npz"
     extra = ["--checkpoint", str(state), *(["--stream"] if stream else [])]
     procs = _launch(tmp / "cells.h5ad", out, 2, *extra, devices=devices)
-    outputs = [p.communicate(timeout=300) for p in procs]
+    outputs = _finish(procs)
     for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-3000:]
     assert "wrote" in outputs[0][0] and "wrote" not in outputs[1][0]  # process 0 writes
@@ -108,11 +119,11 @@ def test_a_lost_process_ends_the_other_and_resume_continues(data, tmp_path):
     deadline = time.monotonic() + 120
     while not state.exists() and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert state.exists(), procs[0].stderr.read() if procs[0].poll() is not None else ""
+    if not state.exists():
+        pytest.fail(f"no checkpoint within 120 s: {_finish(procs, timeout=1)}")
     procs[1].send_signal(signal.SIGKILL)
     killed = time.monotonic()
-    _, err = procs[0].communicate(timeout=120)
-    procs[1].wait()
+    ((_, err), _) = _finish(procs, timeout=120)
     assert procs[0].returncode not in (0, None)
     assert time.monotonic() - killed < 30
     lines = [line for line in err.splitlines() if line.startswith("ldj: error:")]
@@ -123,8 +134,7 @@ def test_a_lost_process_ends_the_other_and_resume_continues(data, tmp_path):
         epochs = json.loads(npz["state"].tobytes())["epoch"] + 3
     options = dict(SMALL, max_epochs=epochs)
     procs = _launch(tmp / "cells.h5ad", out, 2, *extra, "--resume", options=options)
-    for p in procs:
-        _, err = p.communicate(timeout=300)
+    for p, (_, err) in zip(procs, _finish(procs), strict=True):
         assert p.returncode == 0, err[-3000:]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

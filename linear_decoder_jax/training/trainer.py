@@ -473,7 +473,8 @@ def train(
         storage) and options; one global mesh spans every process's devices, each process reads
         its own share of every minibatch, and the weights are replicated, so every process
         returns the same model (up to float32 reduction order, the one-process model). Process
-        0 alone writes the ``checkpoint``. A process that fails or is lost ends every other one
+        0 alone writes the ``checkpoint`` (save the model on process 0 alone too:
+        ``jax.process_index() == 0``). A process that fails or is lost ends every other one
         with one line.
 
     Returns
