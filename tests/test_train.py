@@ -207,6 +207,29 @@ def test_zarr_streamed_equals_in_memory_reading_rows_only(
     )
 
 
+def test_h5ad_rows_taken_by_runs_equal_the_matrix(tmp_path):
+    """``H5CSR.take_rows`` (a training minibatch from an h5ad file) against scipy, for rows
+    with runs, single rows, empty rows and the last row."""
+    import h5py
+    import scipy.sparse as sp
+
+    from linear_decoder_jax.sources import H5CSR
+
+    rng = np.random.default_rng(0)
+    matrix = sp.random(200, 30, density=0.1, format="csr", random_state=1, dtype=np.float32)
+    matrix[10:20] = 0  # empty rows
+    matrix.eliminate_zeros()
+    a = make_adata(0, n_obs=200, n_vars=30)
+    a.X = matrix
+    a.write_h5ad(tmp_path / "m.h5ad")
+    with h5py.File(tmp_path / "m.h5ad") as f:
+        csr = H5CSR(f["X"])
+        for rows in ([0, 1, 2, 15, 16, 199], np.sort(rng.choice(200, 64, replace=False)), [12]):
+            rows = np.asarray(rows)
+            got = csr.take_rows(rows)
+            np.testing.assert_array_equal(got.toarray(), matrix[rows].toarray())
+
+
 def test_a_csc_matrix_on_disk_is_not_streamed(adata, tmp_path):
     import scipy.sparse as sp
 

@@ -209,23 +209,21 @@ def take(data: CellData, rows: np.ndarray) -> np.ndarray:
     """Dense float32 counts (len(rows), n_vars) of the sorted cell indices ``rows``, read from
     the matrix without loading the rest of it, in model gene order and validated.
 
-    An h5ad matrix is read with one row slice per contiguous run of ``rows`` (cheap h5py
-    reads); any other (in memory, or a zarr store's sparse or dense array) with one indexed
-    read, which for zarr decompresses each chunk it touches once (one slice per run would
-    decompress a chunk per run: ~30x slower per minibatch of 128, measured).
+    An h5ad matrix is read by contiguous runs of ``rows`` (cheap h5py reads; CSR:
+    :meth:`H5CSR.take_rows`); any other (in memory, or a zarr store's sparse or dense array)
+    with one indexed read, which for zarr decompresses each chunk it touches once (one slice
+    per run would decompress a chunk per run: ~30x slower per minibatch of 128, measured).
     """
     import scipy.sparse as sp
 
     matrix = data.counts
     index = rows + data.offset
-    if isinstance(matrix, H5CSR) or type(matrix).__module__.startswith("h5py"):
+    if isinstance(matrix, H5CSR):
+        block = matrix.take_rows(index)
+    elif type(matrix).__module__.startswith("h5py"):  # a dense h5ad matrix
         breaks = np.flatnonzero(np.diff(index) != 1) + 1
-        blocks = [matrix[int(run[0]) : int(run[-1]) + 1] for run in np.split(index, breaks)]
-        block = (
-            sp.vstack(blocks, format="csr")
-            if sp.issparse(blocks[0])
-            else np.concatenate([np.asarray(b) for b in blocks])
-        )
+        runs = np.split(index, breaks)
+        block = np.concatenate([matrix[int(run[0]) : int(run[-1]) + 1] for run in runs])
     else:
         block = matrix[index]
     if sp.issparse(block):
