@@ -80,7 +80,7 @@ def save(
 
     flat = {k: np.asarray(v) for k, v in to_flat(params).items()}
     with atomic_path(path, overwrite=overwrite, directory=True) as tmp:
-        with ocp.StandardCheckpointer() as ckptr:
+        with ocp.StandardCheckpointer(**_this_process_only()) as ckptr:
             ckptr.save(tmp / PARAMS_DIR, _nest(flat))
             ckptr.wait_until_finished()
         (tmp / CONFIG_FILE).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
@@ -90,6 +90,20 @@ def save(
             indices = {k: np.asarray(v, np.int64) for k, v in training["indices"].items()}
             np.savez(str(tmp / INDICES_FILE), **indices)  # type: ignore[arg-type]
     return Path(path).absolute()
+
+
+def _this_process_only() -> dict[str, Any]:
+    """Orbax options that let one process of a distributed run (process 0, after ``ldj train
+    --distributed``) save alone: by default orbax waits for every process at its barriers."""
+    import jax
+
+    if not jax.distributed.is_initialized():
+        return {}
+    import orbax.checkpoint as ocp
+
+    me = jax.process_index()
+    options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    return {"multiprocessing_options": options}
 
 
 def read_training(path: str | os.PathLike) -> dict[str, Any] | None:

@@ -18,7 +18,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from linear_decoder_jax import options
 from linear_decoder_jax._version import __version__
@@ -97,9 +97,12 @@ _TRAIN_SWITCHES = ("use_observed_lib_size", "bias", "early_stopping", "reduce_lr
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    _check_distributed_flags(args)
     import linear_decoder_jax as ldj
 
+    cluster = _join(args)
     kwargs = {k: getattr(args, k) for k in _TRAIN_OPTIONS if getattr(args, k) is not None}
+    kwargs |= options.values(args, options.GROUPS["distributed"])
     kwargs |= {k: True for k in _TRAIN_SWITCHES if getattr(args, k)}
     if args.no_batch_norm:
         kwargs["use_batch_norm"] = False
@@ -111,7 +114,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
         kwargs["freeze_batchnorm_decoder"] = False
     data = args.data if args.stream else _read_h5ad(args.data)
     model = ldj.train(data, progress_bar=not args.quiet, **kwargs)
-    dst = model.save(args.output, overwrite=args.overwrite)
+    if cluster is not None:  # process 0 writes the model and reports the run; the others wait
+        from linear_decoder_jax import distributed  # (their exit would end process 0's run)
+
+        with distributed.guarded(cluster):
+            if not cluster.is_coordinator:
+                distributed.wait_for(cluster, "saved", [0])
+                return 0
+            dst = model.save(args.output, overwrite=args.overwrite)
+            distributed.mark(cluster, "saved")
+    else:
+        dst = model.save(args.output, overwrite=args.overwrite)
     history = model.history_
     last = {k: float(v.iloc[-1, 0]) for k, v in history.items() if len(v)}
     summary = ", ".join(
@@ -154,28 +167,39 @@ def _compile_status() -> None:
         print(f"ldj: compiling ({when})...", file=sys.stderr, flush=True)
 
 
-def _cmd_ablate(args: argparse.Namespace) -> int:
+def _check_distributed_flags(args: argparse.Namespace) -> None:
     given = (args.coordinator, args.num_processes, args.process_id)
     if not args.distributed and any(v is not None for v in given):
         from linear_decoder_jax.errors import ConfigError
 
         raise ConfigError("--coordinator, --num-processes and --process-id need --distributed.")
-    _compile_status()
     if args.distributed:  # the runtime logs every peer's failure; ours is the one-line error
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import linear_decoder_jax as ldj
 
-    _compilation_cache()
-    if args.distributed:  # before anything starts jax's backend (restoring the model does)
+
+def _join(args: argparse.Namespace) -> Any:
+    """Join the distributed run of ``--distributed`` (its ``Cluster``; None without), before
+    anything starts jax's backend (restoring a model does)."""
+    if args.distributed:
         from linear_decoder_jax import distributed
 
-        distributed.initialize(
+        return distributed.initialize(
             coordinator=args.coordinator,
             num_processes=args.num_processes,
             process_id=args.process_id,
             join_timeout=args.join_timeout,
             heartbeat_timeout=args.heartbeat_timeout,
         )
+    return None
+
+
+def _cmd_ablate(args: argparse.Namespace) -> int:
+    _check_distributed_flags(args)
+    _compile_status()
+    import linear_decoder_jax as ldj
+
+    _compilation_cache()
+    _join(args)
     model = ldj.load(args.model, prefix=args.prefix, dtype="float64" if args.float64 else "float32")
     values = options.values(args, options.ALL)
     values["progress"] = sys.stderr.isatty()
@@ -396,6 +420,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read minibatches from the file at each step (never the whole matrix)")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
     p.add_argument("--overwrite", action="store_true")
+    d = p.add_argument_group(
+        "distributed", "one command on every process of a cluster (jax.distributed); one model"
+    )
+    options.add_arguments(d, options.GROUPS["distributed"])
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("export", help="write a model as a scvi-tools LinearSCVI directory")

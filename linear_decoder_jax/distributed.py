@@ -1,4 +1,5 @@
-"""Many hosts on JAX's multi-process runtime: one ``ldj ablate`` command across a cluster.
+"""Many hosts on JAX's multi-process runtime: one ``ldj ablate`` (or ``ldj train``) command
+across a cluster.
 
 Every process runs the same command on the same (shared-storage) data. ``jax.distributed``
 joins them (explicit coordinator, or its auto-detection: Slurm, Open MPI, TPU pods). The sweep runs
@@ -25,10 +26,14 @@ then assembles the one output atomically with the merge code and removes the par
   run Python for ``join_timeout`` seconds (a hung interpreter); a collective that lost a peer
   waits for the runtime to name it. No output appears unless every part arrived; an existing
   output is untouched. The private JAX this needs lives in :mod:`linear_decoder_jax._jax_runtime`.
+
+``ldj train --distributed`` uses the same joining, settings check and liveness (:func:`guarded`);
+its placement (cells of each minibatch split, weights replicated) is the trainer's own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -453,6 +458,46 @@ def stop(cluster: Cluster, reason: str) -> None:
     _kill(f"{reason}; process {cluster.process_id} stops, no output written.")
 
 
+def check_devices(cluster: Cluster, k: int) -> int:
+    """Refuse a run whose processes use different numbers of devices (the global mesh takes
+    ``k`` from each); returns the devices of the whole run."""
+    n_devices = gather_array(cluster, "devices", np.asarray([k], np.int64))
+    counts = sorted({int(d[0]) for d in n_devices})
+    if len(counts) > 1:
+        msg = f"Every process must use as many devices (the global mesh), got {counts}."
+        raise DistributedError(msg)
+    return int(sum(int(d[0]) for d in n_devices))
+
+
+@contextlib.contextmanager
+def guarded(cluster: Cluster, *, clean: Callable[[], None] | None = None) -> Iterator[None]:
+    """Run this process's part of a distributed command under a :class:`Watchdog`: a failure
+    here (or in any other process) ends every process with one line, after ``clean`` (what
+    this process must not leave behind). A body that returns marks this process finished."""
+    if clean is not None:
+        _cleanup.append(clean)
+    watchdog = Watchdog(cluster, on_failure=clean).start()
+    try:
+        yield
+        mark(cluster, "finished")
+    except Exception as err:
+        import jax
+
+        if isinstance(err, jax.errors.JaxRuntimeError):
+            # a collective lost a peer (gloo fails at once): the runtime finds the process that
+            # stopped within its heartbeat timeout, and _runtime_failed names it
+            time.sleep(cluster.heartbeat_timeout + 5.0)
+        watchdog.stop()
+        if clean is not None:
+            clean()
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        stop(cluster, f"process {cluster.process_id} failed: {first}")
+        raise  # unreachable: stop exits
+    watchdog.stop()
+    if clean is not None:
+        _cleanup.remove(clean)
+
+
 def parts_folder(output: str | os.PathLike) -> Path:
     """The hidden folder next to ``output`` where the processes write their parts."""
     out = Path(output).absolute()
@@ -469,7 +514,8 @@ def wait_for(cluster: Cluster, key: str, processes: list[int]) -> None:
 
 
 def mark(cluster: Cluster, key: str) -> None:
-    cluster.client.key_value_set_bytes(f"{_PREFIX}/{key}/{cluster.process_id}", b"1")
+    """Tell the other processes that this one reached ``key`` (again: a second mark is fine)."""
+    cluster.client.key_value_set_bytes(f"{_PREFIX}/{key}/{cluster.process_id}", b"1", True)
 
 
 def remove_parts(output: str | os.PathLike) -> None:
@@ -503,9 +549,7 @@ def ablate(
         for tmp in target.parent.glob(f".{target.name}.tmp-*"):
             shutil.rmtree(tmp, ignore_errors=True)
 
-    _cleanup.append(clean)
-    watchdog = Watchdog(cluster, on_failure=clean).start()
-    try:
+    with guarded(cluster, clean=clean):
         described = {
             "model": model.fingerprint,
             "dtype": model.dtype,
@@ -517,11 +561,7 @@ def ablate(
         for own in ("devices", "progress"):
             described.pop(own, None)
         check_same(cluster, described)
-        n_devices = gather_array(cluster, "devices", np.asarray([len(devices)], np.int64))
-        counts = sorted({int(d[0]) for d in n_devices})
-        if len(counts) > 1:
-            msg = f"Every process must use as many devices (the global mesh), got {counts}."
-            raise DistributedError(msg)
+        n_devices = check_devices(cluster, len(devices))
         folder.mkdir(exist_ok=True)
         part = folder / f"part-{pid}-of-{n}.h5ad"
         lockstep = Lockstep(cluster, len(devices), int(adata.n_obs))
@@ -541,7 +581,7 @@ def ablate(
         if cluster.is_coordinator:
             wait_for(cluster, "done", list(range(n)))
             parts = [folder / f"part-{p}-of-{n}.h5ad" for p in range(n)]
-            extra = {"n_processes": n, "n_devices": int(sum(int(d[0]) for d in n_devices))}
+            extra = {"n_processes": n, "n_devices": n_devices}
             merge.merge_parts(
                 parts,
                 output,
@@ -554,19 +594,5 @@ def ablate(
             mark(cluster, "assembled")
         else:
             wait_for(cluster, "assembled", [0])
-        mark(cluster, "finished")
-        watchdog.stop()
-        _cleanup.remove(clean)
-        return AblationResult.read(output)
-    except Exception as err:
-        import jax
-
-        if isinstance(err, jax.errors.JaxRuntimeError):
-            # a collective lost a peer (gloo fails at once): the runtime finds the process that
-            # stopped within its heartbeat timeout, and _runtime_failed names it
-            time.sleep(cluster.heartbeat_timeout + 5.0)
-        watchdog.stop()
-        clean()
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        stop(cluster, f"process {pid} failed: {first}")
-        raise  # unreachable: stop exits
+        result = AblationResult.read(output)
+    return result

@@ -149,6 +149,97 @@ def test_streamed_equals_in_memory(adata, tmp_path):
     )
 
 
+@pytest.mark.parametrize(("sparse", "zarr_format"), [(True, 3), (False, 2)],
+                         ids=["csr-zarr3", "dense-zarr2"])  # fmt: skip
+def test_zarr_streamed_equals_in_memory_reading_rows_only(
+    adata, tmp_path, monkeypatch, sparse, zarr_format
+):
+    """A .zarr store trains the in-memory model, and its matrix is never read whole: every
+    read is of at most ``limit`` rows (the data has 150), and all reads together are the count
+    check's samples, one checking pass and one pass per epoch over the training cells."""
+    import scipy.sparse as sp
+
+    from linear_decoder_jax import anndata_io, sources
+
+    a = adata.copy()
+    if sparse:
+        a.X = sp.csr_matrix(a.X)
+    store = tmp_path / "data.zarr"
+    import anndata
+
+    with anndata.settings.override(zarr_write_format=zarr_format):
+        a.write_zarr(store)
+    assert (store / ("zarr.json" if zarr_format == 3 else ".zgroup")).exists()
+    limit, reads = 64, []
+
+    class FewRowsOnly:
+        def __init__(self, matrix):
+            self.matrix, self.shape = matrix, matrix.shape
+
+        def __getitem__(self, rows):
+            n = rows.stop - rows.start if isinstance(rows, slice) else len(rows)
+            if n > limit or not isinstance(rows, slice | np.ndarray):
+                raise AssertionError(f"read {rows} of the matrix")
+            reads.append(n)
+            return self.matrix[rows]
+
+    read = sources.StoreSource._matrix
+    monkeypatch.setattr(
+        sources.StoreSource, "_matrix", lambda self, node: FewRowsOnly(read(self, node))
+    )
+    monkeypatch.setattr(tdata, "READ_ROWS", limit)
+    kwargs = dict(SMALL, max_epochs=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        memory = ldj.train(adata, batch_key="batch", seed=1, **kwargs)
+        streamed = ldj.train(store, batch_key="batch", seed=1, **kwargs)
+    n_train = len(memory.train_indices)
+    assert 0 < sum(reads) <= 3 * anndata_io._SAMPLE_ROWS + adata.n_obs + 2 * n_train
+    for key in memory.history_:
+        np.testing.assert_allclose(
+            streamed.history_[key].to_numpy(), memory.history_[key].to_numpy(), rtol=1e-4
+        )
+    np.testing.assert_allclose(
+        streamed.get_latent_representation(adata),
+        memory.get_latent_representation(adata),
+        rtol=1e-3,
+        atol=1e-4,
+    )
+
+
+def test_h5ad_rows_taken_by_runs_equal_the_matrix(tmp_path):
+    """``H5CSR.take_rows`` (a training minibatch from an h5ad file) against scipy, for rows
+    with runs, single rows, empty rows and the last row."""
+    import h5py
+    import scipy.sparse as sp
+
+    from linear_decoder_jax.sources import H5CSR
+
+    rng = np.random.default_rng(0)
+    matrix = sp.random(200, 30, density=0.1, format="csr", random_state=1, dtype=np.float32)
+    matrix[10:20] = 0  # empty rows
+    matrix.eliminate_zeros()
+    a = make_adata(0, n_obs=200, n_vars=30)
+    a.X = matrix
+    a.write_h5ad(tmp_path / "m.h5ad")
+    with h5py.File(tmp_path / "m.h5ad") as f:
+        csr = H5CSR(f["X"])
+        for rows in ([0, 1, 2, 15, 16, 199], np.sort(rng.choice(200, 64, replace=False)), [12]):
+            rows = np.asarray(rows)
+            got = csr.take_rows(rows)
+            np.testing.assert_array_equal(got.toarray(), matrix[rows].toarray())
+
+
+def test_a_csc_matrix_on_disk_is_not_streamed(adata, tmp_path):
+    import scipy.sparse as sp
+
+    a = adata.copy()
+    a.X = sp.csc_matrix(a.X)
+    a.write_zarr(tmp_path / "csc.zarr")
+    with pytest.raises(IncompatibleDataError, match="CSC matrix on disk"):
+        ldj.train(tmp_path / "csc.zarr", **SMALL)
+
+
 def test_bad_inputs_fail_before_training(adata):
     a = adata.copy()
     a.X = a.X / 2.5

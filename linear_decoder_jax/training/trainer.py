@@ -6,6 +6,7 @@ import contextlib
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 import jax
@@ -15,6 +16,7 @@ import numpy as np
 from linear_decoder_jax import anndata_io, sources
 from linear_decoder_jax.config import LDVAEConfig, ModelSpec
 from linear_decoder_jax.errors import ConfigError, IncompatibleDataError
+from linear_decoder_jax.options import DistributedOptions
 from linear_decoder_jax.params import LDVAEParams
 from linear_decoder_jax.training import data as tdata
 from linear_decoder_jax.training import loop, resume_state
@@ -36,37 +38,112 @@ def _minibatches(indices: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.n
 
 
 class _Placement:
-    """Where arrays go: one device, or data parallel over ``devices`` (a 1-D mesh "data").
+    """Where arrays go: one device, or data parallel over a 1-D mesh "data" of ``devices`` (with
+    a ``cluster``: this process's devices, and as many from every other process, process by
+    process: one global mesh).
 
     Data parallel: weights, optimizer state and codes are replicated, each minibatch's cells are
-    split across the devices, and jit (GSPMD) inserts the reductions. BatchNorm's batch
-    statistics are therefore those of the whole global minibatch (synchronised BatchNorm, as
-    one device computes them), as are the gradients: a step on several devices is the step on
-    one, up to the order of float32 reductions. A minibatch whose size the device count does
-    not divide (the last one of an epoch) runs replicated.
+    split across the devices (each process feeds its own contiguous share, :meth:`share`), and
+    jit (GSPMD) inserts the reductions. BatchNorm's batch statistics are therefore those of the
+    whole global minibatch (synchronised BatchNorm, as one device computes them), as are the
+    gradients: a step on several devices is the step on one, up to the order of float32
+    reductions. A minibatch whose size the device count does not divide (the last one of an
+    epoch) runs replicated (every process feeds all of it).
     """
 
-    def __init__(self, devices: list[Any] | None):
+    def __init__(self, devices: list[Any] | None, cluster: Any = None):
         from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
         self.mesh: Mesh | None = None
+        self.processes, self.index = 1, 0
+        if cluster is not None:
+            self.processes, self.index = cluster.num_processes, cluster.process_id
+            k = len(devices or jax.local_devices())
+
+            def local(p: int) -> list[Any]:
+                own = (d for d in jax.devices() if d.process_index == p)
+                return sorted(own, key=lambda d: d.id)[:k]
+
+            devices = [d for p in range(self.processes) for d in local(p)]
         if devices is not None and len(devices) > 1:
             mesh = Mesh(np.asarray(devices), ("data",))
             self.mesh = mesh
             self._spec = lambda *names: NamedSharding(mesh, PartitionSpec(*names))
 
+    def _split(self, n: int) -> bool:
+        return self.mesh is not None and n % self.mesh.size == 0
+
+    def share(self, n: int) -> slice:
+        """The cells of a global minibatch of ``n`` that this process feeds."""
+        if not self._split(n) or self.processes == 1:
+            return slice(0, n)
+        b = n // self.processes
+        return slice(self.index * b, (self.index + 1) * b)
+
     def replicate(self, tree: Any) -> Any:
         if self.mesh is None:
             return tree
-        return jax.device_put(tree, self._spec())
+        if self.processes == 1:
+            return jax.device_put(tree, self._spec())
 
-    def cells(self, array: Any, axis: int) -> jax.Array:
-        """``array`` with its cell axis ``axis`` split across the devices."""
-        if self.mesh is None or np.shape(array)[axis] % self.mesh.size:
-            return self.replicate(jnp.asarray(array))
+        def put(a: Any) -> Any:  # every process holds the same values
+            if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+                return jax.random.wrap_key_data(put(jax.random.key_data(a)), impl=a.dtype._impl)
+            return jax.make_array_from_process_local_data(self._spec(), np.asarray(a))
+
+        return jax.tree.map(put, tree)
+
+    def scalar(self, value: int) -> Any:
+        """An int32 scalar argument of a compiled step (a global one between processes)."""
+        if self.processes == 1:
+            return jnp.asarray(value)
+        return self.replicate(np.asarray(value, np.int32))
+
+    def cells(self, array: Any, axis: int, n: int | None = None) -> jax.Array:
+        """A global array whose cell axis ``axis`` (``n`` cells, default ``array``'s) is split
+        across the devices, from this process's share ``array`` of it (:meth:`share`)."""
+        n = np.shape(array)[axis] if n is None else n
+        if self.mesh is None or not self._split(n):
+            return self.replicate(jnp.asarray(array) if self.processes == 1 else array)
         names: list[str | None] = [None] * np.ndim(array)
         names[axis] = "data"
-        return jax.device_put(jnp.asarray(array), self._spec(*names))
+        shape = list(np.shape(array))
+        shape[axis] = n
+        return jax.make_array_from_process_local_data(
+            self._spec(*names), np.asarray(array), tuple(shape)
+        )
+
+    def host(self, tree: Any) -> Any:
+        """Numpy copies of (global) arrays, on every process."""
+        from jax.experimental import multihost_utils
+
+        def get(a: Any) -> np.ndarray:
+            if not isinstance(a, jax.Array) or a.is_fully_addressable or a.is_fully_replicated:
+                return np.asarray(a)
+            return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+
+        return jax.tree.map(get, tree)
+
+
+def _minibatch(
+    cells: anndata_io.CellData, order: np.ndarray, place: _Placement
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(counts, batch codes, label codes, row index) of the minibatch ``order`` as global
+    arrays, from this process's share of its cells (read from memory or the file)."""
+    own = order[place.share(len(order))]
+    rows = np.arange(len(order))[None, place.share(len(order))]
+    n = len(order)
+    return (
+        place.cells(tdata.take(cells, own), 0, n),
+        place.cells(cells.batch[own], 0, n),
+        place.cells(cells.label[own], 0, n),
+        place.cells(rows, 1, n),
+    )
+
+
+def _total(parts: list[jax.Array], place: _Placement) -> np.ndarray:
+    """The summed (loss * n, reconstruction, kl_local) of an epoch's steps, in float64."""
+    return np.sum([place.host(p) for p in parts], axis=0, dtype=np.float64).reshape(3)
 
 
 class TrainingResult:
@@ -93,10 +170,14 @@ def fit(
     checkpoint_every: int = 1,
     resume: bool = False,
     devices: list[Any] | None = None,
+    cluster: Any = None,
 ) -> TrainingResult:
     """Train on ``cells`` (aligned with ``config``). ``init(library_log_means,
     library_log_vars)`` gives the parameters to start from and a 0/1 gradient mask (query
-    mapping); None: fresh parameters, all trained."""
+    mapping); None: fresh parameters, all trained. ``cluster``: this process's place in a
+    distributed run (:mod:`linear_decoder_jax.distributed`): every process runs this with the
+    same cells and options and reads only its share of each minibatch; process 0 alone writes
+    the checkpoint."""
     n_obs = cells.n_obs
     max_epochs = cfg.max_epochs or tdata.max_epochs_heuristic(n_obs)
     n_train, n_val = tdata.validate_data_split(
@@ -116,6 +197,9 @@ def fit(
     n_vars = config.n_input
     if in_memory is None:
         in_memory = n_obs * n_vars * 4 <= IN_MEMORY_BYTES
+    in_memory = in_memory and cluster is None  # processes read their shares of each minibatch
+    if not in_memory:
+        tdata.check_streamable(cells)
     scan = tdata.scan(cells, keep=in_memory)  # every count checked before training starts
     if scan.empty and config.use_observed_lib_size:
         msg = (
@@ -149,12 +233,13 @@ def fit(
     params = jax.tree.map(lambda a: jnp.array(a, jnp.float32), params)
     tx = loop.make_optimizer(config, settings, cfg.lr)
     opt_state = tx.init(params)
-    place = _Placement(devices)
+    place = _Placement(devices, cluster)
+    writes = cluster is None or cluster.is_coordinator
     batch_all = place.replicate(jnp.asarray(cells.batch, jnp.int32))
     label_all = place.replicate(jnp.asarray(cells.label, jnp.int32))
     x_all = place.replicate(jnp.asarray(scan.dense)) if in_memory else None
     params, opt_state, grad_mask = place.replicate((params, opt_state, grad_mask))
-    key = jax.random.key(cfg.seed + 1)
+    key = place.replicate(jax.random.key(cfg.seed + 1))
     history: dict[str, list[list[float]]] = {}  # key -> [[epoch, value], ...]
     plateau = loop.Plateau(cfg.lr_factor, cfg.lr_patience, cfg.lr_threshold, cfg.lr_min)
     stopper = loop.EarlyStopping(cfg.early_stopping_patience, cfg.early_stopping_min_delta)
@@ -165,51 +250,48 @@ def fit(
                 "dropout_rate": dropout_rate, "n_obs": n_obs}  # fmt: skip
     if checkpoint is not None and resume and resume_state.exists(checkpoint):
         state = resume_state.load(checkpoint, params, opt_state, identity)
-        params, opt_state = state.params, state.opt_state
+        params, opt_state = place.replicate((state.params, state.opt_state))
         history, step, first_epoch, lr = state.history, state.step, state.epoch + 1, state.lr
         plateau.best, plateau.bad_epochs = state.plateau
         stopper.best, stopper.wait = state.stopper
         if progress is not None:
             progress(f"Resuming from {checkpoint} after epoch {first_epoch}.")
 
-    def run(rows: np.ndarray, epoch: int) -> jax.Array:
+    def run(rows: np.ndarray, epoch: int) -> list[jax.Array]:
         nonlocal params, opt_state, step
         if in_memory:
             params, opt_state, sums = loop.train_steps(
                 params, opt_state, x_all, batch_all, label_all, place.cells(rows, 1), key,
-                jnp.asarray(epoch), jnp.asarray(step), grad_mask, config=config, settings=settings,
+                place.scalar(epoch), place.scalar(step), grad_mask, config=config,
+                settings=settings,
             )  # fmt: skip
             step += rows.shape[0]
-            return sums
-        total = jnp.zeros(3)
+            return [sums]
+        total = []
         for order in rows:
-            x = place.cells(tdata.take(cells, order), 0)
-            local = place.cells(np.arange(len(order))[None, :], 1)
-            codes = place.cells(cells.batch[order], 0), place.cells(cells.label[order], 0)
+            x, b, lab, local = _minibatch(cells, order, place)
             params, opt_state, sums = loop.train_steps(
-                params, opt_state, x, codes[0], codes[1], local, key,
-                jnp.asarray(epoch), jnp.asarray(step), grad_mask, config=config, settings=settings,
+                params, opt_state, x, b, lab, local, key, place.scalar(epoch), place.scalar(step),
+                grad_mask, config=config, settings=settings,
             )  # fmt: skip
             step += 1
-            total = total + sums
+            total.append(sums)
         return total
 
-    def evaluate(rows: np.ndarray, weight: jax.Array, epoch: int) -> jax.Array:
+    def evaluate(rows: np.ndarray, weight: jax.Array, epoch: int) -> list[jax.Array]:
         vkey = jax.random.fold_in(jax.random.key(cfg.seed + 2), epoch)
         if in_memory:
-            return loop.eval_steps(
+            return [loop.eval_steps(
                 params, x_all, batch_all, label_all, place.cells(rows, 1), vkey, weight,
                 config=config,
-            )  # fmt: skip
-        total = jnp.zeros(3)
+            )]  # fmt: skip
+        total = []
         for i, mb in enumerate(rows):
-            x = place.cells(tdata.take(cells, mb), 0)
-            local = place.cells(np.arange(len(mb))[None, :], 1)
-            codes = place.cells(cells.batch[mb], 0), place.cells(cells.label[mb], 0)
-            total = total + loop.eval_steps(
-                params, x, codes[0], codes[1], local, jax.random.fold_in(vkey, i),
-                weight, config=config,
-            )  # fmt: skip
+            x, b, lab, local = _minibatch(cells, mb, place)
+            total.append(loop.eval_steps(
+                params, x, b, lab, local, place.replicate(jax.random.fold_in(vkey, i)),
+                place.replicate(weight), config=config,
+            ))  # fmt: skip
         return total
 
     epoch = first_epoch - 1
@@ -217,12 +299,10 @@ def fit(
         # each epoch's order from (seed, epoch) alone: a resumed run draws the same minibatches
         order = np.random.default_rng([cfg.seed, epoch]).permutation(train_idx)
         full, rest = _minibatches(order, cfg.batch_size)
-        sums = jnp.zeros(3)
-        if len(full):
-            sums = sums + run(full, epoch)
+        parts = run(full, epoch) if len(full) else []
         if rest is not None:
-            sums = sums + run(rest, epoch)
-        s = np.asarray(sums, np.float64)
+            parts += run(rest, epoch)
+        s = _total(parts, place)
         record = {
             "train_loss": s[0] / n_train,
             "elbo_train": (s[1] + s[2]) / n_train,
@@ -233,12 +313,11 @@ def fit(
         validated = cfg.validates and (epoch + 1) % cfg.val_every == 0
         if validated:
             weight = loop.kl_weight(epoch, step - 1, settings)
-            vs = np.zeros(3)
             vfull, vrest = _minibatches(np.sort(val_idx), cfg.batch_size)
-            if len(vfull):
-                vs = vs + np.asarray(evaluate(vfull, weight, epoch), np.float64)
+            vparts = evaluate(vfull, weight, epoch) if len(vfull) else []
             if vrest is not None:
-                vs = vs + np.asarray(evaluate(vrest, weight, epoch + (1 << 20)), np.float64)
+                vparts += evaluate(vrest, weight, epoch + (1 << 20))
+            vs = _total(vparts, place)
             record |= {
                 "validation_loss": vs[0] / n_val,
                 "elbo_validation": (vs[1] + vs[2]) / n_val,
@@ -259,22 +338,20 @@ def fit(
             new_lr = plateau.step(record[cfg.lr_scheduler_metric], lr)
             if new_lr != lr:
                 lr = new_lr
-                opt_state = opt_state._replace(lr=jnp.asarray(lr, jnp.float32))
+                opt_state = opt_state._replace(lr=place.replicate(jnp.asarray(lr, jnp.float32)))
         if checkpoint is not None and (
             (epoch + 1) % checkpoint_every == 0 or epoch + 1 == max_epochs
         ):
-            resume_state.save(
-                checkpoint,
-                resume_state.State(
-                    params=params, opt_state=opt_state, history=history, step=step, epoch=epoch,
-                    lr=lr, plateau=(plateau.best, plateau.bad_epochs),
-                    stopper=(stopper.best, stopper.wait),
-                ),
-                identity,
+            state = resume_state.State(
+                params=place.host(params), opt_state=place.host(opt_state), history=history,
+                step=step, epoch=epoch, lr=lr, plateau=(plateau.best, plateau.bad_epochs),
+                stopper=(stopper.best, stopper.wait),
             )  # fmt: skip
+            if writes:  # process 0 alone writes the state of a distributed run
+                resume_state.save(checkpoint, state, identity)
     # validation keys of epochs without validation are absent, as in scvi-tools' history_
     return TrainingResult(
-        params=jax.tree.map(np.asarray, params),
+        params=place.host(params),
         history=history,
         indices={"train": train_idx, "validation": val_idx, "test": test_idx},
         settings=cfg.to_dict()
@@ -341,6 +418,12 @@ def train(
     allow_non_integer: bool = False,
     in_memory: bool | None = None,
     progress_bar: bool = True,
+    distributed: bool = DistributedOptions.distributed,
+    coordinator: str | None = DistributedOptions.coordinator,
+    num_processes: int | None = DistributedOptions.num_processes,
+    process_id: int | None = DistributedOptions.process_id,
+    join_timeout: float = DistributedOptions.join_timeout,
+    heartbeat_timeout: float = DistributedOptions.heartbeat_timeout,
 ):
     """Train a LinearSCVI model as scvi-tools 1.4.2 does, in JAX; returns a ``LinearSCVI``.
 
@@ -373,8 +456,9 @@ def train(
         Continue from ``checkpoint`` when it exists (after an interruption): the result equals
         the uninterrupted run with the same seed. The data and options must be the same.
     devices
-        Train data parallel over this many of JAX's devices (each minibatch's cells split
-        across them; BatchNorm statistics and gradients are those of the whole minibatch).
+        Train data parallel over this many of JAX's (local) devices (each minibatch's cells
+        split across them; BatchNorm statistics and gradients are those of the whole
+        minibatch). Distributed: every local device by default.
     seed
         Seeds the split (as ``scvi.settings.seed`` does: ``np.random.RandomState(seed)``), the
         initial weights, the minibatch order and every draw.
@@ -382,7 +466,16 @@ def train(
         Keep the dense counts on the device (default when they take at most 2 GiB and
         ``adata`` is in memory).
     progress_bar
-        One line per epoch with the losses on stderr.
+        One line per epoch with the losses on stderr (process 0's, when distributed).
+    distributed, coordinator, num_processes, process_id, join_timeout, heartbeat_timeout
+        Train as one process of a multi-process job (``linear_decoder_jax.distributed``, as
+        ``ablate(..., distributed=True)``): every process calls this with the same data (shared
+        storage) and options; one global mesh spans every process's devices, each process reads
+        its own share of every minibatch, and the weights are replicated, so every process
+        returns the same model (up to float32 reduction order, the one-process model). Process
+        0 alone writes the ``checkpoint`` (save the model on process 0 alone too:
+        ``jax.process_index() == 0``). A process that fails or is lost ends every other one
+        with one line.
 
     Returns
     -------
@@ -413,7 +506,19 @@ def train(
     if not 0.0 <= dropout_rate < 1.0:
         raise ConfigError(f"Expected 0 <= dropout_rate < 1, got {dropout_rate!r} instead.")
     start = time.perf_counter()
+    cluster = None
+    if distributed:  # before anything starts jax's backend
+        from linear_decoder_jax import distributed as distributed_
+
+        cluster = distributed_.initialize(
+            coordinator=coordinator, num_processes=num_processes, process_id=process_id,
+            join_timeout=join_timeout, heartbeat_timeout=heartbeat_timeout,
+        )  # fmt: skip
+    elif any(v is not None for v in (coordinator, num_processes, process_id)):
+        raise ConfigError("coordinator, num_processes and process_id need distributed=True.")
     with contextlib.ExitStack() as stack:
+        if cluster is not None:  # any failure from here on ends every process with one line
+            stack.enter_context(distributed_.guarded(cluster))
         streamed = isinstance(adata, str | os.PathLike)
         if streamed:
             adata = stack.enter_context(sources.StoreSource(adata))
@@ -462,11 +567,23 @@ def train(
         cells = anndata_io.prepare(adata, spec, layer=layer, allow_non_integer=allow_non_integer)
         tdata.check_batches(cells.batch, spec.data.batch_categories, spec.data.batch_key)
         report = loop.stderr_progress if progress_bar else None
+        device_list = None if devices is None else _devices(devices)
+        if cluster is not None:
+            device_list = device_list or jax.local_devices()
+            distributed_.check_same(cluster, {
+                "model": config.to_dict(), "training": cfg.to_dict(), "n_obs": adata.n_obs,
+                "genes": spec.data.var_names, "dropout_rate": dropout_rate, "bn_train": bn_train,
+                "checkpoint": None if checkpoint is None else str(Path(checkpoint).absolute()),
+                "checkpoint_every": checkpoint_every, "resume": resume,
+            })  # fmt: skip
+            distributed_.check_devices(cluster, len(device_list))
+            if cluster.process_id != 0:
+                report = None  # process 0 reports the run
         result = fit(
             cells, config, cfg, dropout_rate=dropout_rate, in_memory=in_memory, progress=report,
             init=init, bn_train=bn_train, checkpoint=checkpoint,
-            checkpoint_every=checkpoint_every, resume=resume,
-            devices=None if devices is None else _devices(devices),
+            checkpoint_every=checkpoint_every, resume=resume, devices=device_list,
+            cluster=cluster,
         )  # fmt: skip
     training = {
         "history": result.history,
@@ -477,7 +594,7 @@ def train(
 
 
 def _devices(n: int) -> list[Any]:
-    available = jax.devices()
+    available = jax.local_devices()
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= len(available):
         msg = f"Expected devices between 1 and {len(available)} (JAX's devices), got {n!r} instead."
         raise ConfigError(msg)
