@@ -36,7 +36,13 @@ from linear_decoder_jax.distributions import (
     rate_term_gene_change,
 )
 from linear_decoder_jax.errors import ConfigError
-from linear_decoder_jax.family import AffineFamily, Family, affine_logits, sample_gaussian
+from linear_decoder_jax.family import (
+    AffineFamily,
+    Family,
+    SplitFamily,
+    affine_logits,
+    sample_gaussian,
+)
 from linear_decoder_jax.options import BASELINES, Baseline, Mode
 from linear_decoder_jax.pipeline import Batch, Placement, Plan
 
@@ -220,6 +226,103 @@ def _score(
     return delta.T, l1.T, nll, lfc.T, sums
 
 
+def split_local(family: Family) -> bool:
+    """Whether the sweep takes the per-split path (:func:`_split_terms`): a split family with
+    several splits, each seeing its own latents only (not DRVI's "power" method, whose every split
+    depends on every latent: replacing one latent there re-decodes every split)."""
+    return (
+        isinstance(family, SplitFamily)
+        and family.splits_own_latents
+        and len(family.unit_latents()) > 1
+    )
+
+
+class _UnitTerms(NamedTuple):
+    """What the sweep needs from one decode: the normalized expression, its log and the per-gene
+    log-likelihood (or, on the per-split path, its terms that depend on the decode)."""
+
+    scale: jax.Array
+    log_scale: jax.Array
+    log_prob: jax.Array
+
+
+def _split_terms(
+    family: SplitFamily,
+    params: Any,
+    x: jax.Array,
+    z: jax.Array,
+    log_library: jax.Array,
+    batch: jax.Array,
+    baseline: jax.Array,
+    *,
+    units: tuple[tuple[int, ...], ...] | None,
+    mode: Mode,
+):
+    """The per-split fast path of :func:`_score_generic`: (full rates, full terms, terms of
+    ablated unit k) with ``family.aggregate_log_prob``'s terms.
+
+    Replacing latent k changes only the term of split ``s(k)``, so the splits are decoded once at
+    ``z`` and once per position p within a split with the latents at p replaced (every split at
+    once: one latent of each), instead of once per latent; each unit then re-aggregates its
+    split's complement (``leave_one_out``) with its one replaced term. With one latent per split
+    the replaced decode is the baseline's, the same for every cell of a covariate combination
+    (``constant_split_values``). Removing a split (``units``) decodes nothing more."""
+    values = family.split_values(params, z, batch)  # (b, n_splits, n_vars)
+    mean = family.aggregate(values)
+    full = family.rates_from_aggregate(params, mean, log_library, batch)
+
+    def terms_of(mean: jax.Array) -> _UnitTerms:
+        return _UnitTerms(*family.aggregate_log_prob(params, x, mean, log_library, batch))
+
+    split = functools.partial(jax.lax.dynamic_index_in_dim, axis=1, keepdims=False)
+    if units is not None:  # a split removed from the aggregation, or kept alone
+        if mode == "drop":
+            rest = family.leave_one_out(values)
+            return (
+                full,
+                terms_of(mean),
+                lambda k: terms_of(family.aggregate_with(split(rest, k), None)),
+            )
+        return (
+            full,
+            terms_of(mean),
+            lambda k: terms_of(family.aggregate_with(None, split(values, k))),
+        )
+    layout = family.unit_latents()
+    split_of = np.zeros(z.shape[1], np.int32)
+    position = np.zeros(z.shape[1], np.int32)
+    for s, members in enumerate(layout):
+        split_of[list(members)], position[list(members)] = s, np.arange(len(members))
+    n_positions = max(len(m) for m in layout)
+    constant = family.constant_split_values(params, baseline, batch)  # every latent at baseline
+    if mode == "drop":  # split s(k) with latent k at its baseline, into the full aggregation
+        base = values
+        replaced = [
+            constant
+            if n_positions == 1
+            else family.split_values(params, jnp.where(position == p, baseline, z), batch)
+            for p in range(n_positions)
+        ]
+    else:  # split s(k) with latent k alone off its baseline, into the baseline's aggregation
+        base = constant
+        replaced = [
+            values
+            if n_positions == 1
+            else family.split_values(params, jnp.where(position == p, z, baseline), batch)
+            for p in range(n_positions)
+        ]
+    rest = family.leave_one_out(base)  # (b, n_splits, n_vars)
+    terms = jnp.stack(replaced)  # (n_positions, b, n_splits, n_vars)
+    split_of_k, position_of_k = jnp.asarray(split_of), jnp.asarray(position)
+
+    def unit(k: jax.Array) -> _UnitTerms:
+        s = split_of_k[k]
+        term = split(jax.lax.dynamic_index_in_dim(terms, position_of_k[k], keepdims=False), s)
+        return terms_of(family.aggregate_with(split(rest, s), term))
+
+    return full, terms_of(mean), unit
+
+
 def _score_generic(
     family: Family,
     params: Any,
@@ -243,12 +346,20 @@ def _score_generic(
     A latent unit is replaced in ``z`` (``where(mask, baseline, z)`` for "drop", the reverse for
     "keep"); a split unit (``units``) is removed from the decoder's aggregation (``split_mask``),
     or kept alone. The NLL change is the per-gene difference of the family's log-likelihood, the
-    log fold change that of the log normalized expression."""
-    full = family.decode(params, z, log_library, batch, label)
-    lp_full = family.log_prob(x, full)  # (b, n_vars)
-    nll = -lp_full.sum(-1)
-    log_scale = jnp.log(full.scale)
+    log fold change that of the log normalized expression. A family whose splits see their own
+    latents (:func:`split_local`) decodes each split twice instead (:func:`_split_terms`)."""
     n_latent = z.shape[1]
+    split_unit = None
+    if split_local(family):
+        assert isinstance(family, SplitFamily)
+        full, full_terms, split_unit = _split_terms(
+            family, params, x, z, log_library, batch, baseline, units=units, mode=mode
+        )
+        nll = -family.log_prob(x, full).sum(-1)
+    else:
+        full = family.decode(params, z, log_library, batch, label)
+        full_terms = _UnitTerms(full.scale, jnp.log(full.scale), family.log_prob(x, full))
+        nll = -full_terms.log_prob.sum(-1)
     weights = None if n_groups is None else attribution.group_weights(group, valid, n_groups)
     if units is None:
         masks = jax.nn.one_hot(latents, n_latent, dtype=bool)  # (n_ablated, n_latent)
@@ -256,25 +367,33 @@ def _score_generic(
         masks = jax.nn.one_hot(latents, len(units), dtype=bool)  # (n_ablated, n_splits)
     off = z != baseline[None, :]  # (b, n_latent)
 
-    def one(mask: jax.Array):
+    def one(args: tuple[jax.Array, jax.Array]):
+        mask, k = args
         if units is not None:  # remove the split from the aggregation, or keep it alone
-            keep = ~mask if mode == "drop" else mask
-            rates = family.decode(
-                params, z, log_library, batch, label, split_mask=keep.astype(z.dtype)
-            )
             moved = jnp.ones(z.shape[0], bool)
+        elif mode == "drop":
+            moved = jnp.any(off & mask[None, :], axis=1)
         else:
-            if mode == "drop":
-                zk = jnp.where(mask[None, :], baseline[None, :], z)
-                moved = jnp.any(off & mask[None, :], axis=1)
+            moved = jnp.any(off & ~mask[None, :], axis=1)
+        if split_unit is not None:
+            terms = split_unit(k)
+        else:
+            if units is not None:
+                keep = ~mask if mode == "drop" else mask
+                rates = family.decode(
+                    params, z, log_library, batch, label, split_mask=keep.astype(z.dtype)
+                )
             else:
-                zk = jnp.where(mask[None, :], z, baseline[None, :])
-                moved = jnp.any(off & ~mask[None, :], axis=1)
-            rates = family.decode(params, zk, log_library, batch, label)
-        per_gene = lp_full - family.log_prob(x, rates)  # NLL change per gene
+                if mode == "drop":
+                    zk = jnp.where(mask[None, :], baseline[None, :], z)
+                else:
+                    zk = jnp.where(mask[None, :], z, baseline[None, :])
+                rates = family.decode(params, zk, log_library, batch, label)
+            terms = _UnitTerms(rates.scale, jnp.log(rates.scale), family.log_prob(x, rates))
+        per_gene = full_terms.log_prob - terms.log_prob  # NLL change per gene
         delta = jnp.where(moved, per_gene.sum(-1), 0.0)
-        l1 = jnp.where(moved, jnp.abs(rates.scale - full.scale).sum(-1), 0.0)
-        lfc_cells = jnp.where(moved[:, None], jnp.log(rates.scale) - log_scale, 0.0)
+        l1 = jnp.where(moved, jnp.abs(terms.scale - full_terms.scale).sum(-1), 0.0)
+        lfc_cells = jnp.where(moved[:, None], terms.log_scale - full_terms.log_scale, 0.0)
         lfc = jnp.sum(lfc_cells * valid[:, None], axis=0)
         if weights is None:
             return delta, l1, lfc, None
@@ -283,9 +402,9 @@ def _score_generic(
         return delta, l1, lfc, (genes, attribution.segment_total(weights, lfc_cells))
 
     if vectorize:
-        delta, l1, lfc, per_gene = jax.vmap(one)(masks)
+        delta, l1, lfc, per_gene = jax.vmap(one)((masks, latents))
     else:
-        delta, l1, lfc, per_gene = jax.lax.map(one, masks)
+        delta, l1, lfc, per_gene = jax.lax.map(one, (masks, latents))
     sums = None
     if weights is not None:
         gene_delta, gene_lfc = per_gene  # (n_ablated, rows, n_vars) each

@@ -157,6 +157,59 @@ class AffineFamily(Family, Protocol):
         ...
 
 
+@runtime_checkable
+class SplitFamily(Family, Protocol):
+    """A family whose decoder aggregates per-split values (DRVI): ``decode`` is
+    ``rates_from_aggregate(aggregate(split_values(z)))``.
+
+    Where each split sees only its own latents (``splits_own_latents``), replacing latent k
+    changes only the term of the split that holds it, so the sweep decodes every split once at
+    the full ``z`` and once per position within a split at the baseline, then re-aggregates one
+    replaced term per latent (``leave_one_out`` + ``aggregate_with``); removing a split needs no
+    decode at all. Equal to the generic path within float32 rounding (tests/test_drvi.py).
+    """
+
+    @property
+    def splits_own_latents(self) -> bool:
+        """Whether each split depends on its own latents only (``unit_latents``)."""
+        ...
+
+    def split_values(self, params: Any, z: Array, batch: Array) -> Array:
+        """Per-split values before aggregation (b, n_splits, n_vars)."""
+        ...
+
+    def constant_split_values(self, params: Any, z_row: Array, batch: Array) -> Array:
+        """:meth:`split_values` with every cell at the decoder input ``z_row`` (n_latent,)."""
+        ...
+
+    def aggregate(self, values: Array, split_mask: Array | None = None) -> Array:
+        """The aggregated values (b, n_vars), without the splits where ``split_mask`` is 0."""
+        ...
+
+    def leave_one_out(self, values: Array) -> Array:
+        """For each split j, the aggregation's state over every split but j (b, n_splits,
+        n_vars)."""
+        ...
+
+    def aggregate_with(self, rest: Array | None, term: Array | None) -> Array:
+        """The aggregated values (b, n_vars) of one split's ``rest`` (``None``: no other split)
+        plus a term for that split (``None``: the split removed)."""
+        ...
+
+    def rates_from_aggregate(
+        self, params: Any, mean: Array, log_library: Array, batch: Array
+    ) -> Rates:
+        """The decoder's output from the aggregated values ``mean`` (b, n_vars)."""
+        ...
+
+    def aggregate_log_prob(
+        self, params: Any, x: Array, mean: Array, log_library: Array, batch: Array
+    ) -> tuple[Array, Array, Array]:
+        """(normalized expression, its log, per-gene log-likelihood less the terms that do not
+        depend on ``mean``) of counts ``x`` under the aggregated values ``mean`` (b, n_vars)."""
+        ...
+
+
 def sample_gaussian(mean: Array, var: Array, *, key: Array) -> Array:
     """One reparameterised draw from N(mean, var), e.g. z ~ q(z|x) in encoder space."""
     return mean + jnp.sqrt(var) * jax.random.normal(key, mean.shape, mean.dtype)

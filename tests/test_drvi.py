@@ -655,3 +655,212 @@ def test_traverse_latent_and_differential_vars_equal_drvi_py(name, drvi_models):
     for key in ref.uns:
         if not key.endswith("_dim_ids"):
             assert rel_err(got.uns[key], ref.uns[key]) <= 1e-4, key
+
+
+# The sweep's per-split fast path (ablation._split_terms) against the generic path
+# --------------------------------------------------------------------------------------------
+
+#: random-weight configurations: every aggregation and split method, one latent per split and
+#: several (split, split_map@d), covariates one-hot, embedded and gene-batch dispersion
+FAST_CONFIGS: dict[str, dict] = {
+    "lse_map_two_covs": {"n_split": 6, "n_cats_per_cov": (3, 2)},
+    "sum_emb_nowhere_nb": {"n_split": 6, "split_aggregation": "sum", "covariate_modeling": "emb",
+                           "covariate_dims": (2, 3), "n_cats_per_cov": (3, 2), "gene_likelihood": "nb",
+                           "decoder_reuse_weights": "nowhere", "deeply_inject_covariates": True},
+    "sumplus_split3x2_poisson": {"n_split": 3, "split_method": "split", "split_aggregation": "sum_plus",
+                                 "decoder_reuse_weights": "not_first", "gene_likelihood": "poisson",
+                                 "use_batch_norm": "both", "n_cats_per_cov": (3,)},
+    "max_diag_genebatch": {"n_split": 6, "split_method": "split_diag", "split_aggregation": "max",
+                           "decoder_reuse_weights": "last", "dispersion": "gene-batch",
+                           "n_cats_per_cov": (3, 2)},
+    "lse_map2_at4": {"n_split": 3, "split_method": "split_map", "split_dim": 4, "n_cats_per_cov": (2,)},
+}  # fmt: skip
+
+
+def _random_drvi(seed: int = 0, **kw):
+    import jax
+
+    config = F.DRVIConfig(n_input=30, n_latent=6, encoder_dims=(8,), decoder_dims=(8, 8), **kw)
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, spec):
+        a = rng.normal(size=spec.shape) * 0.5
+        if jax.tree_util.keystr(path).endswith(".var"):
+            a = np.abs(a) + 0.5
+        return jnp.asarray(a, jnp.float32)
+
+    return F.DRVI(config), jax.tree_util.tree_map_with_path(leaf, F.abstract_params(config))
+
+
+def _encoded_batch(family, params, n: int = 24, seed: int = 1):
+    from linear_decoder_jax.pipeline import Batch
+
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.poisson(2.0, size=(n, family.n_vars)), jnp.float32)
+    cols = [rng.integers(0, k, n) for k in family.config.n_cats_per_cov]
+    codes = jnp.asarray(np.stack(cols, 1), jnp.int32)
+    enc = family.encode(params, x, codes, None, library="observed")
+    none = jnp.zeros((n, 1), jnp.int32)
+    return Batch(
+        x=x, nz_index=none, nz_count=none.astype(x.dtype), batch=codes,
+        label=jnp.zeros(n, jnp.int32), valid=jnp.ones(n).at[-3:].set(0.0),
+        group=jnp.asarray(np.arange(n) % 3, jnp.int32), qz_m=enc.qz_m, qz_v=enc.qz_v, z=enc.z,
+        log_library=enc.log_library,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(FAST_CONFIGS))
+def test_split_fast_path_equals_generic_path(name, monkeypatch):
+    """Every unit (latents, splits), mode, gene score and both loop styles: the per-split path
+    (each split decoded at z and at the baseline, one term re-aggregated per unit) equals the
+    generic path (every split decoded again per unit) to float32 rounding."""
+    import jax
+
+    from linear_decoder_jax import ablation
+
+    family, params = _random_drvi(**FAST_CONFIGS[name])
+    assert ablation.split_local(family)
+    batch = _encoded_batch(family, params)
+    baseline = jnp.asarray(np.random.default_rng(2).normal(size=6) * 0.3, jnp.float32)
+    sweep = ablation.sweep_minibatch.__wrapped__  # unjitted: split_local is read at trace time
+
+    def run(units, mode, vectorize, n_samples=0):
+        n = family.n_latent if units is None else len(units)
+        out = sweep(
+            family, params, batch, baseline, jnp.arange(n)[::-1], jax.random.PRNGKey(0),
+            mode=mode, n_samples=n_samples, vectorize=vectorize,
+            n_groups=None if n_samples else 3, units=units,
+        )  # fmt: skip
+        fields = ["delta_nll", "delta_nll_se", "delta_l1", "nll", "lfc_sum"]
+        got = {f: np.asarray(getattr(out, f)) for f in fields}
+        if out.genes is not None:
+            got.update(gene_delta=np.asarray(out.genes.delta_nll), gene_lfc=out.genes.lfc)
+        return got
+
+    cases = [(u, mode, False) for u in (None, family.unit_latents()) for mode in ("drop", "keep")]
+    cases.append((None, "drop", True))
+    for units, mode, vectorize in cases:
+        fast = run(units, mode, vectorize)
+        with monkeypatch.context() as mp:
+            mp.setattr(ablation, "split_local", lambda family: False)
+            generic = run(units, mode, vectorize)
+        errors = {k: rel_err(fast[k], generic[k]) for k in fast if np.any(generic[k])}
+        assert max(errors.values()) <= TOL, (units is None, mode, vectorize, errors)
+        assert np.abs(fast["delta_nll"]).max() > 1e-3  # the units move the likelihood
+    fast = run(None, "drop", False, n_samples=2)  # draws from q(z|x): decoded per draw
+    with monkeypatch.context() as mp:
+        mp.setattr(ablation, "split_local", lambda family: False)
+        generic = run(None, "drop", False, n_samples=2)
+    assert rel_err(fast["delta_nll"], generic["delta_nll"]) <= TOL
+
+
+def test_power_and_one_split_keep_the_generic_path():
+    """ "power" feeds every latent to every split, and one split holds every latent: replacing
+    a latent there re-decodes every split (the generic path)."""
+    from linear_decoder_jax import ablation
+
+    power, _ = _random_drvi(n_split=3, split_method="power", split_dim=4)
+    single, _ = _random_drvi(n_split=1)
+    assert not power.splits_own_latents and not ablation.split_local(power)
+    assert not ablation.split_local(single)
+
+
+@pytest.mark.parametrize("aggregation", ["logsumexp", "sum", "sum_plus", "max"])
+def test_leave_one_out_against_float64(aggregation):
+    """Each split's complement, re-aggregated with a replaced term or none, equals the float64
+    aggregation of the stacked values with that split replaced or removed; the logsumexp
+    complement stays exact where one split exceeds the others by far more than float32's exp
+    range (no cancellation, no underflow) and where several splits share the largest value."""
+    from scipy.special import logsumexp as lse
+    from scipy.special import softplus
+
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=(4, 5, 7)) * 3.0
+    v[0, 2, :] += 300.0  # one split far above the rest
+    v[1, 3, :] = v[1, 1, :] = v[1].max(axis=0) + 1.0  # a tie for the largest value
+    v = v.astype(np.float32)
+    t = rng.normal(size=(4, 7)).astype(np.float32) * 3.0
+    config = F.DRVIConfig(n_input=7, n_latent=5, n_split=5, split_aggregation=aggregation)
+    family = F.DRVI(config)
+    rest = family.leave_one_out(jnp.asarray(v))
+
+    def brute(values):  # (b, k, G) float64, divisor 5 whatever the number of terms
+        w = values.astype(np.float64)
+        if aggregation == "sum":
+            return w.sum(1) / 5
+        if aggregation == "sum_plus":
+            return softplus(w).sum(1) / 5
+        if aggregation == "logsumexp":
+            return lse(w, axis=1) - np.log(5)
+        return w.max(1)
+
+    for j in range(5):
+        others = np.delete(v, j, axis=1)
+        replaced = np.concatenate([others, t[:, None, :]], axis=1)
+        got = family.aggregate_with(rest[:, j], jnp.asarray(t))
+        np.testing.assert_allclose(got, brute(replaced), rtol=2e-6, atol=2e-5)
+        np.testing.assert_allclose(
+            family.aggregate_with(rest[:, j], None), brute(others), rtol=2e-6, atol=2e-5
+        )
+        np.testing.assert_allclose(
+            family.aggregate_with(None, jnp.asarray(v[:, j])),
+            brute(v[:, j : j + 1]),
+            rtol=2e-6,
+            atol=2e-5,
+        )
+    np.testing.assert_allclose(family.aggregate(jnp.asarray(v)), brute(v), rtol=2e-6, atol=2e-5)
+
+
+def test_constant_split_values_by_covariate_combination():
+    """Every cell at one decoder input: decoded per covariate combination and gathered (fewer
+    combinations than cells) equals decoding every cell."""
+    family, params = _random_drvi(n_split=6, n_cats_per_cov=(3, 2))
+    rng = np.random.default_rng(3)
+    codes = jnp.asarray(np.stack([rng.integers(0, 3, 20), rng.integers(0, 2, 20)], 1), jnp.int32)
+    z_row = jnp.asarray(rng.normal(size=6), jnp.float32)
+    every = family.split_values(params, jnp.broadcast_to(z_row, (20, 6)), codes)
+    assert rel_err(family.constant_split_values(params, z_row, codes), every) <= TOL
+    assert rel_err(family.constant_split_values(params, z_row, codes[:4]), every[:4]) <= TOL
+
+
+@pytest.mark.parametrize("name", ["poisson_sumplus_split4_notfirst_bn", "max_diag_last_genebatch"])
+def test_fast_sweep_on_trained_models_against_float64_brute_force(name, drvi_models, drvi_adata):
+    """``ldj.ablate`` in float32 (the per-split path) on trained models, a split of two latents
+    and split_diag with two covariates: each latent at baseline zero, dropped and kept, and each
+    split removed, equal a float64 numpy decoder written from drvi-py's code."""
+    import linear_decoder_jax as ldj
+
+    m, folder = drvi_models(name)
+    model = ldj.load(folder)
+    adata = drvi_adata[:40].copy()
+    x = np.asarray(adata.X, np.float64)
+    codes = codes_of(m)[:40]
+    lib = x.sum(1)
+    z = model.get_latent_representation(adata).astype(np.float64)
+    lik = model.config.gene_likelihood
+
+    def ll(zz, **kw):
+        return brute_log_prob(x, brute_decode(m, zz, codes, lib, **kw), lik).sum(-1)
+
+    full = ll(z)
+    drop = ldj.ablate(model, adata)
+    keep = ldj.ablate(model, adata, mode="keep")
+    splits = ldj.ablate(model, adata, unit="split")
+    # float32 rounding of the NLLs themselves: the changes are small differences of them
+    scale = 1e-6 * np.abs(full).max()
+
+    def close(got, want, what):
+        assert np.abs(got - want).max() <= scale, what
+        assert np.abs(want).max() > 100 * scale, what  # the unit moves the likelihood
+
+    for k in range(model.n_latent):
+        zk = z.copy()
+        zk[:, k] = 0.0
+        close(drop.delta_nll[:, k], full - ll(zk), ("drop", k))
+        only = np.zeros_like(z)
+        only[:, k] = z[:, k]
+        close(keep.delta_nll[:, k], full - ll(only), ("keep", k))
+    for j in range(model.config.n_split):
+        mask = np.ones(model.config.n_split)
+        mask[j] = 0.0
+        close(splits.delta_nll[:, j], full - ll(z, split_mask=mask), ("split", j))

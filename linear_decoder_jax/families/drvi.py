@@ -408,6 +408,17 @@ def split_values(params: DRVIParams, z: Array, codes: Array, *, config: DRVIConf
     return out[:, None, :] if config.n_split == 1 else out
 
 
+def _finish(acc: Array, n_split: int, agg: str) -> Array:
+    """The aggregation's divisor, applied to the accumulated terms: ``sum``/``sum_plus`` divide
+    by K, ``logsumexp`` subtracts ``log K``, ``max`` has none (K = n_split, also when splits are
+    removed)."""
+    if agg in ("sum", "sum_plus"):
+        return acc / float(n_split)
+    if agg == "logsumexp":
+        return acc - math.log(n_split)
+    return acc
+
+
 def aggregate(values: Array, split_mask: Array | None, *, config: DRVIConfig) -> Array:
     """``DecoderDRVI._aggregate_split`` over axis 1 of ``values`` (b, n_split, n_input), with the
     splits where ``split_mask`` (b, n_split) is 0 left out and the divisor kept at n_split."""
@@ -415,27 +426,92 @@ def aggregate(values: Array, split_mask: Array | None, *, config: DRVIConfig) ->
         if split_mask is not None:
             raise ConfigError("This DRVI model has one split: there is no split to remove.")
         return values[:, 0, :]
-    k = float(values.shape[1])
+    k = values.shape[1]
     agg = config.split_aggregation
     if split_mask is None:
         if agg == "sum":
-            return values.sum(axis=1) / k
-        if agg == "sum_plus":
-            return jax.nn.softplus(values).sum(axis=1) / k
-        if agg == "logsumexp":
-            return jax.scipy.special.logsumexp(values, axis=1) - math.log(k)
-        return values.max(axis=1)
+            acc = values.sum(axis=1)
+        elif agg == "sum_plus":
+            acc = jax.nn.softplus(values).sum(axis=1)
+        elif agg == "logsumexp":
+            acc = jax.scipy.special.logsumexp(values, axis=1)
+        else:
+            acc = values.max(axis=1)
+        return _finish(acc, k, agg)
     m = jnp.broadcast_to(
         jnp.asarray(split_mask, values.dtype).reshape(-1, values.shape[1]), values.shape[:2]
     )[:, :, None]
     m = jnp.broadcast_to(m, values.shape)
     if agg == "sum":
-        return (values * m).sum(axis=1) / k
-    if agg == "sum_plus":
-        return (jax.nn.softplus(values) * m).sum(axis=1) / k
-    if agg == "logsumexp":
-        return jax.scipy.special.logsumexp(values, axis=1, b=m) - math.log(k)
-    return jnp.where(m > 0, values, -jnp.inf).max(axis=1)
+        acc = (values * m).sum(axis=1)
+    elif agg == "sum_plus":
+        acc = (jax.nn.softplus(values) * m).sum(axis=1)
+    elif agg == "logsumexp":
+        acc = jax.scipy.special.logsumexp(values, axis=1, b=m)
+    else:
+        acc = jnp.where(m > 0, values, -jnp.inf).max(axis=1)
+    return _finish(acc, k, agg)
+
+
+def _exclusive(values: Array, op: Any, identity: float) -> tuple[Array, Array]:
+    """``op`` over every split but j, for each j (axis 1): an exclusive prefix and suffix scan
+    combined, so no term is ever subtracted out again (no cancellation)."""
+    pad = jnp.full_like(values[:, :1], identity)
+    before = jnp.concatenate([pad, op(values, axis=1)[:, :-1]], axis=1)
+    after = jnp.concatenate([op(values, axis=1, reverse=True)[:, 1:], pad], axis=1)
+    return before, after
+
+
+def leave_one_out(values: Array, *, config: DRVIConfig) -> Array:
+    """For each split j, the aggregation's accumulated terms over every split but j (b, n_split,
+    n_input), before the divisor: the sum of the values (``sum``) or of their softplus
+    (``sum_plus``), their max, or their logsumexp. :func:`aggregate_with` adds one term back.
+
+    ``logsumexp``: with ``m`` the largest value of a cell and gene, every split but the largest
+    keeps the largest's ``exp(0) = 1`` in its sum, so ``sum - exp(v_j - m) >= 1`` loses no
+    precision; a split that alone holds the largest value has its complement summed again around
+    the second largest value."""
+    agg = config.split_aggregation
+    if agg in ("sum", "sum_plus"):
+        terms = jax.nn.softplus(values) if agg == "sum_plus" else values
+        before, after = _exclusive(terms, jax.lax.cumsum, 0.0)
+        return before + after
+    if agg == "max":
+        before, after = _exclusive(values, jax.lax.cummax, -jnp.inf)
+        return jnp.maximum(before, after)
+    m1 = jax.lax.stop_gradient(values.max(axis=1, keepdims=True))
+    is_top = values == m1
+    # a largest value shared by several splits stays in each one's complement
+    only_top = is_top & (is_top.sum(axis=1, keepdims=True) == 1)
+    m2 = jax.lax.stop_gradient(jnp.where(only_top, -jnp.inf, values).max(axis=1, keepdims=True))
+    e1 = jnp.exp(values - m1)
+    others = m1 + jnp.log(e1.sum(axis=1, keepdims=True) - e1)
+    e2 = jnp.where(only_top, 0.0, jnp.exp(jnp.minimum(values - m2, 0.0)))
+    without_top = m2 + jnp.log(e2.sum(axis=1, keepdims=True))
+    return jnp.where(only_top, without_top, others)
+
+
+def aggregate_with(
+    rest: Array | None, term: Array | None, *, n_split: int, config: DRVIConfig
+) -> Array:
+    """:func:`aggregate` of the splits accumulated in ``rest`` (one split of
+    :func:`leave_one_out`, (b, n_input); ``None``: no other split) plus one split's ``term``
+    (b, n_input; ``None``: that split removed), with the divisor ``n_split``."""
+    agg = config.split_aggregation
+    if term is None:
+        assert rest is not None
+        acc = rest
+    else:
+        t = jax.nn.softplus(term) if agg == "sum_plus" else term
+        if rest is None:
+            acc = t
+        elif agg == "logsumexp":
+            acc = jnp.logaddexp(rest, t)
+        elif agg == "max":
+            acc = jnp.maximum(rest, t)
+        else:
+            acc = rest + t
+    return _finish(acc, n_split, agg)
 
 
 def log_theta(params: DRVIParams, codes: Array, *, config: DRVIConfig) -> Array | None:
@@ -449,19 +525,51 @@ def log_theta(params: DRVIParams, codes: Array, *, config: DRVIConfig) -> Array 
     return params.px_r.T[codes[:, 0]]
 
 
+def softmax_parts(mean: Array) -> tuple[Array, Array]:
+    """(log softmax, softmax) over genes of ``mean`` (b, n_input), one exp per entry."""
+    shifted = mean - jax.lax.stop_gradient(mean.max(axis=-1, keepdims=True))
+    e = jnp.exp(shifted)
+    total = e.sum(axis=-1, keepdims=True)
+    return shifted - jnp.log(total), e * (1.0 / total)
+
+
+def mean_counts(
+    log_scale: Array, scale: Array, log_library: Array, *, config: DRVIConfig
+) -> tuple[Array, Array]:
+    """(mu, log mu): the normalized expression times the library (``pnb``:
+    ``log(library.clip(1))`` added in log space, ``LogNegativeBinomialNoiseModel``)."""
+    if config.gene_likelihood == "pnb":
+        log_mu = jnp.maximum(log_library, 0.0) + log_scale
+        return jnp.exp(log_mu), log_mu
+    mu = jnp.exp(log_library) * scale
+    return mu, jnp.log(mu)
+
+
 def rates_from_mean(
     mean: Array, log_r: Array | None, log_library: Array, *, config: DRVIConfig
 ) -> Rates:
     """Likelihood parameters from the aggregated values ``mean`` (b, n_input): softmax over genes
-    times the library (``pnb``: ``log(library.clip(1))`` in log space, ``LogNegativeBinomialNoiseModel``)."""
-    log_scale = jax.nn.log_softmax(mean, axis=-1)
-    scale = jnp.exp(log_scale)
-    if config.gene_likelihood == "pnb":
-        mu = jnp.exp(jnp.maximum(log_library, 0.0) + log_scale)
-    else:
-        mu = jnp.exp(log_library) * scale
+    times the library (:func:`mean_counts`)."""
+    log_scale, scale = softmax_parts(mean)
+    mu, _ = mean_counts(log_scale, scale, log_library, config=config)
     theta = None if log_r is None else jnp.exp(log_r)
     return Rates(scale=scale, mu=mu, theta=theta, zi_logits=None)
+
+
+def pnb_varying(x: Array, log_m: Array, log_r: Array) -> Array:
+    """The terms of ``LogNegativeBinomial.negative_binomial_log_ver`` that depend on the mean,
+    ``-x softplus(-a + eps) - r softplus(a + eps)`` with ``a = log_m - log_r`` and eps 1e-8.
+
+    Both softplus share ``log1p(exp(-|a|))``; the eps enters to first order,
+    ``softplus(y + eps) = softplus(y) + eps sigmoid(y)`` (the next term is below 1e-16)."""
+    a = log_m - log_r
+    u = jnp.exp(-jnp.abs(a))
+    shared = jnp.log1p(u)
+    up = 1.0 / (1.0 + u)  # sigmoid(|a|); sigmoid(-|a|) = u * up
+    pos, neg = jnp.where(a >= 0, up, u * up), jnp.where(a >= 0, u * up, up)  # sigmoid(a), (-a)
+    soft_a = jnp.maximum(a, 0.0) + shared + PNB_EPS * pos
+    soft_neg_a = jnp.maximum(-a, 0.0) + shared + PNB_EPS * neg
+    return -x * soft_neg_a - jnp.exp(log_r) * soft_a
 
 
 def pnb_log_prob(x: Array, log_m: Array, log_r: Array) -> Array:
@@ -469,9 +577,21 @@ def pnb_log_prob(x: Array, log_m: Array, log_r: Array) -> Array:
     r = jnp.exp(log_r)
     eps = PNB_EPS
     choice = gammaln(x + r + eps) - gammaln(x + 1.0 + eps) - gammaln(r + eps)
-    return (
-        choice - x * jax.nn.softplus(log_r - log_m + eps) - r * jax.nn.softplus(log_m - log_r + eps)
-    )
+    return choice + pnb_varying(x, log_m, log_r)
+
+
+def log_prob_varying(
+    x: Array, mu: Array, log_mu: Array, log_r: Array | None, *, config: DRVIConfig
+) -> Array:
+    """The terms of the per-gene log-likelihood that depend on the mean ``mu`` (its log
+    ``log_mu``): :func:`log_prob` less terms of ``x`` and theta alone, which cancel exactly in a
+    change of the likelihood."""
+    if config.gene_likelihood == "poisson":
+        return distributions.count_term(x, mu, mu, likelihood="poisson") - mu
+    assert log_r is not None
+    if config.gene_likelihood == "pnb":
+        return pnb_varying(x, log_mu, log_r)
+    return distributions.log_prob_varying(x, mu, jnp.exp(log_r), None, likelihood="nb")
 
 
 def log_prob(x: Array, rates: Rates, *, config: DRVIConfig) -> Array:
@@ -560,6 +680,54 @@ class DRVI:
         """Per-split values before aggregation (b, n_split, n_vars)."""
         return split_values(params, z, covariate_codes(self.config, batch), config=self.config)
 
+    def constant_split_values(self, params: DRVIParams, z_row: Array, batch: Array) -> Array:
+        """:meth:`split_values` of every cell at the same decoder input ``z_row`` (n_latent,):
+        each row depends on its covariates only, so it is decoded once per covariate combination
+        and gathered, when there are fewer combinations than cells."""
+        c = self.config
+        codes = covariate_codes(c, batch)
+        b, n_comb = codes.shape[0], math.prod(c.n_cats_per_cov)
+        if n_comb >= b:
+            z = jnp.broadcast_to(z_row[None, :], (b, c.n_latent))
+            return split_values(params, z, codes, config=c)
+        every = covariate_codes(c, jnp.arange(n_comb, dtype=jnp.int32))  # mixed radix order
+        z = jnp.broadcast_to(z_row[None, :], (n_comb, c.n_latent))
+        table = split_values(params, z, every, config=c)
+        strides = np.cumprod((1, *c.n_cats_per_cov[:-1]))
+        return table[codes @ jnp.asarray(strides, jnp.int32)]
+
+    def aggregate(self, values: Array, split_mask: Array | None = None) -> Array:
+        """The splits' aggregation (b, n_vars) of ``values`` (:func:`aggregate`)."""
+        return aggregate(values, split_mask, config=self.config)
+
+    def leave_one_out(self, values: Array) -> Array:
+        """Each split's complement in the aggregation (:func:`leave_one_out`)."""
+        return leave_one_out(values, config=self.config)
+
+    def aggregate_with(self, rest: Array | None, term: Array | None) -> Array:
+        """The aggregation of ``rest`` (one split of :meth:`leave_one_out`) plus ``term``
+        (:func:`aggregate_with`)."""
+        return aggregate_with(rest, term, n_split=self.config.n_split, config=self.config)
+
+    def rates_from_aggregate(
+        self, params: DRVIParams, mean: Array, log_library: Array, batch: Array
+    ) -> Rates:
+        """Likelihood parameters of the aggregated values ``mean`` (b, n_vars)."""
+        codes = covariate_codes(self.config, batch)
+        log_r = log_theta(params, codes, config=self.config)
+        return rates_from_mean(mean, log_r, log_library, config=self.config)
+
+    def aggregate_log_prob(
+        self, params: DRVIParams, x: Array, mean: Array, log_library: Array, batch: Array
+    ) -> tuple[Array, Array, Array]:
+        """(normalized expression, its log, the per-gene log-likelihood's terms that depend on
+        the mean, :func:`log_prob_varying`) of the aggregated values ``mean`` (b, n_vars)."""
+        c = self.config
+        log_scale, scale = softmax_parts(mean)
+        mu, log_mu = mean_counts(log_scale, scale, log_library, config=c)
+        log_r = log_theta(params, covariate_codes(c, batch), config=c)
+        return scale, log_scale, log_prob_varying(x, mu, log_mu, log_r, config=c)
+
     def decode(
         self,
         params: DRVIParams,
@@ -570,12 +738,8 @@ class DRVI:
         *,
         split_mask: Array | None = None,
     ) -> Rates:
-        codes = covariate_codes(self.config, batch)
-        values = split_values(params, z, codes, config=self.config)
-        mean = aggregate(values, split_mask, config=self.config)
-        return rates_from_mean(
-            mean, log_theta(params, codes, config=self.config), log_library, config=self.config
-        )
+        mean = self.aggregate(self.split_values(params, z, batch), split_mask)
+        return self.rates_from_aggregate(params, mean, log_library, batch)
 
     def log_prob(self, x: Array, rates: Rates) -> Array:
         return log_prob(x, rates, config=self.config)
