@@ -528,8 +528,9 @@ class Minibatch:
 
     @property
     def x(self) -> np.ndarray:
-        """Dense (size, n_vars) float32 counts."""
-        x = np.zeros((len(self.nz_index), self.n_vars), np.float32)
+        """Dense (size, n_vars) counts in ``nz_count``'s dtype (the model's: a float32 ``x`` would
+        put a float64 model's ``log1p`` in float32)."""
+        x = np.zeros((len(self.nz_index), self.n_vars), self.nz_count.dtype)
         rows, pos = np.nonzero(self.nz_count)  # not the padding: it points at gene 0
         x[rows, self.nz_index[rows, pos]] = self.nz_count[rows, pos]
         return x

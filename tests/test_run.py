@@ -166,3 +166,15 @@ def test_fingerprint_ignores_where_the_model_was_converted(tmp_path):
     merged = ldj.AblationResult.read(tmp_path / "merged.h5ad")
     whole = ldj.ablate(model, adata)
     np.testing.assert_allclose(merged.delta_nll, whole.delta_nll, rtol=1e-6, atol=1e-6)
+
+
+def test_float64_model_encodes_in_float64_everywhere():
+    """The facade's dense minibatches carry the model's dtype: a float64 model's
+    ``get_latent_representation`` equals the run's encoding to the last bit (float32 counts
+    once put its ``log1p`` in float32, 1e-8 off)."""
+    model = random_model(seed=3, dtype="float64")
+    adata = random_adata(model, n_obs=40, seed=4)
+    z = model.get_latent_representation(adata)
+    run = ldj.ablate(model, adata)
+    assert z.dtype == np.float64
+    np.testing.assert_array_equal(z, np.asarray(run.arrays["latent"]))
