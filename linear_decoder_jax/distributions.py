@@ -15,13 +15,14 @@ exactly 0 there; in float32 they use :func:`lgamma`, which is faster than XLA's 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 from jax.scipy.special import gammaln, xlogy
 
-from linear_decoder_jax._typing import Counts, PerGene
+from linear_decoder_jax._typing import Counts, Dispersion, PerGene
 
 Array = jax.Array
 EPS = 1e-8  # scvi-tools log_nb_positive / log_zinb_positive default eps
@@ -68,6 +69,51 @@ def _lgamma32_jvp(primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array,
     (z,), (dz,) = primals, tangents
     value, parts = _lgamma_parts(z)  # the derivative shares the shift and log(w)
     return value, dz * _digamma_from(*parts)
+
+
+def _count_lgamma_parts(x: Array, theta: Array) -> tuple[Array, tuple[tuple[Array, ...], ...]]:
+    value_xt, parts_xt = _lgamma_parts(x + theta)
+    value_t, parts_t = _lgamma_parts(theta)
+    value_x1, parts_x1 = _lgamma_parts(x + 1.0)
+    value = jnp.where(x != 0, value_xt - value_t - value_x1, 0.0)
+    return value, (parts_xt, parts_t, parts_x1)
+
+
+@jax.custom_jvp
+def _count_lgamma32(x: Array, theta: Array) -> Array:
+    return _count_lgamma_parts(x, theta)[0]
+
+
+def _count_lgamma32_jvp(
+    primals: tuple[Array, Array], tangents: tuple[Any, Any]
+) -> tuple[Array, Array]:
+    """One pass gives the value and its theta-derivative ``digamma(x + theta) - digamma(theta)``
+    (0 at ``x = 0``), held as one array (the optimisation barrier keeps XLA from carrying every
+    intermediate of the shift and the series into the backward pass instead)."""
+    (x, theta), (dx, dtheta) = primals, tangents
+    value, (parts_xt, parts_t, parts_x1) = _count_lgamma_parts(x, theta)
+    digamma_xt = _digamma_from(*parts_xt)
+    out = jnp.zeros_like(value)
+    if not isinstance(dtheta, SymbolicZero):
+        slope = jnp.where(x != 0, digamma_xt - _digamma_from(*parts_t), 0.0)
+        value, slope = jax.lax.optimization_barrier((value, slope))
+        out = out + dtheta * slope
+    if not isinstance(dx, SymbolicZero):
+        out = out + dx * jnp.where(x != 0, digamma_xt - _digamma_from(*parts_x1), 0.0)
+    return value, out
+
+
+_count_lgamma32.defjvp(_count_lgamma32_jvp, symbolic_zeros=True)
+
+
+def count_lgamma(x: Counts, theta: Dispersion) -> PerGene:
+    """``lgamma(x + theta) - lgamma(theta) - lgamma(x + 1)``, exactly 0 where ``x = 0``: NB's
+    lgamma terms. ``theta`` may be per gene (1, n_vars): its own terms then run once per gene.
+    float32 in one fused pass with its derivatives (:func:`lgamma`)."""
+    if x.dtype != jnp.float32 or theta.dtype != jnp.float32:
+        const = gammaln(x + theta) - gammaln(theta) - gammaln(x + 1.0)
+        return jnp.where(x != 0, const, 0.0)
+    return _count_lgamma32(x, theta)
 
 
 def lgamma(z: Array) -> Array:
@@ -179,7 +225,7 @@ def rate_term_change(
 
 
 def log_prob_varying(
-    x: Counts, mu: PerGene, theta: PerGene, zi_logits: PerGene | None, *, likelihood: Likelihood
+    x: Counts, mu: PerGene, theta: Dispersion, zi_logits: PerGene | None, *, likelihood: Likelihood
 ) -> PerGene:
     """Per-gene log-likelihood terms that depend on ``mu``/``zi_logits`` (shape of ``x``)."""
     if likelihood in ("nb", "poisson"):
@@ -195,15 +241,15 @@ def log_prob_varying(
     return jnp.where(x < EPS, case_zero, 0.0) + jnp.where(x > EPS, case_non_zero, 0.0)
 
 
-def log_prob_constant(x: Counts, theta: PerGene, *, likelihood: Likelihood) -> PerGene:
+def log_prob_constant(x: Counts, theta: Dispersion, *, likelihood: Likelihood) -> PerGene:
     """Per-gene log-likelihood terms that depend on ``x`` and ``theta`` only (the lgamma terms
     exactly 0 at ``x = 0``, where they cancel)."""
     if likelihood == "poisson":
         return jnp.where(x != 0, -lgamma(x + 1.0), 0.0)
-    const = lgamma(x + theta) - lgamma(theta) - lgamma(x + 1.0)
+    const = count_lgamma(x, theta)
     if likelihood == "zinb":  # scvi-tools adds the lgamma terms in the non-zero case only
         return jnp.where(x > EPS, const, 0.0)
-    return jnp.where(x != 0, const, 0.0) + theta * jnp.log(theta + EPS)
+    return const + theta * jnp.log(theta + EPS)
 
 
 def log_prob_constant_at_zero(theta: Array, *, likelihood: Likelihood) -> Array:
@@ -216,7 +262,7 @@ def log_prob_constant_at_zero(theta: Array, *, likelihood: Likelihood) -> Array:
 
 
 def log_prob(
-    x: Counts, mu: PerGene, theta: PerGene, zi_logits: PerGene | None, *, likelihood: Likelihood
+    x: Counts, mu: PerGene, theta: Dispersion, zi_logits: PerGene | None, *, likelihood: Likelihood
 ) -> PerGene:
     """Per-gene log-likelihood of counts ``x`` (n_obs, n_vars), as scvi-tools' ``px.log_prob``."""
     varying = log_prob_varying(x, mu, theta, zi_logits, likelihood=likelihood)

@@ -159,6 +159,14 @@ def _head_train(
     return layer_train(head, z, None, relu=False, dropout_rate=0.0, bn_train=bn_train, valid=valid)
 
 
+def _dispersion(params: LDVAEParams, batch: Array, label: Array, *, config: LDVAEConfig) -> Array:
+    """``model.dispersion``, a per-gene theta kept (1, n_vars): the likelihood broadcasts it, and
+    its lgamma and digamma terms run once per gene instead of once per cell and gene."""
+    if config.dispersion == "gene":
+        return jnp.exp(params.px_r)[None, :]
+    return model.dispersion(params, batch, label, config=config)
+
+
 def library_prior(params: LDVAEParams, batch: Array) -> tuple[Array, Array]:
     """``_compute_local_library_params``: prior mean and variance of the log library (n_obs, 1)."""
     assert params.library_log_means is not None and params.library_log_vars is not None
@@ -234,7 +242,7 @@ def train_loss(
     decoded = model.Decoded(
         scale=scale,
         mu=jnp.exp(log_library) * scale,
-        theta=model.dispersion(params, batch, label, config=config),
+        theta=_dispersion(params, batch, label, config=config),
         zi_logits=zi_logits if config.gene_likelihood == "zinb" else None,
     )
     reconstruction = -model.log_likelihood(x, decoded, config=config)
