@@ -152,11 +152,51 @@ def kl_normal(m1: Array, v1: Array, m2: Array, v2: Array) -> Array:
 
 
 def _head_train(
-    head: Layer, z: Array, batch: Array, *, config: LDVAEConfig, bn_train: bool, valid: Array | None
-) -> tuple[Array, Layer]:
+    head: Layer,
+    z: Array,
+    batch: Array,
+    *,
+    config: LDVAEConfig,
+    bn_train: bool,
+    valid: Array | None,
+    output: bool = True,
+) -> tuple[Array | None, Layer]:
+    """A decoder head (Linear -> BatchNorm, no ReLU, no dropout) in train mode.
+
+    The head is linear in its few inputs ``u = [z, one-hot batch]``, so its train-mode BatchNorm
+    statistics come from those of ``u``: mean ``mean(u) W + b`` and variance ``diag(W' C W)``
+    with ``C`` the (biased) covariance of ``u``, the same numbers as torch's over the
+    (n_obs, n_vars) output without its reductions. ``output=False`` (the zero-inflation head of
+    an NB or Poisson model, whose output is unused but whose statistics move) skips the output.
+    """
     if config.n_batch_onehot:
         z = jnp.concatenate([z, jax.nn.one_hot(batch, config.n_batch, dtype=z.dtype)], axis=-1)
-    return layer_train(head, z, None, relu=False, dropout_rate=0.0, bn_train=bn_train, valid=valid)
+    if head.bn is None or not bn_train:
+        y, head = layer_train(head, z, None, relu=False, dropout_rate=0.0, bn_train=bn_train)
+        return y, head
+    kernel, bias = head.dense.kernel, head.dense.bias
+    if valid is None:
+        n: Array | int = z.shape[0]
+        z_mean = z.mean(axis=0)
+        centred = z - z_mean[None, :]
+        cov = centred.T @ centred / n
+    else:
+        n = valid.sum()
+        z_mean = (z * valid[:, None]).sum(axis=0) / n
+        centred = z - z_mean[None, :]
+        cov = (centred * valid[:, None]).T @ centred / n
+    mean = z_mean @ kernel if bias is None else z_mean @ kernel + bias
+    var = jnp.maximum(((cov @ kernel) * kernel).sum(axis=0), 0.0)
+    y = None
+    if output:
+        factor = head.bn.scale / jnp.sqrt(var + layers.BN_EPS)
+        y = (centred @ kernel) * factor[None, :] + head.bn.bias[None, :]
+    stats = jax.lax.stop_gradient((mean, var * (n / (n - 1))))
+    bn = head.bn._replace(
+        mean=(1.0 - BN_MOMENTUM) * head.bn.mean + BN_MOMENTUM * stats[0],
+        var=(1.0 - BN_MOMENTUM) * head.bn.var + BN_MOMENTUM * stats[1],
+    )
+    return y, head._replace(bn=bn)
 
 
 def _dispersion(params: LDVAEParams, batch: Array, label: Array, *, config: LDVAEConfig) -> Array:
@@ -235,15 +275,17 @@ def train_loss(
     logits, factor = _head_train(
         params.decoder.factor, z, batch, config=config, bn_train=dec_bn, valid=valid
     )
+    zinb = config.gene_likelihood == "zinb"
     zi_logits, dropout_head = _head_train(
-        params.decoder.dropout, z, batch, config=config, bn_train=dec_bn, valid=valid
+        params.decoder.dropout, z, batch, config=config, bn_train=dec_bn, valid=valid, output=zinb
     )
+    assert logits is not None
     scale = jax.nn.softmax(logits, axis=-1)
     decoded = model.Decoded(
         scale=scale,
         mu=jnp.exp(log_library) * scale,
         theta=_dispersion(params, batch, label, config=config),
-        zi_logits=zi_logits if config.gene_likelihood == "zinb" else None,
+        zi_logits=zi_logits if zinb else None,
     )
     reconstruction = -model.log_likelihood(x, decoded, config=config)
     kl_z = kl_normal(qz_m, qz_v, jnp.zeros_like(qz_m), jnp.ones_like(qz_v)).sum(axis=-1)
