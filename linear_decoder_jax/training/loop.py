@@ -1,9 +1,11 @@
 """The training loop: scvi-tools 1.4.2's ``TrainingPlan`` + ``Trainer`` for LinearSCVI, in JAX.
 
-One jit-compiled function runs a whole epoch's minibatches with ``lax.scan`` when the counts fit
-in memory (they are put on the device once); a streamed file is read minibatch by minibatch (the
-cells of each minibatch sorted, so an h5ad is read with contiguous slices where it can be), and
-the same compiled step runs on each. Per-epoch metrics are those scvi-tools logs in ``history_``.
+One jit-compiled function runs an epoch's minibatches in chunks of :data:`CHUNK` (a loop inside
+the compiled program) when the counts fit in memory (they are put on the device once), the last,
+smaller minibatch padded with masked cells: one compilation serves the whole run. A streamed file
+is read minibatch by minibatch (the cells of each minibatch sorted, so an h5ad is read with
+contiguous slices where it can be), and the same compiled step runs on each. Per-epoch metrics
+are those scvi-tools logs in ``history_``.
 """
 
 from __future__ import annotations
@@ -164,7 +166,7 @@ def make_optimizer(config: LDVAEConfig, s: StepSettings, lr: float) -> optax.Gra
 def train_steps(
     params: LDVAEParams,
     opt_state: Any,
-    x_all: Array,
+    x_all: Array | None,
     batch_all: Array,
     label_all: Array,
     rows: Array,
@@ -185,6 +187,7 @@ def train_steps(
     number of steps as a traced bound), and a minibatch smaller than ``settings.batch_size`` (an
     epoch's last) is padded with masked cells (``objective.train_loss``'s ``valid``), so that
     one compiled program serves every epoch, its last minibatch included."""
+    assert x_all is not None, "x_all: the counts, on the device"
     host = np.asarray(rows, np.int32)
     width = max(host.shape[1], settings.batch_size or 0)
     host = np.pad(host, ((0, -len(host) % CHUNK), (0, width - host.shape[1])), constant_values=-1)
@@ -322,15 +325,17 @@ def init_params(
     shape, seconds of a short training run."""
     rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
 
+    def f32(a: Any) -> Array:
+        return jnp.asarray(np.asarray(a, np.float32))  # a transfer, no compilation
+
     def dense(n_in: int, n_out: int, bias: bool = True) -> Dense:
         bound = 1.0 / math.sqrt(n_in)
-        w = rng.uniform(-bound, bound, (n_in, n_out)).astype(np.float32)
-        b = rng.uniform(-bound, bound, n_out).astype(np.float32) if bias else None
+        w = f32(rng.uniform(-bound, bound, (n_in, n_out)))
+        b = f32(rng.uniform(-bound, bound, n_out)) if bias else None
         return Dense(w, b)
 
     def bn(n: int) -> BatchNorm:
-        one, zero = np.ones(n, np.float32), np.zeros(n, np.float32)
-        return BatchNorm(one, zero, zero.copy(), one.copy())
+        return BatchNorm(f32(np.ones(n)), f32(np.zeros(n)), f32(np.zeros(n)), f32(np.ones(n)))
 
     def encoder(n_out: int, n_layers: int) -> Encoder:
         g, h = config.n_input, config.n_hidden
@@ -346,17 +351,15 @@ def init_params(
         )
 
     px_cols = {"gene": (), "gene-batch": (config.n_batch,), "gene-label": (config.n_labels,)}
-    px_r = rng.standard_normal((config.n_input, *px_cols[config.dispersion])).astype(np.float32)
+    px_r = f32(rng.standard_normal((config.n_input, *px_cols[config.dispersion])))
     prior = None if config.use_observed_lib_size else library_log_means
     return LDVAEParams(
         z_encoder=encoder(config.n_latent, config.n_layers),
         l_encoder=encoder(1, 1),
         decoder=LinearDecoder(head(), head()),
         px_r=px_r,
-        library_log_means=None if prior is None else np.asarray(prior, np.float32),
-        library_log_vars=None
-        if config.use_observed_lib_size
-        else np.asarray(library_log_vars, np.float32),
+        library_log_means=None if prior is None else f32(prior),
+        library_log_vars=None if config.use_observed_lib_size else f32(library_log_vars),
     )
 
 

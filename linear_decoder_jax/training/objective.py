@@ -172,8 +172,7 @@ def _head_train(
     if config.n_batch_onehot:
         z = jnp.concatenate([z, jax.nn.one_hot(batch, config.n_batch, dtype=z.dtype)], axis=-1)
     if head.bn is None or not bn_train:
-        y, head = layer_train(head, z, None, relu=False, dropout_rate=0.0, bn_train=bn_train)
-        return y, head
+        return layer_train(head, z, None, relu=False, dropout_rate=0.0, bn_train=bn_train)
     kernel, bias = head.dense.kernel, head.dense.bias
     if valid is None:
         n: Array | int = z.shape[0]
@@ -187,7 +186,7 @@ def _head_train(
         cov = (centred * valid[:, None]).T @ centred / n
     mean = z_mean @ kernel if bias is None else z_mean @ kernel + bias
     var = jnp.maximum(((cov @ kernel) * kernel).sum(axis=0), 0.0)
-    y = None
+    y: Array | None = None
     if output:
         factor = head.bn.scale / jnp.sqrt(var + layers.BN_EPS)
         y = (centred @ kernel) * factor[None, :] + head.bn.bias[None, :]
