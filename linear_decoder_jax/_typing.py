@@ -17,6 +17,7 @@ Array = jax.Array
 
 Counts = Float[Array, "*cells n_vars"]  # counts per cell and gene (floats holding integers)
 PerGene = Float[Array, "*cells n_vars"]  # any per-cell, per-gene quantity (mu, theta, logits)
+Dispersion = Float[Array, "*#cells n_vars"]  # theta: per cell and gene, or per gene (1, n_vars)
 Latent = Float[Array, "*cells n_latent"]  # encoder-space z or decoder input
 LogLibrary = Float[Array, "*cells 1"]
 PerCell = Float[Array, "*cells"]

@@ -9,23 +9,124 @@ instead of in float32 rounding. That part splits again into its value at ``x = 0
 
 Formulas: ``log_nb_positive`` and ``log_zinb_positive`` in scvi-tools
 ``src/scvi/distributions/_negative_binomial.py`` (eps = 1e-8), and torch's ``Poisson.log_prob``
-(``xlogy(x, rate) - rate - lgamma(x + 1)``).
+(``xlogy(x, rate) - rate - lgamma(x + 1)``). The lgamma terms are 0 at ``x = 0`` and are set to
+exactly 0 there; in float32 they use :func:`lgamma`, which is faster than XLA's and as accurate.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 from jax.scipy.special import gammaln, xlogy
 
-from linear_decoder_jax._typing import Counts, PerGene
+from linear_decoder_jax._typing import Counts, Dispersion, PerGene
 
 Array = jax.Array
 EPS = 1e-8  # scvi-tools log_nb_positive / log_zinb_positive default eps
 
 Likelihood = Literal["nb", "zinb", "poisson"]
+
+_HALF_LOG_2PI = 0.9189385332046727  # log(2 pi) / 2
+_NO_SHIFT = 1e8  # from here on Stirling's series alone is exact in float32
+
+
+def _lgamma_parts(z: Array) -> tuple[Array, tuple[Array, ...]]:
+    """Stirling's series at ``w = z + 4`` minus ``log(z (z+1) (z+2) (z+3))`` (float32, z > 0),
+    and what :func:`_digamma_from` reuses."""
+    big = z >= _NO_SHIFT
+    zc = jnp.where(big, 1.0, z)  # no shift (and no overflow of the product) for large z
+    u = zc * (zc + 3.0)  # the product is u (u + 2)
+    w = jnp.where(big, z, zc + 4.0)
+    r = 1.0 / w
+    r2 = r * r
+    # B_2k / (2k (2k - 1) w^(2k - 1)), k = 1..6: truncation below 1e-10 for w >= 4
+    series = r * (1 / 12 + r2 * (-1 / 360 + r2 * (1 / 1260 + r2 * (-1 / 1680 + r2 * (
+        1 / 1188 + r2 * (-691 / 360360))))))  # fmt: skip
+    log_w = jnp.log(w)
+    value = (w - 0.5) * log_w - w + _HALF_LOG_2PI + series
+    value = value - jnp.where(big, 0.0, jnp.log(u * (u + 2.0)))
+    return value, (big, zc, u, r, r2, log_w)
+
+
+def _digamma_from(big: Array, zc: Array, u: Array, r: Array, r2: Array, log_w: Array) -> Array:
+    """digamma(z) from :func:`_lgamma_parts`: the asymptotic series at ``w`` minus
+    ``sum_k 1 / (z + k)`` (= ``(2z + 3) (1/u + 1/(u + 2))``)."""
+    series = r2 * (1 / 12 + r2 * (-1 / 120 + r2 * (1 / 252 + r2 * (-1 / 240 + r2 * (1 / 132)))))
+    shift = (2.0 * zc + 3.0) * (1.0 / u + 1.0 / (u + 2.0))
+    return log_w - 0.5 * r - series - jnp.where(big, 0.0, shift)
+
+
+@jax.custom_jvp
+def _lgamma32(z: Array) -> Array:
+    return _lgamma_parts(z)[0]
+
+
+@_lgamma32.defjvp
+def _lgamma32_jvp(primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array, Array]:
+    (z,), (dz,) = primals, tangents
+    value, parts = _lgamma_parts(z)  # the derivative shares the shift and log(w)
+    return value, dz * _digamma_from(*parts)
+
+
+def _count_lgamma_parts(x: Array, theta: Array) -> tuple[Array, tuple[tuple[Array, ...], ...]]:
+    value_xt, parts_xt = _lgamma_parts(x + theta)
+    value_t, parts_t = _lgamma_parts(theta)
+    value_x1, parts_x1 = _lgamma_parts(x + 1.0)
+    value = jnp.where(x != 0, value_xt - value_t - value_x1, 0.0)
+    return value, (parts_xt, parts_t, parts_x1)
+
+
+@jax.custom_jvp
+def _count_lgamma32(x: Array, theta: Array) -> Array:
+    return _count_lgamma_parts(x, theta)[0]
+
+
+def _count_lgamma32_jvp(
+    primals: tuple[Array, Array], tangents: tuple[Any, Any]
+) -> tuple[Array, Array]:
+    """One pass gives the value and its theta-derivative ``digamma(x + theta) - digamma(theta)``
+    (0 at ``x = 0``), held as one array (the optimisation barrier keeps XLA from carrying every
+    intermediate of the shift and the series into the backward pass instead)."""
+    (x, theta), (dx, dtheta) = primals, tangents
+    value, (parts_xt, parts_t, parts_x1) = _count_lgamma_parts(x, theta)
+    digamma_xt = _digamma_from(*parts_xt)
+    out = jnp.zeros_like(value)
+    if not isinstance(dtheta, SymbolicZero):
+        slope = jnp.where(x != 0, digamma_xt - _digamma_from(*parts_t), 0.0)
+        value, slope = jax.lax.optimization_barrier((value, slope))
+        out = out + dtheta * slope
+    if not isinstance(dx, SymbolicZero):
+        out = out + dx * jnp.where(x != 0, digamma_xt - _digamma_from(*parts_x1), 0.0)
+    return value, out
+
+
+_count_lgamma32.defjvp(_count_lgamma32_jvp, symbolic_zeros=True)
+
+
+def count_lgamma(x: Counts, theta: Dispersion) -> PerGene:
+    """``lgamma(x + theta) - lgamma(theta) - lgamma(x + 1)``, exactly 0 where ``x = 0``: NB's
+    lgamma terms. ``theta`` may be per gene (1, n_vars): its own terms then run once per gene.
+    float32 in one fused pass with its derivatives (:func:`lgamma`)."""
+    if x.dtype != jnp.float32 or theta.dtype != jnp.float32:
+        const = gammaln(x + theta) - gammaln(theta) - gammaln(x + 1.0)
+        return jnp.where(x != 0, const, 0.0)
+    return _count_lgamma32(x, theta)
+
+
+def lgamma(z: Array) -> Array:
+    """``log Gamma(z)`` for ``z > 0`` (its derivative is digamma).
+
+    float32: shift to ``z + 4`` and Stirling's series, branch free: a third of the time of
+    ``jax.scipy.special.gammaln`` (no reflection for ``z < 0.5``, no Lanczos divisions), and its
+    error against float64 is below XLA's (1.5e-6 of ``max(1, |lgamma|)``, digamma 4e-7). Other
+    dtypes: ``gammaln``.
+    """
+    if z.dtype != jnp.float32:
+        return gammaln(z)
+    return _lgamma32(z)
 
 
 def _log_theta_mu(mu: Array, theta: Array) -> Array:
@@ -124,7 +225,7 @@ def rate_term_change(
 
 
 def log_prob_varying(
-    x: Counts, mu: PerGene, theta: PerGene, zi_logits: PerGene | None, *, likelihood: Likelihood
+    x: Counts, mu: PerGene, theta: Dispersion, zi_logits: PerGene | None, *, likelihood: Likelihood
 ) -> PerGene:
     """Per-gene log-likelihood terms that depend on ``mu``/``zi_logits`` (shape of ``x``)."""
     if likelihood in ("nb", "poisson"):
@@ -140,11 +241,12 @@ def log_prob_varying(
     return jnp.where(x < EPS, case_zero, 0.0) + jnp.where(x > EPS, case_non_zero, 0.0)
 
 
-def log_prob_constant(x: Counts, theta: PerGene, *, likelihood: Likelihood) -> PerGene:
-    """Per-gene log-likelihood terms that depend on ``x`` and ``theta`` only."""
+def log_prob_constant(x: Counts, theta: Dispersion, *, likelihood: Likelihood) -> PerGene:
+    """Per-gene log-likelihood terms that depend on ``x`` and ``theta`` only (the lgamma terms
+    exactly 0 at ``x = 0``, where they cancel)."""
     if likelihood == "poisson":
-        return -gammaln(x + 1.0)
-    const = gammaln(x + theta) - gammaln(theta) - gammaln(x + 1.0)
+        return jnp.where(x != 0, -lgamma(x + 1.0), 0.0)
+    const = count_lgamma(x, theta)
     if likelihood == "zinb":  # scvi-tools adds the lgamma terms in the non-zero case only
         return jnp.where(x > EPS, const, 0.0)
     return const + theta * jnp.log(theta + EPS)
@@ -160,7 +262,7 @@ def log_prob_constant_at_zero(theta: Array, *, likelihood: Likelihood) -> Array:
 
 
 def log_prob(
-    x: Counts, mu: PerGene, theta: PerGene, zi_logits: PerGene | None, *, likelihood: Likelihood
+    x: Counts, mu: PerGene, theta: Dispersion, zi_logits: PerGene | None, *, likelihood: Likelihood
 ) -> PerGene:
     """Per-gene log-likelihood of counts ``x`` (n_obs, n_vars), as scvi-tools' ``px.log_prob``."""
     varying = log_prob_varying(x, mu, theta, zi_logits, likelihood=likelihood)

@@ -240,6 +240,52 @@ def test_a_csc_matrix_on_disk_is_not_streamed(adata, tmp_path):
         ldj.train(tmp_path / "csc.zarr", **SMALL)
 
 
+@pytest.mark.parametrize("likelihood", ["nb", "zinb"])
+def test_padded_minibatch_equals_the_minibatch_alone(likelihood):
+    """An epoch's last, smaller minibatch runs padded to batch_size with masked cells (one
+    compiled step): its loss, per-cell parts, gradients and BatchNorm statistics are those of the
+    minibatch alone, whatever the padding cells hold."""
+    import jax
+    import jax.numpy as jnp
+
+    from linear_decoder_jax.config import LDVAEConfig
+    from linear_decoder_jax.params import to_flat
+    from linear_decoder_jax.training import loop, objective
+
+    config = LDVAEConfig(n_input=30, n_latent=3, n_hidden=16, n_batch=2, gene_likelihood=likelihood)
+    rng = np.random.default_rng(0)
+    params = loop.init_params(config, jax.random.key(0), np.full((1, 2), 4.0), np.ones((1, 2)))
+    params = jax.tree.map(jnp.asarray, params)
+    n, pad = 10, 6
+    x = rng.poisson(3.0, (n + pad, 30)).astype(np.float32)
+    x[n:] *= 50  # padding cells far from the rest: they would move every statistic
+    batch = rng.integers(0, 2, n + pad)
+    label = np.zeros(n + pad, int)
+    noise = objective.draw_noise(jax.random.key(1), n + pad, config=config, dropout_rate=0.1)
+    valid = jnp.asarray(np.arange(n + pad) < n, jnp.float32)
+
+    def run(rows, valid):
+        def loss_fn(p):
+            parts, new = objective.train_loss(
+                p, jnp.asarray(x[rows]), jnp.asarray(batch[rows]), jnp.asarray(label[rows]),
+                jax.tree.map(lambda a: a[rows], noise), 0.3, config=config, dropout_rate=0.1,
+                valid=valid,
+            )  # fmt: skip
+            return parts.loss, (parts, new)
+
+        return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+    (loss, (parts, new)), grads = run(np.arange(n), None)
+    (loss_p, (parts_p, new_p)), grads_p = run(np.arange(n + pad), valid)
+    np.testing.assert_allclose(loss_p, loss, rtol=1e-6)
+    for ours, alone in zip(parts_p[1:], parts[1:], strict=True):
+        np.testing.assert_allclose(ours[:n], alone, rtol=1e-5, atol=1e-6)
+    for flat_p, flat in ((to_flat(grads_p), to_flat(grads)), (to_flat(new_p), to_flat(new))):
+        for key, value in flat.items():
+            scale = 1e-5 * max(1.0, float(np.max(np.abs(value))))
+            np.testing.assert_allclose(flat_p[key], value, rtol=1e-4, atol=scale, err_msg=key)
+
+
 def test_bad_inputs_fail_before_training(adata):
     a = adata.copy()
     a.X = a.X / 2.5

@@ -1,9 +1,11 @@
 """The training loop: scvi-tools 1.4.2's ``TrainingPlan`` + ``Trainer`` for LinearSCVI, in JAX.
 
-One jit-compiled function runs a whole epoch's minibatches with ``lax.scan`` when the counts fit
-in memory (they are put on the device once); a streamed file is read minibatch by minibatch (the
-cells of each minibatch sorted, so an h5ad is read with contiguous slices where it can be), and
-the same compiled step runs on each. Per-epoch metrics are those scvi-tools logs in ``history_``.
+One jit-compiled function runs an epoch's minibatches in chunks of :data:`CHUNK` (a loop inside
+the compiled program) when the counts fit in memory (they are put on the device once), the last,
+smaller minibatch padded with masked cells: one compilation serves the whole run. A streamed file
+is read minibatch by minibatch (the cells of each minibatch sorted, so an h5ad is read with
+contiguous slices where it can be), and the same compiled step runs on each. Per-epoch metrics
+are those scvi-tools logs in ``history_``.
 """
 
 from __future__ import annotations
@@ -124,6 +126,7 @@ class StepSettings(NamedTuple):
     weight_decay: float
     decoupled: bool
     bn_train: tuple[bool, bool] = (True, True)  # encoders, decoder (False: frozen)
+    batch_size: int | None = None  # smaller minibatches are padded to it (None: not padded)
 
 
 def kl_weight(epoch: Any, step: Any, s: StepSettings) -> Any:
@@ -160,13 +163,10 @@ def make_optimizer(config: LDVAEConfig, s: StepSettings, lr: float) -> optax.Gra
 # --------------------------------------------------------------------------------------------
 
 
-@functools.partial(
-    jax.jit, static_argnames=("config", "settings"), donate_argnames=("params", "opt_state")
-)
 def train_steps(
     params: LDVAEParams,
     opt_state: Any,
-    x_all: Array,
+    x_all: Array | None,
     batch_all: Array,
     label_all: Array,
     rows: Array,
@@ -181,13 +181,65 @@ def train_steps(
     """``rows.shape[0]`` optimizer steps, minibatch ``i`` being the cells ``rows[i]`` of
     ``x_all``; returns params, optimizer state and the summed metrics (loss * n, reconstruction,
     kl_local). ``grad_mask``: 0/1 arrays like the params; entries at 0 are never moved (query
-    mapping freezes the reference's weights this way)."""
+    mapping freezes the reference's weights this way).
+
+    The steps run in compiled chunks of :data:`CHUNK` minibatches (a loop with the chunk's
+    number of steps as a traced bound), and a minibatch smaller than ``settings.batch_size`` (an
+    epoch's last) is padded with masked cells (``objective.train_loss``'s ``valid``), so that
+    one compiled program serves every epoch, its last minibatch included."""
+    assert x_all is not None, "x_all: the counts, on the device"
+    host = np.asarray(rows, np.int32)
+    width = max(host.shape[1], settings.batch_size or 0)
+    host = np.pad(host, ((0, -len(host) % CHUNK), (0, width - host.shape[1])), constant_values=-1)
+    # placed as ``rows`` was (an uncommitted chunk would not match committed outputs: a recompile)
+    sharding = rows.sharding if isinstance(rows, jax.Array) and rows.committed else None
+    first, total = int(step0), jnp.zeros(3)
+    for start in range(0, rows.shape[0], CHUNK):
+        chunk = host[start : start + CHUNK]
+        n_steps = np.int32(min(CHUNK, rows.shape[0] - start))
+        params, opt_state, sums = _train_steps(
+            params, opt_state, x_all, batch_all, label_all,
+            chunk if sharding is None else jax.device_put(chunk, sharding),
+            key, epoch, np.int32(first + start), n_steps, grad_mask,
+            config=config, settings=settings,
+        )  # fmt: skip
+        total = total + sums
+    return params, opt_state, total
+
+
+#: minibatches per compiled call of :func:`train_steps`
+CHUNK = 32
+
+
+@functools.partial(
+    jax.jit, static_argnames=("config", "settings"), donate_argnames=("params", "opt_state")
+)
+def _train_steps(
+    params: LDVAEParams,
+    opt_state: Any,
+    x_all: Array,
+    batch_all: Array,
+    label_all: Array,
+    rows: Array,
+    key: Array,
+    epoch: Array,
+    step0: Array,
+    n_steps: Array,
+    grad_mask: LDVAEParams | None,
+    *,
+    config: LDVAEConfig,
+    settings: StepSettings,
+) -> tuple[LDVAEParams, Any, Array]:
+    """The first ``n_steps`` minibatches of ``rows`` (CHUNK, batch_size); a row index of -1 is
+    a padding cell."""
     tx = make_optimizer(config, settings, 1.0)
 
-    def body(carry, inputs):
-        params, opt_state = carry
-        i, idx = inputs
+    def body(i, carry):
+        params, opt_state, total = carry
+        rows_i = rows[i]
         step = step0 + i
+        valid = (rows_i >= 0).astype(x_all.dtype)
+        idx = jnp.maximum(rows_i, 0)  # padding reads cell 0, masked out of every statistic
         x, b, lab = x_all[idx], batch_all[idx], label_all[idx]
         w = kl_weight(epoch, step, settings)
         noise = objective.draw_noise(
@@ -201,7 +253,7 @@ def train_steps(
         def loss_fn(p):
             parts, new = objective.train_loss(
                 p, x, b, lab, noise, w, config=config, dropout_rate=settings.dropout_rate,
-                bn_train=settings.bn_train,
+                bn_train=settings.bn_train, valid=valid,
             )  # fmt: skip
             return parts.loss, (parts, new)
 
@@ -212,15 +264,15 @@ def train_steps(
         if grad_mask is not None:
             updates = jax.tree.map(jnp.multiply, updates, grad_mask)
         params = optax.apply_updates(new, updates)
-        n = idx.shape[0]
-        sums = jnp.stack(
-            [loss * n, parts.reconstruction_loss.sum(), (parts.kl_z + parts.kl_l).sum()]
-        )
-        return (params, opt_state), sums
+        sums = jnp.stack([
+            loss * valid.sum(),
+            (parts.reconstruction_loss * valid).sum(),
+            ((parts.kl_z + parts.kl_l) * valid).sum(),
+        ])  # fmt: skip
+        return params, opt_state, total + sums
 
-    steps = jnp.arange(rows.shape[0])
-    (params, opt_state), sums = jax.lax.scan(body, (params, opt_state), (steps, rows))
-    return params, opt_state, sums.sum(axis=0)
+    init = (params, opt_state, jnp.zeros(3, x_all.dtype))
+    return jax.lax.fori_loop(0, n_steps, body, init)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -267,17 +319,23 @@ def init_params(
 ) -> LDVAEParams:
     """Fresh parameters drawn as torch initialises them: ``Linear`` weight and bias
     U(-1/sqrt(n_in), 1/sqrt(n_in)), BatchNorm gamma 1, beta 0, running mean 0 and variance 1,
-    ``px_r`` standard normal; the library prior from the data (``_init_library_size``)."""
-    keys = iter(jax.random.split(key, 64))
+    ``px_r`` standard normal; the library prior from the data (``_init_library_size``).
+
+    Drawn on the host by numpy, seeded from ``key``: JAX's draws would compile one program per
+    shape, seconds of a short training run."""
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+
+    def f32(a: Any) -> Array:
+        return jnp.asarray(np.asarray(a, np.float32))  # a transfer, no compilation
 
     def dense(n_in: int, n_out: int, bias: bool = True) -> Dense:
         bound = 1.0 / math.sqrt(n_in)
-        w = jax.random.uniform(next(keys), (n_in, n_out), jnp.float32, -bound, bound)
-        b = jax.random.uniform(next(keys), (n_out,), jnp.float32, -bound, bound) if bias else None
+        w = f32(rng.uniform(-bound, bound, (n_in, n_out)))
+        b = f32(rng.uniform(-bound, bound, n_out)) if bias else None
         return Dense(w, b)
 
     def bn(n: int) -> BatchNorm:
-        return BatchNorm(jnp.ones(n), jnp.zeros(n), jnp.zeros(n), jnp.ones(n))
+        return BatchNorm(f32(np.ones(n)), f32(np.zeros(n)), f32(np.zeros(n)), f32(np.ones(n)))
 
     def encoder(n_out: int, n_layers: int) -> Encoder:
         g, h = config.n_input, config.n_hidden
@@ -293,17 +351,15 @@ def init_params(
         )
 
     px_cols = {"gene": (), "gene-batch": (config.n_batch,), "gene-label": (config.n_labels,)}
-    px_r = jax.random.normal(next(keys), (config.n_input, *px_cols[config.dispersion]))
+    px_r = f32(rng.standard_normal((config.n_input, *px_cols[config.dispersion])))
     prior = None if config.use_observed_lib_size else library_log_means
     return LDVAEParams(
         z_encoder=encoder(config.n_latent, config.n_layers),
         l_encoder=encoder(1, 1),
         decoder=LinearDecoder(head(), head()),
         px_r=px_r,
-        library_log_means=None if prior is None else jnp.asarray(prior, jnp.float32),
-        library_log_vars=None
-        if config.use_observed_lib_size
-        else jnp.asarray(library_log_vars, jnp.float32),
+        library_log_means=None if prior is None else f32(prior),
+        library_log_vars=None if config.use_observed_lib_size else f32(library_log_vars),
     )
 
 

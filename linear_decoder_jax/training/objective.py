@@ -54,31 +54,38 @@ class LossParts(NamedTuple):
 def draw_noise(
     key: Array, n_obs: int, *, config: LDVAEConfig, dropout_rate: float, dtype=jnp.float32
 ) -> TrainNoise:
-    """Fresh :class:`TrainNoise` for ``n_obs`` cells (Bernoulli(1 - dropout_rate) keep masks)."""
-    kz, kl, kd = jax.random.split(key, 3)
+    """Fresh :class:`TrainNoise` for ``n_obs`` cells (Bernoulli(1 - dropout_rate) keep masks).
+
+    One normal draw for z and the library and one uniform draw for every mask: each random
+    primitive costs seconds of XLA compilation on the CPU."""
+    kn, kd = jax.random.split(key)
     n_masks = config.n_layers + 1
-    mask_keys = jax.random.split(kd, n_masks)
-    keep = tuple(
-        jax.random.bernoulli(k, 1.0 - dropout_rate, (n_obs, config.n_hidden)).astype(dtype)
-        for k in mask_keys
-    )
+    normal = jax.random.normal(kn, (n_obs, config.n_latent + 1), dtype)
+    uniform = jax.random.uniform(kd, (n_masks, n_obs, config.n_hidden), dtype)
+    keep = tuple((uniform[i] < 1.0 - dropout_rate).astype(dtype) for i in range(n_masks))
     return TrainNoise(
-        z=jax.random.normal(kz, (n_obs, config.n_latent), dtype),
-        library=jax.random.normal(kl, (n_obs, 1), dtype),
+        z=normal[:, : config.n_latent],
+        library=normal[:, config.n_latent :],
         z_keep=keep[: config.n_layers],
         l_keep=keep[config.n_layers :],
     )
 
 
-def batch_norm_train(p: BatchNorm, x: Array) -> tuple[Array, BatchNorm]:
+def batch_norm_train(p: BatchNorm, x: Array, valid: Array | None = None) -> tuple[Array, BatchNorm]:
     """torch ``BatchNorm1d`` in train mode on ``x`` (n_obs, n): output and updated running stats.
 
     Normalises with the batch mean and the biased batch variance; the running variance is updated
-    with the unbiased one (``n / (n - 1)``), as torch does.
+    with the unbiased one (``n / (n - 1)``), as torch does. ``valid`` (n_obs,) 0/1: the statistics
+    are those of the rows at 1 alone (a padded minibatch).
     """
-    n = x.shape[0]
-    mean = x.mean(axis=0)
-    var = jnp.square(x - mean[None, :]).mean(axis=0)
+    if valid is None:
+        n: Array | int = x.shape[0]
+        mean = x.mean(axis=0)
+        var = jnp.square(x - mean[None, :]).mean(axis=0)
+    else:
+        n = valid.sum()
+        mean = (x * valid[:, None]).sum(axis=0) / n
+        var = (jnp.square(x - mean[None, :]) * valid[:, None]).sum(axis=0) / n
     y = (x - mean[None, :]) / jnp.sqrt(var[None, :] + layers.BN_EPS) * p.scale[None, :]
     y = y + p.bias[None, :]
     stats = jax.lax.stop_gradient((mean, var * (n / (n - 1))))
@@ -97,6 +104,7 @@ def layer_train(
     relu: bool,
     dropout_rate: float,
     bn_train: bool = True,
+    valid: Array | None = None,
 ) -> tuple[Array, Layer]:
     """One ``FCLayers`` block in train mode: Linear -> BatchNorm -> ReLU -> Dropout(keep mask).
     ``bn_train=False``: a frozen BatchNorm (running statistics, not updated)."""
@@ -104,7 +112,7 @@ def layer_train(
     bn = p.bn
     if p.bn is not None:
         if bn_train:
-            y, bn = batch_norm_train(p.bn, y)
+            y, bn = batch_norm_train(p.bn, y, valid)
         else:
             y = layers.batch_norm_eval(p.bn, y)
     if relu:
@@ -115,14 +123,20 @@ def layer_train(
 
 
 def encoder_train(
-    p: Encoder, x: Array, keep: tuple[Array, ...], *, dropout_rate: float, bn_train: bool = True
+    p: Encoder,
+    x: Array,
+    keep: tuple[Array, ...],
+    *,
+    dropout_rate: float,
+    bn_train: bool = True,
+    valid: Array | None = None,
 ) -> tuple[Array, Array, Encoder]:
     """``Encoder`` in train mode: ``(q_m, q_v)`` and the encoder with updated running stats."""
     h = x
     blocks = []
     for block, mask in zip(p.layers, keep, strict=True):
         h, block = layer_train(
-            block, h, mask, relu=True, dropout_rate=dropout_rate, bn_train=bn_train
+            block, h, mask, relu=True, dropout_rate=dropout_rate, bn_train=bn_train, valid=valid
         )
         blocks.append(block)
     q_m = layers.dense(p.mean, h)
@@ -138,11 +152,58 @@ def kl_normal(m1: Array, v1: Array, m2: Array, v2: Array) -> Array:
 
 
 def _head_train(
-    head: Layer, z: Array, batch: Array, *, config: LDVAEConfig, bn_train: bool
-) -> tuple[Array, Layer]:
+    head: Layer,
+    z: Array,
+    batch: Array,
+    *,
+    config: LDVAEConfig,
+    bn_train: bool,
+    valid: Array | None,
+    output: bool = True,
+) -> tuple[Array | None, Layer]:
+    """A decoder head (Linear -> BatchNorm, no ReLU, no dropout) in train mode.
+
+    The head is linear in its few inputs ``u = [z, one-hot batch]``, so its train-mode BatchNorm
+    statistics come from those of ``u``: mean ``mean(u) W + b`` and variance ``diag(W' C W)``
+    with ``C`` the (biased) covariance of ``u``, the same numbers as torch's over the
+    (n_obs, n_vars) output without its reductions. ``output=False`` (the zero-inflation head of
+    an NB or Poisson model, whose output is unused but whose statistics move) skips the output.
+    """
     if config.n_batch_onehot:
         z = jnp.concatenate([z, jax.nn.one_hot(batch, config.n_batch, dtype=z.dtype)], axis=-1)
-    return layer_train(head, z, None, relu=False, dropout_rate=0.0, bn_train=bn_train)
+    if head.bn is None or not bn_train:
+        return layer_train(head, z, None, relu=False, dropout_rate=0.0, bn_train=bn_train)
+    kernel, bias = head.dense.kernel, head.dense.bias
+    if valid is None:
+        n: Array | int = z.shape[0]
+        z_mean = z.mean(axis=0)
+        centred = z - z_mean[None, :]
+        cov = centred.T @ centred / n
+    else:
+        n = valid.sum()
+        z_mean = (z * valid[:, None]).sum(axis=0) / n
+        centred = z - z_mean[None, :]
+        cov = (centred * valid[:, None]).T @ centred / n
+    mean = z_mean @ kernel if bias is None else z_mean @ kernel + bias
+    var = jnp.maximum(((cov @ kernel) * kernel).sum(axis=0), 0.0)
+    y: Array | None = None
+    if output:
+        factor = head.bn.scale / jnp.sqrt(var + layers.BN_EPS)
+        y = (centred @ kernel) * factor[None, :] + head.bn.bias[None, :]
+    stats = jax.lax.stop_gradient((mean, var * (n / (n - 1))))
+    bn = head.bn._replace(
+        mean=(1.0 - BN_MOMENTUM) * head.bn.mean + BN_MOMENTUM * stats[0],
+        var=(1.0 - BN_MOMENTUM) * head.bn.var + BN_MOMENTUM * stats[1],
+    )
+    return y, head._replace(bn=bn)
+
+
+def _dispersion(params: LDVAEParams, batch: Array, label: Array, *, config: LDVAEConfig) -> Array:
+    """``model.dispersion``, a per-gene theta kept (1, n_vars): the likelihood broadcasts it, and
+    its lgamma and digamma terms run once per gene instead of once per cell and gene."""
+    if config.dispersion == "gene":
+        return jnp.exp(params.px_r)[None, :]
+    return model.dispersion(params, batch, label, config=config)
 
 
 def library_prior(params: LDVAEParams, batch: Array) -> tuple[Array, Array]:
@@ -162,6 +223,7 @@ def train_loss(
     config: LDVAEConfig,
     dropout_rate: float,
     bn_train: tuple[bool, bool] = (True, True),
+    valid: Array | None = None,
 ) -> tuple[LossParts, LDVAEParams]:
     """Train-mode forward pass and ``VAE.loss`` of one minibatch.
 
@@ -180,6 +242,10 @@ def train_loss(
     bn_train
         Whether the encoders' and the decoder's BatchNorm layers run in train mode; False
         freezes them (running statistics used, not updated), as query mapping does.
+    valid
+        (n_obs,) 0/1: a minibatch padded to a fixed size (one compiled step serves an epoch's
+        last, smaller minibatch); the loss and every BatchNorm statistic are those of the cells
+        at 1 alone. None: every cell.
 
     Returns
     -------
@@ -190,7 +256,7 @@ def train_loss(
     h = model.encoder_input(x, config=config)
     enc_bn, dec_bn = bn_train
     qz_m, qz_v, z_encoder = encoder_train(
-        params.z_encoder, h, noise.z_keep, dropout_rate=dropout_rate, bn_train=enc_bn
+        params.z_encoder, h, noise.z_keep, dropout_rate=dropout_rate, bn_train=enc_bn, valid=valid
     )
     z = model.z_transformation(qz_m + jnp.sqrt(qz_v) * noise.z, config=config)
     l_encoder = params.l_encoder
@@ -199,25 +265,31 @@ def train_loss(
         kl_l = jnp.zeros(x.shape[0], x.dtype)
     else:
         ql_m, ql_v, l_encoder = encoder_train(
-            params.l_encoder, h, noise.l_keep, dropout_rate=dropout_rate, bn_train=enc_bn
-        )
+            params.l_encoder, h, noise.l_keep, dropout_rate=dropout_rate, bn_train=enc_bn,
+            valid=valid,
+        )  # fmt: skip
         log_library = ql_m + jnp.sqrt(ql_v) * noise.library
         prior_m, prior_v = library_prior(params, batch)
         kl_l = kl_normal(ql_m, ql_v, prior_m, prior_v).sum(axis=1)
-    logits, factor = _head_train(params.decoder.factor, z, batch, config=config, bn_train=dec_bn)
-    zi_logits, dropout_head = _head_train(
-        params.decoder.dropout, z, batch, config=config, bn_train=dec_bn
+    logits, factor = _head_train(
+        params.decoder.factor, z, batch, config=config, bn_train=dec_bn, valid=valid
     )
+    zinb = config.gene_likelihood == "zinb"
+    zi_logits, dropout_head = _head_train(
+        params.decoder.dropout, z, batch, config=config, bn_train=dec_bn, valid=valid, output=zinb
+    )
+    assert logits is not None
     scale = jax.nn.softmax(logits, axis=-1)
     decoded = model.Decoded(
         scale=scale,
         mu=jnp.exp(log_library) * scale,
-        theta=model.dispersion(params, batch, label, config=config),
-        zi_logits=zi_logits if config.gene_likelihood == "zinb" else None,
+        theta=_dispersion(params, batch, label, config=config),
+        zi_logits=zi_logits if zinb else None,
     )
     reconstruction = -model.log_likelihood(x, decoded, config=config)
     kl_z = kl_normal(qz_m, qz_v, jnp.zeros_like(qz_m), jnp.ones_like(qz_v)).sum(axis=-1)
-    loss = jnp.mean(reconstruction + (kl_weight * kl_z + kl_l))
+    per_cell = reconstruction + (kl_weight * kl_z + kl_l)
+    loss = jnp.mean(per_cell) if valid is None else (per_cell * valid).sum() / valid.sum()
     new = params._replace(
         z_encoder=z_encoder,
         l_encoder=l_encoder,

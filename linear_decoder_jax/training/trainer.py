@@ -229,6 +229,7 @@ def fit(
         weight_decay=float(cfg.weight_decay),
         decoupled=cfg.optimizer == "AdamW",
         bn_train=bn_train,
+        batch_size=cfg.batch_size,
     )
     params = jax.tree.map(lambda a: jnp.array(a, jnp.float32), params)
     tx = loop.make_optimizer(config, settings, cfg.lr)
