@@ -26,7 +26,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -40,14 +39,6 @@ import numpy as np
 HERE = Path(__file__).parent
 
 
-def _bench_ablation():
-    """bench_ablation.py (make_data, train_scvi), loaded by path: benchmarks/ is not a package."""
-    spec = importlib.util.spec_from_file_location("bench_ablation", HERE / "bench_ablation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def timed(fn):
     t0 = time.perf_counter()
     out = fn()
@@ -55,11 +46,11 @@ def timed(fn):
 
 
 def run_point(n: int, g: int, k: int, likelihood: str) -> dict:
+    import bench_ablation as bench  # a sibling: benchmarks/ is sys.path[0] when run as a script
     import jax
 
     import linear_decoder_jax as ldj
 
-    bench = _bench_ablation()
     adata = bench.make_data(n, g)
     with tempfile.TemporaryDirectory() as tmp:
         bench.train_scvi(adata, k, likelihood, Path(tmp) / "scvi")

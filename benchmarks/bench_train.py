@@ -23,7 +23,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -32,13 +31,6 @@ import warnings
 from pathlib import Path
 
 HERE = Path(__file__).parent
-
-
-def _bench_ablation():
-    spec = importlib.util.spec_from_file_location("bench_ablation", HERE / "bench_ablation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def timed(fn):
@@ -84,7 +76,9 @@ def main() -> None:
     parser.add_argument("--output", default=str(HERE / "results" / "train.json"))
     parser.add_argument("--skip-scvi", action="store_true")
     args = parser.parse_args()
-    adata = _bench_ablation().make_data(args.n_obs, args.n_vars)
+    import bench_ablation  # a sibling: benchmarks/ is sys.path[0] when run as a script
+
+    adata = bench_ablation.make_data(args.n_obs, args.n_vars)
     result = {
         "n_obs": args.n_obs,
         "n_vars": args.n_vars,

@@ -22,7 +22,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -35,13 +34,6 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
-
-
-def _bench_ablation():
-    spec = importlib.util.spec_from_file_location("bench_ablation", HERE / "bench_ablation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _port() -> int:
@@ -74,7 +66,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
-        adata = _bench_ablation().make_data(args.n_obs, args.n_vars)
+        import bench_ablation  # a sibling: benchmarks/ is sys.path[0] when run as a script
+
+        adata = bench_ablation.make_data(args.n_obs, args.n_vars)
         adata.X = sp.csr_matrix(adata.X)
         adata.write_h5ad(tmp_path / "cells.h5ad")
         adata.write_zarr(tmp_path / "cells.zarr")
