@@ -15,6 +15,7 @@ import functools
 import math
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, get_args
 
@@ -169,38 +170,39 @@ def train_steps(
     x_all: Array | None,
     batch_all: Array,
     label_all: Array,
-    rows: Array,
+    rows: np.ndarray,
     key: Array,
     epoch: Array,
-    step0: Array,
+    step0: int,
     grad_mask: LDVAEParams | None = None,
     *,
     config: LDVAEConfig,
     settings: StepSettings,
+    put_rows: Callable[[np.ndarray], Array] = jnp.asarray,
+    put_scalar: Callable[[int], Any] = jnp.asarray,
 ) -> tuple[LDVAEParams, Any, Array]:
-    """``rows.shape[0]`` optimizer steps, minibatch ``i`` being the cells ``rows[i]`` of
-    ``x_all``; returns params, optimizer state and the summed metrics (loss * n, reconstruction,
+    """``rows.shape[0]`` optimizer steps, minibatch ``i`` being the cells ``rows[i]`` (host
+    indices into the global ``x_all``) of ``x_all``; returns params, optimizer state and the summed metrics (loss * n, reconstruction,
     kl_local). ``grad_mask``: 0/1 arrays like the params; entries at 0 are never moved (query
     mapping freezes the reference's weights this way).
 
     The steps run in compiled chunks of :data:`CHUNK` minibatches (a loop with the chunk's
     number of steps as a traced bound), and a minibatch smaller than ``settings.batch_size`` (an
     epoch's last) is padded with masked cells (``objective.train_loss``'s ``valid``), so that
-    one compiled program serves every epoch, its last minibatch included."""
+    one compiled program serves every epoch, its last minibatch included. ``put_rows`` and
+    ``put_scalar`` place each chunk of rows and each step counter as the caller places its arrays
+    (split over the devices of one or several processes; the padding is added to the global
+    width before the split)."""
     assert x_all is not None, "x_all: the counts, on the device"
     host = np.asarray(rows, np.int32)
     width = max(host.shape[1], settings.batch_size or 0)
     host = np.pad(host, ((0, -len(host) % CHUNK), (0, width - host.shape[1])), constant_values=-1)
-    # placed as ``rows`` was (an uncommitted chunk would not match committed outputs: a recompile)
-    sharding = rows.sharding if isinstance(rows, jax.Array) and rows.committed else None
-    first, total = int(step0), jnp.zeros(3)
+    total = jnp.zeros(3)
     for start in range(0, rows.shape[0], CHUNK):
-        chunk = host[start : start + CHUNK]
-        n_steps = np.int32(min(CHUNK, rows.shape[0] - start))
+        n_steps = min(CHUNK, rows.shape[0] - start)
         params, opt_state, sums = _train_steps(
-            params, opt_state, x_all, batch_all, label_all,
-            chunk if sharding is None else jax.device_put(chunk, sharding),
-            key, epoch, np.int32(first + start), n_steps, grad_mask,
+            params, opt_state, x_all, batch_all, label_all, put_rows(host[start : start + CHUNK]),
+            key, epoch, put_scalar(step0 + start), put_scalar(n_steps), grad_mask,
             config=config, settings=settings,
         )  # fmt: skip
         total = total + sums

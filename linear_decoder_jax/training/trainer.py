@@ -258,22 +258,27 @@ def fit(
         if progress is not None:
             progress(f"Resuming from {checkpoint} after epoch {first_epoch}.")
 
+    def put_rows(rows: np.ndarray) -> jax.Array:
+        """A chunk of global row indices (steps, width), split along its cells like the data."""
+        return place.cells(rows[:, place.share(rows.shape[1])], 1, rows.shape[1])
+
     def run(rows: np.ndarray, epoch: int) -> list[jax.Array]:
         nonlocal params, opt_state, step
         if in_memory:
             params, opt_state, sums = loop.train_steps(
-                params, opt_state, x_all, batch_all, label_all, place.cells(rows, 1), key,
-                place.scalar(epoch), place.scalar(step), grad_mask, config=config,
-                settings=settings,
+                params, opt_state, x_all, batch_all, label_all, rows, key, place.scalar(epoch),
+                step, grad_mask, config=config, settings=settings, put_rows=put_rows,
+                put_scalar=place.scalar,
             )  # fmt: skip
             step += rows.shape[0]
             return [sums]
         total = []
         for order in rows:
-            x, b, lab, local = _minibatch(cells, order, place)
+            x, b, lab, _ = _minibatch(cells, order, place)
             params, opt_state, sums = loop.train_steps(
-                params, opt_state, x, b, lab, local, key, place.scalar(epoch), place.scalar(step),
-                grad_mask, config=config, settings=settings,
+                params, opt_state, x, b, lab, np.arange(len(order))[None], key,
+                place.scalar(epoch), step, grad_mask, config=config, settings=settings,
+                put_rows=put_rows, put_scalar=place.scalar,
             )  # fmt: skip
             step += 1
             total.append(sums)
