@@ -295,22 +295,17 @@ def _split_terms(
         split_of[list(members)], position[list(members)] = s, np.arange(len(members))
     n_positions = max(len(m) for m in layout)
     constant = family.constant_split_values(params, baseline, batch)  # every latent at baseline
-    if mode == "drop":  # split s(k) with latent k at its baseline, into the full aggregation
-        base = values
-        replaced = [
-            constant
-            if n_positions == 1
-            else family.split_values(params, jnp.where(position == p, baseline, z), batch)
-            for p in range(n_positions)
-        ]
-    else:  # split s(k) with latent k alone off its baseline, into the baseline's aggregation
-        base = constant
-        replaced = [
-            values
-            if n_positions == 1
-            else family.split_values(params, jnp.where(position == p, z, baseline), batch)
-            for p in range(n_positions)
-        ]
+    # drop: split s(k) with latent k at its baseline, into the full aggregation; keep: split s(k)
+    # with latent k alone off its baseline, into the baseline's aggregation
+    drop = mode == "drop"
+    base, alone = (values, constant) if drop else (constant, values)
+    moved, kept = (baseline, z) if drop else (z, baseline)
+    replaced = [
+        alone
+        if n_positions == 1
+        else family.split_values(params, jnp.where(position == p, moved, kept), batch)
+        for p in range(n_positions)
+    ]
     rest = family.leave_one_out(base)  # (b, n_splits, n_vars)
     terms = jnp.stack(replaced)  # (n_positions, b, n_splits, n_vars)
     split_of_k, position_of_k = jnp.asarray(split_of), jnp.asarray(position)
