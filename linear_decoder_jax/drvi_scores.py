@@ -351,9 +351,12 @@ def _ood_combinations(
         cb = jnp.broadcast_to(codes[None, :], (n_steps, codes.shape[0]))
         values = split_values(params, span, cb, config=config)  # (n_steps, s, G)
         values = values.reshape(2, half, *values.shape[1:])
-        lo = values.min(axis=(0, 1))
-        hi = values.max(axis=(0, 1))
-        dmax = values.max(axis=1) if directional else hi
+        # min and max over the steps one step at a time: XLA's CPU reduction over this major axis
+        # took 20 ms of a 25 ms combination at 32 splits x 2,000 genes, these elementwise 0.5 ms
+        by_step = [values[:, i] for i in range(half)]  # (2, s, G) each
+        up, down = functools.reduce(jnp.maximum, by_step), functools.reduce(jnp.minimum, by_step)
+        lo, hi = jnp.minimum(down[0], down[1]), jnp.maximum(up[0], up[1])
+        dmax = up if directional else hi
         log_add = jax.scipy.special.logsumexp(hi) + math.log(add_to_counts / 1e6)
         row = jnp.broadcast_to(log_add, (1, lo.shape[1]))
         lse_min = jax.scipy.special.logsumexp(jnp.concatenate([lo, row]), axis=0, keepdims=True)
