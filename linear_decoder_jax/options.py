@@ -378,7 +378,8 @@ def add_arguments(parser: Any, classes: Sequence[type]) -> None:
             cli = dict(f.metadata["cli"])
             if "flag" in cli and cli.pop("flag") is None:
                 continue
-            kwargs: dict[str, Any] = {"help": f.metadata["help"], **cli}
+            # argparse %-formats help: a literal % (e.g. "1%") must be doubled
+            kwargs: dict[str, Any] = {"help": f.metadata["help"].replace("%", "%%"), **cli}
             choices = [a for a in get_args(_literal(f.type)) if a is not None]
             if f.default is False:
                 kwargs["action"] = "store_true"

@@ -9,6 +9,7 @@ import inspect
 from typing import get_args
 
 import numpy as np
+import pytest
 from helpers import random_adata, random_model
 
 import linear_decoder_jax as ldj
@@ -71,3 +72,18 @@ def test_recorded_settings_are_documented():
     text = dict((name, doc) for name, _, doc in schema.UNS)["ablation"]
     missing = [k for k in result.settings if k not in text]
     assert not missing, missing
+
+
+def test_every_subcommand_prints_its_help(capsys):
+    """argparse %-formats help texts: a literal % in a declared help (e.g. the traversal's "1%")
+    must not break ``--help`` (or the generated docs/cli.md)."""
+    from linear_decoder_jax.cli import build_parser, main
+
+    commands = next(
+        a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)
+    ).choices
+    for name in commands:
+        with pytest.raises(SystemExit) as exit_:
+            main([name, "--help"])
+        assert exit_.value.code == 0, name
+    assert "1% to its 99% quantile" in " ".join(capsys.readouterr().out.split())
