@@ -237,3 +237,14 @@ def converted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from linear_decoder_jax.demo import demo_files
 
     return ldj.convert(demo_files() / "model.pt", tmp_path_factory.mktemp("converted") / "model")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each test module: every XLA CPU executable maps memory,
+    and one process running the whole suite passed Linux's default limit of 65,530 maps
+    (``vm.max_map_count``) and died with a segmentation fault around test 730."""
+    yield
+    import jax
+
+    jax.clear_caches()
