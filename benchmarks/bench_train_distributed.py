@@ -25,35 +25,15 @@ import argparse
 import json
 import os
 import platform
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import bench_distributed  # a sibling: its process launcher (benchmarks/ is sys.path[0])
+
 HERE = Path(__file__).parent
 ROOT = HERE.parent
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(commands: list[list[str]]) -> float:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    start = time.perf_counter()
-    procs = [
-        subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        for c in commands
-    ]
-    for p in procs:
-        _, err = p.communicate()
-        if p.returncode:
-            raise SystemExit(err.decode()[-2000:])
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -80,7 +60,12 @@ def main() -> None:
             return cmd + ["--batch-key", "batch", "--max-epochs", str(epochs), "--quiet", *extra]
 
         def distributed(n: int, epochs: int) -> list[list[str]]:
-            flags = ["--stream", "--distributed", "--coordinator", f"127.0.0.1:{_port()}"]
+            flags = [
+                "--stream",
+                "--distributed",
+                "--coordinator",
+                f"127.0.0.1:{bench_distributed._port()}",
+            ]
             flags += ["--num-processes", str(n)]
             return [train(h5ad, epochs, *flags, "--process-id", str(i)) for i in range(n)]
 
@@ -95,7 +80,7 @@ def main() -> None:
         times: dict[str, dict[int, float]] = {name: {} for name in runs}
         for epochs in (1, 3):
             for name, commands in runs.items():
-                times[name][epochs] = _run(commands(epochs))
+                times[name][epochs] = bench_distributed._run(commands(epochs))
                 print(name, epochs, round(times[name][epochs], 2), flush=True)
         load_end = os.getloadavg()
     record = {
