@@ -50,7 +50,7 @@ BaselineSpec = Baseline | float | Sequence[float] | np.ndarray
 
 # Widest range of a latent's logit shift over genes taken without a max pass: its largest
 # exp(r - c) term is then above exp(-60) times a softmax entry, far from float32 underflow.
-_SHIFT_SLACK = 60.0
+SHIFT_SLACK = 60.0
 
 
 class MinibatchScores(NamedTuple):
@@ -160,7 +160,7 @@ def _score(
         jnp.maximum(shift * load_hi[latents][:, None], shift * load_lo[latents][:, None]),
         # where the loadings' range is this wide, exp(log_rho + r - c) could underflow for
         # every gene: take c as the moved log softmax's maximum (a pass over the genes)
-        jnp.abs(shift) * (load_hi - load_lo)[latents][:, None] <= _SHIFT_SLACK,
+        jnp.abs(shift) * (load_hi - load_lo)[latents][:, None] <= SHIFT_SLACK,
     )
 
     weights = None if n_groups is None else attribution.group_weights(group, valid, n_groups)

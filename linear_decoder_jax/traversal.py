@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from linear_decoder_jax import attribution, options, schema
-from linear_decoder_jax.ablation import _SHIFT_SLACK  # the sweep's bound on a moved maximum
+from linear_decoder_jax.ablation import SHIFT_SLACK  # the sweep's bound on a moved maximum
 from linear_decoder_jax.distributions import count_term, rate_reference, rate_term_change
 from linear_decoder_jax.errors import ConfigError
 from linear_decoder_jax.family import AffineFamily, Family, Rates, affine_logits
@@ -119,7 +119,7 @@ def _affine_parts(
 
     def rates(logits: list[Array], top: Array) -> tuple[Rates, Array]:
         """Rates and log scale with one exp per entry; ``top`` (b, 1) bounds the scale logits
-        from above (within :data:`_SHIFT_SLACK` of their maximum)."""
+        from above (within :data:`SHIFT_SLACK` of their maximum)."""
         e = jnp.exp(logits[0] - top)
         total = e.sum(axis=-1, keepdims=True)
         scale = e * (1.0 / total)
@@ -147,7 +147,7 @@ def _affine_parts(
         # the moved maximum is at most the full one plus the largest shift, read off the
         # loadings' range (no pass over the genes) unless that range is too wide to trust
         bound = top_full + jnp.maximum(d * hi[k], d * lo[k])
-        narrow = jnp.all(jnp.abs(d) * (hi[k] - lo[k]) <= _SHIFT_SLACK)
+        narrow = jnp.all(jnp.abs(d) * (hi[k] - lo[k]) <= SHIFT_SLACK)
         top = jax.lax.cond(narrow, lambda: bound, lambda: logits[0].max(axis=-1, keepdims=True))
         return rates(logits, top)
 
