@@ -10,7 +10,12 @@ Per run, steady state (compiled; the least of ``--repeat`` runs, the machine is 
   expected ratio is 2^K / K); ``permutation_s``: ``shapley="permutation"`` with
   ``--permutations`` M (M (K - 1) + 2 decodes per cell). Shapley runs are measured on
   ``--shapley-cells`` cells and scaled linearly to N (cost is linear in cells), said so in the
-  output.
+  output;
+* ``drvi`` (``--drvi``): a DRVI (default architecture, random weights, ``--latents`` latents, one
+  per split, 3 batches) on ``--shapley-cells`` cells: exact and permutation Shapley values over
+  its sweep by the per-split path (split terms at z and at the baseline decoded once per
+  minibatch, each coalition re-aggregates them) and by decoding every coalition, and the largest
+  difference between the two.
 
 Model: random weights of LDVAE's shapes (``tests/helpers.random_model``; speed does not depend
 on training), NB, 3 batches; counts ~10 % non-zero.
@@ -19,11 +24,14 @@ Usage::
 
     python benchmarks/bench_attribution.py                      # 20k x 2000 x 10
     python benchmarks/bench_attribution.py --cells 5000 --out results/attribution.json
+    python benchmarks/bench_attribution.py --cells 2000 --shapley-cells 200 --drvi
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import importlib.util
 import json
 import platform
@@ -31,6 +39,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_traverse import random_params  # a sibling: benchmarks/ is sys.path[0] as a script
 
 HERE = Path(__file__).parent
 
@@ -82,6 +91,61 @@ def interleaved(runs: dict, repeat: int) -> dict[str, float]:
     return best
 
 
+@contextlib.contextmanager
+def generic_coalitions(on: bool):
+    """Shapley values of a DRVI through the generic path (every coalition decoded), with the
+    compiled programs dropped on both sides so that neither path reuses the other's."""
+    import jax
+
+    from linear_decoder_jax import attribution
+
+    if not on:
+        yield
+        return
+    keep = attribution.one_latent_per_split
+    attribution.one_latent_per_split = lambda family: False
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        attribution.one_latent_per_split = keep
+        jax.clear_caches()
+
+
+def drvi_shapley(a) -> dict:
+    """DRVI (default architecture, random weights, one latent per split, 3 batches), on
+    ``--shapley-cells`` cells: exact and permutation Shapley values over the sweep, by the
+    per-split path (each coalition re-aggregates split terms decoded once per minibatch) and by
+    decoding every coalition; the two results compared."""
+    import linear_decoder_jax as ldj
+    from linear_decoder_jax.config import DataRegistry, ModelSpec
+    from linear_decoder_jax.families import drvi as F
+
+    config = F.DRVIConfig(n_input=a.genes, n_latent=a.latents, n_split=a.latents,
+                          n_cats_per_cov=(3,))  # fmt: skip
+    data = DataRegistry(var_names=tuple(f"g{i}" for i in range(a.genes)), batch_key="batch",
+                        batch_categories=("b0", "b1", "b2"), labels_key=None,
+                        label_categories=("0",))  # fmt: skip
+    params = random_params(F.abstract_params(config), np.random.default_rng(0))
+    model = ldj.DRVI(params, ModelSpec(config, data, {}))
+    small = make_data(model, a.shapley_cells, a.groups)
+    out: dict = {"cells": a.shapley_cells, "latents": a.latents}
+    out["plain_s"] = steady(lambda: ldj.ablate(model, small), a.repeat)
+    results = {}
+    for method, extra in (("exact", {}), ("permutation", {"n_permutations": a.permutations})):
+        for path in ("split", "generic"):
+            with generic_coalitions(path == "generic"):
+                run = functools.partial(ldj.ablate, model, small, shapley=method, **extra)
+                out[f"{method}_{path}_s"] = steady(run, 1) - out["plain_s"]
+                results[path] = run().arrays["shapley_nll"]
+        ref = np.abs(results["generic"]).max()
+        out[f"{method}_max_rel_diff"] = float(
+            np.abs(results["split"] - results["generic"]).max() / ref
+        )
+        out[f"{method}_generic_over_split"] = out[f"{method}_generic_s"] / out[f"{method}_split_s"]
+    return out
+
+
 def main() -> None:
     import linear_decoder_jax as ldj
 
@@ -93,6 +157,7 @@ def main() -> None:
     p.add_argument("--shapley-cells", type=int, default=1000)
     p.add_argument("--permutations", type=int, default=32)
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--drvi", action="store_true", help="also DRVI's Shapley values, both paths")
     p.add_argument("--out", type=Path)
     a = p.parse_args()
 
@@ -136,6 +201,8 @@ def main() -> None:
     row["permutation_s"] = perm_small * scale
     row["permutation_ratio"] = perm_small / plain_small
     row["permutation_expected_ratio"] = (a.permutations * (k - 1) + 2) / k
+    if a.drvi:
+        row["drvi"] = drvi_shapley(a)
     print(json.dumps(row, indent=1))
     if a.out:
         a.out.write_text(json.dumps(row, indent=1) + "\n")

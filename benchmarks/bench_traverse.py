@@ -8,7 +8,9 @@ the least of ``--repeats`` calls after one warm-up call (compiles excluded):
   the generic path (the family's whole decode per grid value; the same maths, so the results are
   compared);
 * DRVI (default architecture, random weights from ``abstract_params``' shapes, K latents): the
-  plain sweep and the sweep plus the traversal (generic path: the family's decode).
+  plain sweep, the sweep plus the traversal by the per-split path (``traversal._split_parts``:
+  the moved latent's split decoded once per covariate combination) and by the generic path (every
+  split decoded again per grid value; results compared).
 
 Usage::
 
@@ -19,6 +21,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -27,7 +30,9 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar
 
+import jax
 import numpy as np
+from bench_drvi import make_adata  # a sibling: benchmarks/ is sys.path[0] when run as a script
 
 HERE = Path(__file__).parent
 
@@ -69,6 +74,37 @@ class WholeDecode:
         return None
 
 
+def random_params(abstract: Any, rng: np.random.Generator) -> Any:
+    """Random weights of a parameter tree's shapes (BatchNorm variances in [0.5, 2]); speed does
+    not depend on training."""
+
+    def leaf(path, spec):
+        if jax.tree_util.keystr(path).endswith(".var"):
+            return rng.uniform(0.5, 2.0, spec.shape).astype(np.float32)
+        return (rng.normal(size=spec.shape) * 0.1).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(leaf, abstract)
+
+
+@contextlib.contextmanager
+def generic_traversal(on: bool):
+    """DRVI's traversal through the generic path (every split decoded per grid value), with the
+    compiled programs dropped on both sides so that neither path reuses the other's."""
+    from linear_decoder_jax import traversal
+
+    if not on:
+        yield
+        return
+    keep = traversal.one_latent_per_split
+    traversal.one_latent_per_split = lambda family: False
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        traversal.one_latent_per_split = keep
+        jax.clear_caches()
+
+
 def least(fn, repeats: int) -> tuple[Any, float]:
     fn()  # compile
     best, out = float("inf"), None
@@ -89,36 +125,21 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=HERE / "results" / "traverse.json")
     args = p.parse_args(argv)
 
-    import anndata as ad
-    import jax
-    import pandas as pd
-
     import linear_decoder_jax as ldj
     from linear_decoder_jax.config import DataRegistry, LDVAEConfig, ModelSpec
     from linear_decoder_jax.families import drvi as F
     from linear_decoder_jax.params import abstract_params
 
-    rng = np.random.default_rng(0)
     n, g, k = args.n_obs, args.n_vars, args.n_latent
-    usage = rng.gamma(0.5, 1.0, size=(n, 8))
-    rate = usage @ rng.gamma(0.3, 1.0, size=(8, g)) * 0.06
-    adata = ad.AnnData(
-        rng.poisson(rate).astype(np.float32), var=pd.DataFrame(index=[f"g{i}" for i in range(g)])
-    )
-
-    def random_params(abstract):
-        def leaf(path, spec):
-            name = jax.tree_util.keystr(path)
-            if name.endswith(".var"):
-                return rng.uniform(0.5, 2.0, spec.shape).astype(np.float32)
-            return (rng.normal(size=spec.shape) * 0.1).astype(np.float32)
-
-        return jax.tree_util.tree_map_with_path(leaf, abstract)
+    adata = make_adata(n, g)  # the models have no batch key: its batch column is not read
+    rng = np.random.default_rng(0)
 
     config = LDVAEConfig(n_input=g, n_latent=k, n_hidden=128)
     data = DataRegistry(var_names=tuple(adata.var_names), batch_key=None, batch_categories=("0",),
                         labels_key=None, label_categories=("0",))  # fmt: skip
-    linear = ldj.LinearSCVI(random_params(abstract_params(config)), ModelSpec(config, data, {}))
+    linear = ldj.LinearSCVI(
+        random_params(abstract_params(config), rng), ModelSpec(config, data, {})
+    )
     generic = ldj.LinearSCVI(linear.host_params, linear.spec, family=WholeDecode(linear.family))
 
     rows, outs = [], {}
@@ -129,20 +150,28 @@ def main(argv=None) -> int:
         "linear_scvi_sweep_traverse_generic": (generic, kw),
     }
     dconfig = F.DRVIConfig(n_input=g, n_latent=k, n_split=k)
-    drvi_params = random_params(F.abstract_params(dconfig))
+    drvi_params = random_params(F.abstract_params(dconfig), rng)
     drvi = ldj.DRVI(drvi_params, ModelSpec(dconfig, data, {}))
-    cases |= {"drvi_sweep": (drvi, {}), "drvi_sweep_traverse": (drvi, kw)}
+    cases |= {
+        "drvi_sweep": (drvi, {}),
+        "drvi_sweep_traverse": (drvi, kw),
+        "drvi_sweep_traverse_generic": (drvi, kw),
+    }
     for name, (model, extra) in cases.items():
-        out, seconds = least(lambda m=model, e=extra: ldj.ablate(m, adata, **e), args.repeats)
+        with generic_traversal(name.endswith("traverse_generic")):
+            out, seconds = least(lambda m=model, e=extra: ldj.ablate(m, adata, **e), args.repeats)
         outs[name] = out
         row = {"case": name, "seconds": round(seconds, 3), "load_avg": os.getloadavg()[0]}
         print(json.dumps(row), flush=True)
         rows.append(row)
-    fast, slow = (outs[f"linear_scvi_sweep_traverse_{s}"] for s in ("rank_one", "generic"))
-    err = float(
-        np.abs(fast.arrays["traverse_lfc"] - slow.arrays["traverse_lfc"]).max()
-        / np.abs(slow.arrays["traverse_lfc"]).max()
-    )
+
+    def max_rel_err(fast_case: str, generic_case: str) -> float:
+        fast, slow = outs[fast_case], outs[generic_case]
+        return float(
+            np.abs(fast.arrays["traverse_lfc"] - slow.arrays["traverse_lfc"]).max()
+            / np.abs(slow.arrays["traverse_lfc"]).max()
+        )
+
     seconds = {r["case"]: r["seconds"] for r in rows}
     meta = {
         "n_obs": n,
@@ -160,7 +189,15 @@ def main(argv=None) -> int:
         "traverse_over_sweep_drvi": round(
             seconds["drvi_sweep_traverse"] / seconds["drvi_sweep"], 2
         ),
-        "rank_one_vs_generic_max_rel_err": err,
+        "drvi_generic_over_split": round(
+            seconds["drvi_sweep_traverse_generic"] / seconds["drvi_sweep_traverse"], 2
+        ),
+        "rank_one_vs_generic_max_rel_err": max_rel_err(
+            "linear_scvi_sweep_traverse_rank_one", "linear_scvi_sweep_traverse_generic"
+        ),
+        "split_vs_generic_max_rel_err": max_rel_err(
+            "drvi_sweep_traverse", "drvi_sweep_traverse_generic"
+        ),
         "device": str(jax.devices()[0]),
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),

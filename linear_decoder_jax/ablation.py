@@ -42,6 +42,7 @@ from linear_decoder_jax.family import (
     SplitFamily,
     affine_logits,
     sample_gaussian,
+    split_local,
 )
 from linear_decoder_jax.options import BASELINES, Baseline, Mode
 from linear_decoder_jax.pipeline import Batch, Placement, Plan
@@ -226,17 +227,6 @@ def _score(
     return delta.T, l1.T, nll, lfc.T, sums
 
 
-def split_local(family: Family) -> bool:
-    """Whether the sweep takes the per-split path (:func:`_split_terms`): a split family with
-    several splits, each seeing its own latents only (not DRVI's "power" method, whose every split
-    depends on every latent: replacing one latent there re-decodes every split)."""
-    return (
-        isinstance(family, SplitFamily)
-        and family.splits_own_latents
-        and len(family.unit_latents()) > 1
-    )
-
-
 class _UnitTerms(NamedTuple):
     """What the sweep needs from one decode: the normalized expression, its log and the per-gene
     log-likelihood (or, on the per-split path, its terms that depend on the decode)."""
@@ -342,7 +332,7 @@ def _score_generic(
     "keep"); a split unit (``units``) is removed from the decoder's aggregation (``split_mask``),
     or kept alone. The NLL change is the per-gene difference of the family's log-likelihood, the
     log fold change that of the log normalized expression. A family whose splits see their own
-    latents (:func:`split_local`) decodes each split twice instead (:func:`_split_terms`)."""
+    latents (``family.split_local``) decodes each split twice instead (:func:`_split_terms`)."""
     n_latent = z.shape[1]
     split_unit = None
     if split_local(family):

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -63,7 +63,13 @@ from linear_decoder_jax.distributions import (
     rate_term_change,
 )
 from linear_decoder_jax.errors import ConfigError
-from linear_decoder_jax.family import AffineDecoder, AffineFamily, Family
+from linear_decoder_jax.family import (
+    AffineDecoder,
+    AffineFamily,
+    Family,
+    SplitFamily,
+    one_latent_per_split,
+)
 from linear_decoder_jax.options import Shapley
 from linear_decoder_jax.pipeline import Batch
 
@@ -247,6 +253,30 @@ def coalition_loglik(
     return dense + counts.sum(-1)
 
 
+def _split_coalitions(
+    family: SplitFamily, params: Any, batch: Batch, baseline: Array
+) -> Callable[[Array], Array]:
+    """``u(S)`` of one coalition mask (K,) for a family with one latent per split: each split's
+    term is either its term at ``z`` or at the baseline (the same for every cell of a covariate
+    combination), both decoded once per minibatch; a coalition only re-aggregates them, with
+    ``aggregate_log_prob``'s terms that depend on the decode (the others cancel in ``u``)."""
+    x, lib, cov = batch.x, batch.log_library, batch.batch
+    values = family.split_values(params, batch.z, cov)  # (b, n_splits, n_vars)
+    base = family.constant_split_values(params, baseline, cov)
+    latent_of = jnp.asarray([u[0] for u in family.unit_latents()], jnp.int32)  # per split
+
+    def loglik(mean: Array) -> Array:  # (b, n_vars)
+        return family.aggregate_log_prob(params, x, mean, lib, cov)[2]
+
+    full = loglik(family.aggregate(values))
+
+    def one(mask: Array) -> Array:  # differenced gene by gene, as the generic path
+        keep = mask[latent_of][None, :, None] > 0
+        return (loglik(family.aggregate(jnp.where(keep, values, base))) - full).sum(-1)
+
+    return one
+
+
 def _values(
     family: Family,
     params: Any,
@@ -263,6 +293,11 @@ def _values(
         ctx = _context(family, params, batch)
         fast = functools.partial(coalition_loglik, family, ctx, batch, baseline)
         return jax.lax.map(fast, masks, batch_size=chunk)
+    if one_latent_per_split(family):
+        assert isinstance(family, SplitFamily)
+        return jax.lax.map(
+            _split_coalitions(family, params, batch, baseline), masks, batch_size=chunk
+        )
     args = (batch.log_library, batch.batch, batch.label)
     full = family.log_prob(batch.x, family.decode(params, batch.z, *args))
 

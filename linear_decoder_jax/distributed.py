@@ -178,6 +178,12 @@ def _runtime_failed() -> None:
     pid = int(jax.process_index())
     watchdog = _watchdog
     reason = None if watchdog is None else watchdog.reason()
+    # a peer killed inside a collective reaches the runtime at once, before its heartbeat here
+    # is stale: wait that long for the watchdog to name it
+    deadline = time.monotonic() + _STALE + 1.5
+    while reason is None and watchdog is not None and time.monotonic() < deadline:
+        time.sleep(0.1)
+        reason = watchdog.reason()
     if reason is None:
         reason = "the distributed runtime failed"
         if pid != 0 and not _answers(_jax_runtime.coordinator_address(), tries=3):

@@ -210,6 +210,24 @@ class SplitFamily(Family, Protocol):
         ...
 
 
+def split_local(family: Family) -> bool:
+    """Whether a split family has several splits, each seeing its own latents only (not DRVI's
+    "power" method, whose every split depends on every latent: replacing one latent there
+    re-decodes every split). The sweep then takes its per-split path (``ablation``)."""
+    return (
+        isinstance(family, SplitFamily)
+        and family.splits_own_latents
+        and len(family.unit_latents()) > 1
+    )
+
+
+def one_latent_per_split(family: Family) -> bool:
+    """:func:`split_local` with exactly one latent in each split (DRVI's default): a latent at a
+    value then gives its split a term that depends on the value and the covariates only, so the
+    traversal and the Shapley values swap split terms instead of decoding again."""
+    return split_local(family) and all(len(u) == 1 for u in family.unit_latents())
+
+
 def sample_gaussian(mean: Array, var: Array, *, key: Array) -> Array:
     """One reparameterised draw from N(mean, var), e.g. z ~ q(z|x) in encoder space."""
     return mean + jnp.sqrt(var) * jax.random.normal(key, mean.shape, mean.dtype)

@@ -1,6 +1,11 @@
-"""Random LDVAE models and data for tests that need no scvi-tools."""
+"""Random LDVAE models and data for tests that need no scvi-tools; the port and environment of
+the tests that start several processes."""
 
 from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
 
 import anndata
 import jax
@@ -82,3 +87,24 @@ def accelerator_precision() -> None:
 
     if os.environ.get("JAX_PLATFORMS", "") != "cpu":
         jax.config.update("jax_default_matmul_precision", "highest")
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (a jax.distributed coordinator's)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def process_env(devices: int, *, compilation_cache: bool = True) -> dict[str, str]:
+    """The environment of a child process: this checkout importable, CPU only with ``devices``
+    devices, and (``compilation_cache=False``) no on-disk compilation cache."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    if not compilation_cache:
+        env["LDJ_COMPILATION_CACHE"] = "0"
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # importing jax here set it; a user's shell has none
+    return env

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import random_adata, random_model
+from helpers import free_port, process_env, random_adata, random_model
 
 import linear_decoder_jax as ldj
 from linear_decoder_jax.options import DistributedOptions
 
-ROOT = Path(__file__).resolve().parents[1]
 JOIN = 8  # seconds to join, where a test waits for a join that cannot happen
 STOPPED = 30  # seconds within which a killed or frozen process stops every other one (default)
 assert (
@@ -25,22 +21,8 @@ assert (
 )  # detection, then the exit (process 0: +3 s)
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(devices: int) -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["LDJ_COMPILATION_CACHE"] = "0"
-    env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # importing jax here set it; a user's shell has none
-    return env
-
-
 def _launch(model_dir, data, out, n, *extra, devices=1, port=None, ids=None):
-    port = port or _port()
+    port = port or free_port()
     return [
         subprocess.Popen(
             [
@@ -62,7 +44,7 @@ def _launch(model_dir, data, out, n, *extra, devices=1, port=None, ids=None):
                 str(i),
                 *extra,
             ],
-            env=_env(devices),
+            env=process_env(devices, compilation_cache=False),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -205,7 +187,7 @@ def test_unreachable_coordinator_and_mismatched_settings(setup, tmp_path):
     lines = _errors(err)
     assert len(lines) == 1 and "Could not join the distributed run" in lines[0], err[-2000:]
     # the same processes with different options: one line each, naming the processes
-    port = _port()
+    port = free_port()
     a = _launch(tmp / "model", tmp / "cells.h5ad", out, 2, "--mode", "keep", port=port, ids=[0])
     b = _launch(tmp / "model", tmp / "cells.h5ad", out, 2, port=port, ids=[1])
     for p in (*a, *b):
@@ -308,7 +290,7 @@ def test_a_read_holding_the_gil_is_not_silence(setup, tmp_path):
     """A process whose reading thread holds the GIL for 3x the liveness timeout (no Python runs
     in it, the runtime's heartbeats go on) is alive: the run completes."""
     model, adata, tmp = setup
-    out, port, timeout = tmp_path / "out.h5ad", _port(), 3
+    out, port, timeout = tmp_path / "out.h5ad", free_port(), 3
     procs = []
     for i in range(2):
         argv = ["ldj", "ablate", str(tmp / "model"), str(tmp / "cells.h5ad"), "-o", str(out)]
@@ -319,7 +301,7 @@ def test_a_read_holding_the_gil_is_not_silence(setup, tmp_path):
         procs.append(
             subprocess.Popen(
                 [sys.executable, "-c", script],
-                env=_env(1),
+                env=process_env(1, compilation_cache=False),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,

@@ -7,6 +7,7 @@ session; drvi's own torch module at the posterior mean is the reference.
 
 from __future__ import annotations
 
+import math
 import zipfile
 from pathlib import Path
 
@@ -461,6 +462,14 @@ def test_interpretability_scores_equal_drvi_py(name, drvi_models, drvi_adata):
     )
     for key in ood_ref:
         close(ood[key], ood_ref[key], tol=1e-4)
+    np.random.seed(3)
+    ood_ref = m.get_effect_of_splits_out_of_distribution(e_ref, n_samples=4, directional=False)
+    ood = S.get_effect_of_splits_out_of_distribution(
+        family, params, e_ours.var["min"].values, e_ours.var["max"].values, combinations=combos,
+        directional=False,
+    )  # fmt: skip
+    for key in ood_ref:
+        close(ood[key], ood_ref[key], tol=1e-4)
     # interpretability tables (OOD over every combination: nothing drawn when n_samples is large)
     m.calculate_interpretability_scores(e_ref, methods="ALL", n_samples=1000)
     S.calculate_interpretability_scores(family, params, e_ours, x, codes, methods="ALL")
@@ -469,6 +478,46 @@ def test_interpretability_scores_equal_drvi_py(name, drvi_models, drvi_adata):
     t_ours = S.get_interpretability_scores(e_ours, adata.var_names, key="IND_max")
     assert list(t_ours.columns) == list(t_ref.columns) and list(t_ours.index) == list(t_ref.index)
     close(t_ours.to_numpy(), t_ref.to_numpy())
+
+
+@pytest.mark.parametrize("directional", [True, False])
+def test_ood_effects_against_float64(directional):
+    """The shifted out-of-distribution formulas against drvi-py's, written as drvi-py does in
+    float64: values far apart (a split 60 nats above the rest, genes 40 nats below others),
+    where float32 exponentials of drvi-py's log-sum-exps would over- or underflow."""
+    from linear_decoder_jax.drvi_scores import _ood_effects
+
+    rng = np.random.default_rng(0)
+    v = rng.normal(0, 3, size=(2, 10, 6, 50))
+    v[:, :, 2] += 60.0
+    v[:, :, :, :10] -= 40.0
+    up, down = v.max(axis=1), v.min(axis=1)
+    lo, hi = down.min(axis=0), up.max(axis=0)
+    dmax = up if directional else hi
+
+    def lse(a, axis=None, keepdims=False):
+        top = a.max(axis=axis, keepdims=True)
+        out = top + np.log(np.exp(a - top).sum(axis=axis, keepdims=True))
+        return out if keepdims else np.squeeze(out, axis=axis)
+
+    log_add = lse(hi) + np.log(1.0 / 1e6)
+    row = np.full((1, hi.shape[1]), log_add)
+    lse_min = lse(np.concatenate([lo, row]), axis=0, keepdims=True)
+    lse_max = lse(np.concatenate([hi, row]), axis=0, keepdims=True)
+    # drvi-py's expressions, each exponential shifted by the same per-gene constant (exact)
+    top = np.maximum(lse_min, lse_max)
+    ex = lambda a: np.exp(a - top)  # noqa: E731
+    max_possible = np.log(ex(lse_min) - ex(lo) + ex(dmax)) - np.log(ex(lse_min))
+    min_possible = np.log(ex(lse_max) - ex(hi) + ex(dmax)) - np.log(ex(lse_max) - ex(hi) + ex(lo))
+    out = _ood_effects(
+        jnp.asarray(up, jnp.float32), jnp.asarray(down, jnp.float32),
+        add_to_counts=1.0, directional=directional,
+    )  # fmt: skip
+    for key, ref in [("max_possible", max_possible), ("min_possible", min_possible),
+                     ("combined", max_possible * min_possible)]:  # fmt: skip
+        got = np.asarray(out[key], np.float64)
+        assert got.shape == ref.shape and np.isfinite(got).all()
+        assert rel_err(got, ref) <= 1e-5, (key, rel_err(got, ref))
 
 
 def test_interpretability_refusals(drvi_models, drvi_adata):
@@ -528,6 +577,21 @@ def test_ldj_load_query_and_ablate_against_float64_brute_force(name, drvi_models
     assert rel_err(result.arrays["gain_nll"], gain) <= TOL
     phi_sum = result.arrays["shapley_nll"].sum(1)  # efficiency: the values sum to the gain
     np.testing.assert_allclose(phi_sum, result.arrays["gain_nll"], rtol=1e-9, atol=1e-9)
+    # Shapley's formula over every coalition, each decoded by the brute force
+    k_all = model.n_latent
+    value = np.empty((2**k_all, len(z)))
+    for bits in range(2**k_all):
+        keep = np.array([(bits >> j) & 1 for j in range(k_all)], bool)
+        moved = brute_decode(m, np.where(keep, z, 0.0), codes, lib)
+        value[bits] = brute_log_prob(x, moved, model.config.gene_likelihood).sum(-1)
+    phi = np.zeros((len(z), k_all))
+    for bits in range(2**k_all):
+        size = bin(bits).count("1")
+        for j in range(k_all):
+            if not (bits >> j) & 1:
+                w = math.factorial(size) * math.factorial(k_all - size - 1) / math.factorial(k_all)
+                phi[:, j] += w * (value[bits | (1 << j)] - value[bits])
+    assert rel_err(result.arrays["shapley_nll"], phi) <= TOL
     assert (result.arrays["unique_delta_nll"] >= 0).all()
     assert result.summary().splitlines()[-1].startswith("explained (Shapley")
 
@@ -752,6 +816,87 @@ def test_split_fast_path_equals_generic_path(name, monkeypatch):
         mp.setattr(ablation, "split_local", lambda family: False)
         generic = run(None, "drop", False, n_samples=2)
     assert rel_err(fast["delta_nll"], generic["delta_nll"]) <= TOL
+
+
+@pytest.mark.parametrize("name", list(FAST_CONFIGS))
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_split_traversal_equals_generic_path(name, vectorize, monkeypatch):
+    """The traversal's per-split path (one latent per split: the moved split decoded once per
+    covariate combination, re-aggregated with its complement) equals decoding every split again
+    per (latent, value); splits of several latents keep the generic path."""
+    from linear_decoder_jax import traversal
+
+    family, params = _random_drvi(**FAST_CONFIGS[name])
+    one_each = all(len(u) == 1 for u in family.unit_latents())
+    assert traversal.one_latent_per_split(family) == one_each
+    if not one_each:
+        return
+    batch = _encoded_batch(family, params)
+    grid = jnp.asarray(np.random.default_rng(3).normal(size=(4, 3)), jnp.float32)
+    latents = jnp.asarray([5, 0, 2, 3], jnp.int32)
+    step = traversal.traverse_minibatch.__wrapped__  # unjitted: the path is chosen at trace time
+
+    def run():
+        zeros = traversal.TraversalSums(
+            lfc=jnp.zeros((4, 4, 3, family.n_vars)), delta_nll=jnp.zeros((4, 4, 3)),
+            n_cells=jnp.zeros(4),
+        )  # fmt: skip
+        out = step(family, params, batch, grid, latents, zeros, n_groups=3, vectorize=vectorize)
+        return {f: np.asarray(getattr(out, f)) for f in ("lfc", "delta_nll", "n_cells")}
+
+    fast = run()
+    with monkeypatch.context() as mp:
+        mp.setattr(traversal, "one_latent_per_split", lambda family: False)
+        generic = run()
+    for key in fast:
+        assert rel_err(fast[key], generic[key]) <= TOL, key
+    assert np.abs(fast["delta_nll"]).max() > 1e-3  # the values move the likelihood
+
+
+@pytest.mark.parametrize("name", ["lse_map_two_covs", "sum_emb_nowhere_nb", "max_diag_genebatch"])
+def test_split_shapley_equals_generic_path(name, monkeypatch):
+    """Shapley values with one latent per split (each coalition re-aggregates the splits' terms
+    at z and at the baseline, decoded once) equal decoding every coalition: exact and
+    permutation values, gains and standard errors."""
+    import jax
+
+    from linear_decoder_jax import attribution
+
+    family, params = _random_drvi(**FAST_CONFIGS[name])
+    assert attribution.one_latent_per_split(family)
+    with jax.enable_x64(True):
+        _compare_shapley_paths(family, params, monkeypatch)
+
+
+def _compare_shapley_paths(family, params, monkeypatch):
+    import jax
+
+    from linear_decoder_jax import attribution
+
+    # float64: the values are small differences of per-cell log-likelihoods, which float32
+    # rounds differently on the two paths (~1e-6 nats); in float64 they must agree to ~1e-12
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
+    batch = _encoded_batch(family, params)
+    batch = batch._replace(**{
+        f: getattr(batch, f).astype(jnp.float64)
+        for f in ("x", "nz_count", "valid", "qz_m", "qz_v", "z", "log_library")
+    })  # fmt: skip
+    baseline = jnp.asarray(np.random.default_rng(2).normal(size=6) * 0.3, jnp.float64)
+
+    def run():
+        exact = attribution.shapley_exact.__wrapped__(family, params, batch, baseline)
+        perm = attribution.shapley_permutation.__wrapped__(
+            family, params, batch, baseline, jax.random.PRNGKey(4), n_permutations=6
+        )
+        return [np.asarray(a) for a in (*exact, *perm)]
+
+    fast = run()
+    with monkeypatch.context() as mp:
+        mp.setattr(attribution, "one_latent_per_split", lambda family: False)
+        generic = run()
+    for got, ref in zip(fast, generic, strict=True):
+        assert got.dtype == np.float64 and rel_err(got, ref) <= 1e-10
+    assert np.abs(fast[1]).max() > 1e-3  # the latents move the likelihood
 
 
 def test_power_and_one_split_keep_the_generic_path():

@@ -5,40 +5,24 @@ a lost process ends the others with one line."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
 from conftest import make_adata
+from helpers import free_port, process_env
 
 import linear_decoder_jax as ldj
 from linear_decoder_jax.params import to_flat
 
-ROOT = Path(__file__).resolve().parents[1]
 # 100 cells, 90 for training: minibatches of 32, 32 and 26 cells (26 is split over 2 devices,
 # and runs replicated over 4)
 SMALL = dict(batch_key="batch", max_epochs=2, batch_size=32, n_latent=3, n_hidden=16, seed=5)
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(devices: int) -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
-    return env
 
 
 def _flags(options: dict) -> list[str]:
@@ -46,14 +30,14 @@ def _flags(options: dict) -> list[str]:
 
 
 def _launch(data, out, n, *extra, devices=1, options=SMALL):
-    port = _port()
+    port = free_port()
     argv = [sys.executable, "-m", "linear_decoder_jax", "train", str(data), "-o", str(out)]
     argv += [*_flags(options), "--quiet", "--distributed", "--coordinator", f"127.0.0.1:{port}"]
     argv += ["--num-processes", str(n), *extra]
     return [
         subprocess.Popen(
             [*argv, "--process-id", str(i)],
-            env=_env(devices),
+            env=process_env(devices),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
