@@ -30,7 +30,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import importlib.util
 import json
@@ -39,7 +38,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_traverse import random_params  # a sibling: benchmarks/ is sys.path[0] as a script
+from bench_traverse import (  # a sibling: benchmarks/ is sys.path[0] as a script
+    generic_path,
+    random_params,
+)
 
 HERE = Path(__file__).parent
 
@@ -91,33 +93,13 @@ def interleaved(runs: dict, repeat: int) -> dict[str, float]:
     return best
 
 
-@contextlib.contextmanager
-def generic_coalitions(on: bool):
-    """Shapley values of a DRVI through the generic path (every coalition decoded), with the
-    compiled programs dropped on both sides so that neither path reuses the other's."""
-    import jax
-
-    from linear_decoder_jax import attribution
-
-    if not on:
-        yield
-        return
-    keep = attribution.one_latent_per_split
-    attribution.one_latent_per_split = lambda family: False
-    jax.clear_caches()
-    try:
-        yield
-    finally:
-        attribution.one_latent_per_split = keep
-        jax.clear_caches()
-
-
 def drvi_shapley(a) -> dict:
     """DRVI (default architecture, random weights, one latent per split, 3 batches), on
     ``--shapley-cells`` cells: exact and permutation Shapley values over the sweep, by the
     per-split path (each coalition re-aggregates split terms decoded once per minibatch) and by
     decoding every coalition; the two results compared."""
     import linear_decoder_jax as ldj
+    from linear_decoder_jax import attribution
     from linear_decoder_jax.config import DataRegistry, ModelSpec
     from linear_decoder_jax.families import drvi as F
 
@@ -134,7 +116,7 @@ def drvi_shapley(a) -> dict:
     results = {}
     for method, extra in (("exact", {}), ("permutation", {"n_permutations": a.permutations})):
         for path in ("split", "generic"):
-            with generic_coalitions(path == "generic"):
+            with generic_path(attribution, path == "generic"):
                 run = functools.partial(ldj.ablate, model, small, shapley=method, **extra)
                 out[f"{method}_{path}_s"] = steady(run, 1) - out["plain_s"]
                 results[path] = run().arrays["shapley_nll"]

@@ -87,21 +87,20 @@ def random_params(abstract: Any, rng: np.random.Generator) -> Any:
 
 
 @contextlib.contextmanager
-def generic_traversal(on: bool):
-    """DRVI's traversal through the generic path (every split decoded per grid value), with the
-    compiled programs dropped on both sides so that neither path reuses the other's."""
-    from linear_decoder_jax import traversal
-
+def generic_path(module: Any, on: bool = True):
+    """Inside: ``module``'s scorers take their generic path for DRVI (``one_latent_per_split``
+    reads False), with the compiled programs dropped on both sides so that neither path reuses
+    the other's."""
     if not on:
         yield
         return
-    keep = traversal.one_latent_per_split
-    traversal.one_latent_per_split = lambda family: False
+    keep = module.one_latent_per_split
+    module.one_latent_per_split = lambda family: False
     jax.clear_caches()
     try:
         yield
     finally:
-        traversal.one_latent_per_split = keep
+        module.one_latent_per_split = keep
         jax.clear_caches()
 
 
@@ -126,6 +125,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import linear_decoder_jax as ldj
+    from linear_decoder_jax import traversal
     from linear_decoder_jax.config import DataRegistry, LDVAEConfig, ModelSpec
     from linear_decoder_jax.families import drvi as F
     from linear_decoder_jax.params import abstract_params
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
         "drvi_sweep_traverse_generic": (drvi, kw),
     }
     for name, (model, extra) in cases.items():
-        with generic_traversal(name.endswith("traverse_generic")):
+        with generic_path(traversal, name.endswith("traverse_generic")):
             out, seconds = least(lambda m=model, e=extra: ldj.ablate(m, adata, **e), args.repeats)
         outs[name] = out
         row = {"case": name, "seconds": round(seconds, 3), "load_avg": os.getloadavg()[0]}
