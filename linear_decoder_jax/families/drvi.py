@@ -34,7 +34,6 @@ from typing import Any, ClassVar, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.scipy.special import gammaln
 from numpy.typing import DTypeLike
 
 from linear_decoder_jax import distributions
@@ -576,7 +575,8 @@ def pnb_log_prob(x: Array, log_m: Array, log_r: Array) -> Array:
     """``LogNegativeBinomial.negative_binomial_log_ver`` (eps 1e-8 inside lgamma and softplus)."""
     r = jnp.exp(log_r)
     eps = PNB_EPS
-    choice = gammaln(x + r + eps) - gammaln(x + 1.0 + eps) - gammaln(r + eps)
+    lgamma = distributions.lgamma
+    choice = lgamma(x + r + eps) - lgamma(x + 1.0 + eps) - lgamma(r + eps)
     return choice + pnb_varying(x, log_m, log_r)
 
 
