@@ -899,6 +899,20 @@ def _compare_shapley_paths(family, params, monkeypatch):
     assert np.abs(fast[1]).max() > 1e-3  # the latents move the likelihood
 
 
+@pytest.mark.parametrize("name", list(FAST_CONFIGS))
+def test_split_values_without_head_bias(name):
+    """``split_values(head_bias=False)`` plus ``head_bias`` is ``split_values`` (shared and
+    per-split last layers), as the out-of-distribution effect adds it after its min and max."""
+    family, params = _random_drvi(**FAST_CONFIGS[name])
+    batch = _encoded_batch(family, params)
+    codes = F.covariate_codes(family.config, batch.batch)
+    full = F.split_values(params, batch.z, codes, config=family.config)
+    bare = F.split_values(params, batch.z, codes, config=family.config, head_bias=False)
+    bias = F.head_bias(params)
+    assert bias is not None and bias.shape[-1] == family.n_vars
+    np.testing.assert_array_equal(np.asarray(bare + bias[None]), np.asarray(full))
+
+
 def test_power_and_one_split_keep_the_generic_path():
     """ "power" feeds every latent to every split, and one split holds every latent: replacing
     a latent there re-decodes every split (the generic path)."""

@@ -378,9 +378,13 @@ def split_inputs(params: DRVIParams, z: Array, *, config: DRVIConfig) -> Array:
     return jax.nn.relu(y + _lead(bias, y)).reshape(b, s, -1)
 
 
-def split_values(params: DRVIParams, z: Array, codes: Array, *, config: DRVIConfig) -> Array:
+def split_values(
+    params: DRVIParams, z: Array, codes: Array, *, config: DRVIConfig, head_bias: bool = True
+) -> Array:
     """Per-split, per-gene values before aggregation (b, n_split, n_input): drvi-py's
-    ``px_unaggregated_params["mean"]`` (b, 1, n_input without splits)."""
+    ``px_unaggregated_params["mean"]`` (b, 1, n_input without splits). ``head_bias=False``
+    leaves out the last layer's bias (:func:`head_bias`), for a caller that takes a max or min
+    over rows first: adding a constant commutes with it exactly (rounding is monotonic)."""
     h = split_inputs(params, z, config=config)
     bn, ln = in_part(config.use_batch_norm, "decoder"), in_part(config.use_layer_norm, "decoder")
     for i, layer in enumerate(params.decoder):
@@ -394,17 +398,20 @@ def split_values(params: DRVIParams, z: Array, codes: Array, *, config: DRVIConf
             ln=ln,
             activation=True,
         )
+    head = params.px_mean
+    if not head_bias:
+        head = head._replace(dense=head.dense._replace(bias=None))
     out = _fc(
-        config,
-        params.px_mean,
-        h,
-        codes,
-        injected=config.head_injected,
-        bn=False,
-        ln=False,
-        activation=False,
+        config, head, h, codes, injected=config.head_injected, bn=False, ln=False, activation=False
     )
     return out[:, None, :] if config.n_split == 1 else out
+
+
+def head_bias(params: DRVIParams) -> Array | None:
+    """The last layer's bias as (n_split or 1, n_input), or None: what :func:`split_values` adds
+    last."""
+    bias = params.px_mean.dense.bias
+    return None if bias is None else bias.reshape(-1, bias.shape[-1])
 
 
 def _finish(acc: Array, n_split: int, agg: str) -> Array:
