@@ -387,8 +387,9 @@ def _ood_effects(
     ``max_possible = log1p((E_dmax - E_lo) / S_lo)`` and
     ``min_possible = log1p((E_dmax - E_lo) / (S_hi - E_hi + E_lo))``, equal to drvi-py's
     ``log(exp(lse_min) - exp(lo) + exp(dmax)) - lse_min`` and its ratio for ``min_possible``
-    (3 exponentials and 4 logarithms per split and gene, directional, where drvi-py takes 10 and 5), and
-    exact where drvi-py's ``exp(lse_max) - exp(hi)`` cancels (one split far above the others)."""
+    (3 exponentials and 4 logarithms per split and gene, directional, where drvi-py takes 10 and
+    5), and exact where drvi-py's ``exp(lse_max) - exp(hi)`` cancels (one split far above the
+    others)."""
     lo, hi = jnp.minimum(down[0], down[1]), jnp.maximum(up[0], up[1])  # (s, G)
     m = hi.max(axis=0, keepdims=True)  # (1, G)
     e_up = jnp.exp(up - m[None])  # (2, s, G), <= 1
