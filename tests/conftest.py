@@ -51,7 +51,7 @@ def _strict_jax() -> None:
 
 _strict_jax()
 
-from helpers import accelerator_precision  # noqa: E402 - after the jaxtyping hook
+from helpers import accelerator_precision, seed_scvi  # noqa: E402 - after the jaxtyping hook
 
 accelerator_precision()  # float32 products at full precision on a GPU (TF32 off)
 
@@ -161,7 +161,7 @@ def train(name: str, root: Path) -> Trained:
 
     setup, kwargs, save, variant = MATRIX[name]
     torch.set_num_threads(2)
-    scvi.settings.seed = 0
+    seed_scvi(0)
     scvi.settings.verbosity = 40
     adata = _data_for(variant)
     scvi.model.LinearSCVI.setup_anndata(adata, **setup)

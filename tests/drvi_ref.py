@@ -36,12 +36,12 @@ def make_adata(n_obs: int = 200, n_vars: int = 60, *, seed: int = 0, n_batch: in
 
 def train(folder: Path, adata, setup: dict[str, Any], model: dict[str, Any], epochs: int = 2):
     """Train and save a drvi-py model; returns the trained model object."""
-    import scvi
     from drvi.model import DRVI
+    from helpers import seed_scvi
 
     # torch, numpy and scvi's train/validation split (drawn from settings.seed: unseeded, every
     # run trained a different model and the tolerances met a new one each time)
-    scvi.settings.seed = 0
+    seed_scvi(0)
     adata = adata.copy()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

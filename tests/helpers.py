@@ -108,3 +108,17 @@ def process_env(devices: int, *, compilation_cache: bool = True) -> dict[str, st
         env["LDJ_COMPILATION_CACHE"] = "0"
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # importing jax here set it; a user's shell has none
     return env
+
+
+def seed_scvi(seed: int = 0) -> None:
+    """``scvi.settings.seed = seed`` (torch, numpy, random and scvi's train/validation split)
+    without its side effect on ``XLA_FLAGS``: the setter appends a GPU-only flag on every call,
+    which child processes inherit and which changes JAX's compilation-cache keys."""
+    import scvi
+
+    flags = os.environ.get("XLA_FLAGS")
+    scvi.settings.seed = seed
+    if flags is None:
+        os.environ.pop("XLA_FLAGS", None)
+    else:
+        os.environ["XLA_FLAGS"] = flags

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+from helpers import seed_scvi
 
 import linear_decoder_jax as ldj
 from linear_decoder_jax.cli import main
@@ -302,7 +303,7 @@ def test_scanpy_workflow(tmp_path: Path) -> None:
     adata = scanpy_style()
     sc.pp.highly_variable_genes(adata, n_top_genes=120)
     hvg = adata[:, adata.var["highly_variable"]].copy()
-    scvi.settings.seed = 0
+    seed_scvi(0)
     scvi.settings.verbosity = 40
     scvi.model.LinearSCVI.setup_anndata(hvg, layer="counts")
     trained = scvi.model.LinearSCVI(hvg, n_latent=4, n_hidden=16)
