@@ -42,6 +42,7 @@ from linear_decoder_jax.family import (
     SplitFamily,
     affine_logits,
     sample_gaussian,
+    split_layout,
     split_local,
 )
 from linear_decoder_jax.options import BASELINES, Baseline, Mode
@@ -278,12 +279,8 @@ def _split_terms(
             terms_of(mean),
             lambda k: terms_of(family.aggregate_with(None, split(values, k))),
         )
-    layout = family.unit_latents()
-    split_of = np.zeros(z.shape[1], np.int32)
-    position = np.zeros(z.shape[1], np.int32)
-    for s, members in enumerate(layout):
-        split_of[list(members)], position[list(members)] = s, np.arange(len(members))
-    n_positions = max(len(m) for m in layout)
+    split_of, position = split_layout(family)
+    n_positions = int(position.max()) + 1
     constant = family.constant_split_values(params, baseline, batch)  # every latent at baseline
     # drop: split s(k) with latent k at its baseline, into the full aggregation; keep: split s(k)
     # with latent k alone off its baseline, into the baseline's aggregation

@@ -25,6 +25,7 @@ from typing import Any, ClassVar, Literal, NamedTuple, Protocol, runtime_checkab
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 LibraryChoice = Literal["model", "observed"]
@@ -226,6 +227,16 @@ def one_latent_per_split(family: Family) -> bool:
     value then gives its split a term that depends on the value and the covariates only, so the
     traversal and the Shapley values swap split terms instead of decoding again."""
     return split_local(family) and all(len(u) == 1 for u in family.unit_latents())
+
+
+def split_layout(family: SplitFamily) -> tuple[np.ndarray, np.ndarray]:
+    """(split, position within the split) of each latent, (n_latent,) int32 each, from
+    ``unit_latents``: where the per-split paths find a latent's term."""
+    split_of = np.zeros(family.n_latent, np.int32)
+    position = np.zeros(family.n_latent, np.int32)
+    for s, members in enumerate(family.unit_latents()):
+        split_of[list(members)], position[list(members)] = s, np.arange(len(members))
+    return split_of, position
 
 
 def sample_gaussian(mean: Array, var: Array, *, key: Array) -> Array:

@@ -48,6 +48,7 @@ from linear_decoder_jax.family import (
     SplitFamily,
     affine_logits,
     one_latent_per_split,
+    split_layout,
 )
 from linear_decoder_jax.pipeline import Batch, Placement, Plan
 
@@ -198,10 +199,7 @@ def _split_parts(family: SplitFamily, params: Any, batch: Batch) -> tuple[Array,
     values = family.split_values(params, batch.z, cov)  # (b, n_splits, n_vars)
     _, log_scale, lp_full = family.aggregate_log_prob(params, x, family.aggregate(values), lib, cov)
     rest = family.leave_one_out(values)
-    split_of = np.zeros(batch.z.shape[1], np.int32)
-    for s, (k,) in enumerate(family.unit_latents()):
-        split_of[k] = s
-    split_of_k = jnp.asarray(split_of)
+    split_of_k = jnp.asarray(split_layout(family)[0])
     pick = functools.partial(jax.lax.dynamic_index_in_dim, axis=1, keepdims=False)
 
     def moved(k: Array, value: Array) -> tuple[Array, Array]:
