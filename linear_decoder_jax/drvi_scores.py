@@ -355,7 +355,7 @@ def _ood_combinations(
         # the bias is added after the min and max (exact), so that nothing but these two reads
         # the (n_steps, s, G) product: XLA otherwise wrote it back with the bias added and
         # recomputed the maxima inside each consumer (2 of 10 ms)
-        values = split_values(params, span, cb, config=config, head_bias=False)
+        values = split_values(params, span, cb, config=config, with_head_bias=False)
         values = values.reshape(2, half, *values.shape[1:])
         # min and max over the steps one step at a time: XLA's CPU reduction over this major axis
         # took 20 ms of a 25 ms combination at 32 splits x 2,000 genes, these elementwise 0.5 ms

@@ -857,7 +857,8 @@ def test_split_traversal_equals_generic_path(name, vectorize, monkeypatch):
 def test_split_shapley_equals_generic_path(name, monkeypatch):
     """Shapley values with one latent per split (each coalition re-aggregates the splits' terms
     at z and at the baseline, decoded once) equal decoding every coalition: exact and
-    permutation values, gains and standard errors."""
+    permutation values, gains and standard errors. In float64: the values are small differences
+    of per-cell log-likelihoods, which float32 rounds differently on the two paths (~1e-6 nats)."""
     import jax
 
     from linear_decoder_jax import attribution
@@ -865,35 +866,25 @@ def test_split_shapley_equals_generic_path(name, monkeypatch):
     family, params = _random_drvi(**FAST_CONFIGS[name])
     assert attribution.one_latent_per_split(family)
     with jax.enable_x64(True):
-        _compare_shapley_paths(family, params, monkeypatch)
+        params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
+        batch = _encoded_batch(family, params)
+        batch = batch._replace(**{
+            f: getattr(batch, f).astype(jnp.float64)
+            for f in ("x", "nz_count", "valid", "qz_m", "qz_v", "z", "log_library")
+        })  # fmt: skip
+        baseline = jnp.asarray(np.random.default_rng(2).normal(size=6) * 0.3, jnp.float64)
 
+        def run():
+            exact = attribution.shapley_exact.__wrapped__(family, params, batch, baseline)
+            perm = attribution.shapley_permutation.__wrapped__(
+                family, params, batch, baseline, jax.random.PRNGKey(4), n_permutations=6
+            )
+            return [np.asarray(a) for a in (*exact, *perm)]
 
-def _compare_shapley_paths(family, params, monkeypatch):
-    import jax
-
-    from linear_decoder_jax import attribution
-
-    # float64: the values are small differences of per-cell log-likelihoods, which float32
-    # rounds differently on the two paths (~1e-6 nats); in float64 they must agree to ~1e-12
-    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
-    batch = _encoded_batch(family, params)
-    batch = batch._replace(**{
-        f: getattr(batch, f).astype(jnp.float64)
-        for f in ("x", "nz_count", "valid", "qz_m", "qz_v", "z", "log_library")
-    })  # fmt: skip
-    baseline = jnp.asarray(np.random.default_rng(2).normal(size=6) * 0.3, jnp.float64)
-
-    def run():
-        exact = attribution.shapley_exact.__wrapped__(family, params, batch, baseline)
-        perm = attribution.shapley_permutation.__wrapped__(
-            family, params, batch, baseline, jax.random.PRNGKey(4), n_permutations=6
-        )
-        return [np.asarray(a) for a in (*exact, *perm)]
-
-    fast = run()
-    with monkeypatch.context() as mp:
-        mp.setattr(attribution, "one_latent_per_split", lambda family: False)
-        generic = run()
+        fast = run()
+        with monkeypatch.context() as mp:
+            mp.setattr(attribution, "one_latent_per_split", lambda family: False)
+            generic = run()
     for got, ref in zip(fast, generic, strict=True):
         assert got.dtype == np.float64 and rel_err(got, ref) <= 1e-10
     assert np.abs(fast[1]).max() > 1e-3  # the latents move the likelihood
@@ -901,13 +892,13 @@ def _compare_shapley_paths(family, params, monkeypatch):
 
 @pytest.mark.parametrize("name", list(FAST_CONFIGS))
 def test_split_values_without_head_bias(name):
-    """``split_values(head_bias=False)`` plus ``head_bias`` is ``split_values`` (shared and
+    """``split_values(with_head_bias=False)`` plus ``head_bias`` is ``split_values`` (shared and
     per-split last layers), as the out-of-distribution effect adds it after its min and max."""
     family, params = _random_drvi(**FAST_CONFIGS[name])
     batch = _encoded_batch(family, params)
     codes = F.covariate_codes(family.config, batch.batch)
     full = F.split_values(params, batch.z, codes, config=family.config)
-    bare = F.split_values(params, batch.z, codes, config=family.config, head_bias=False)
+    bare = F.split_values(params, batch.z, codes, config=family.config, with_head_bias=False)
     bias = F.head_bias(params)
     assert bias is not None and bias.shape[-1] == family.n_vars
     np.testing.assert_array_equal(np.asarray(bare + bias[None]), np.asarray(full))

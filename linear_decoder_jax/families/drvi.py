@@ -379,10 +379,10 @@ def split_inputs(params: DRVIParams, z: Array, *, config: DRVIConfig) -> Array:
 
 
 def split_values(
-    params: DRVIParams, z: Array, codes: Array, *, config: DRVIConfig, head_bias: bool = True
+    params: DRVIParams, z: Array, codes: Array, *, config: DRVIConfig, with_head_bias: bool = True
 ) -> Array:
     """Per-split, per-gene values before aggregation (b, n_split, n_input): drvi-py's
-    ``px_unaggregated_params["mean"]`` (b, 1, n_input without splits). ``head_bias=False``
+    ``px_unaggregated_params["mean"]`` (b, 1, n_input without splits). ``with_head_bias=False``
     leaves out the last layer's bias (:func:`head_bias`), for a caller that takes a max or min
     over rows first: adding a constant commutes with it exactly (rounding is monotonic)."""
     h = split_inputs(params, z, config=config)
@@ -399,7 +399,7 @@ def split_values(
             activation=True,
         )
     head = params.px_mean
-    if not head_bias:
+    if not with_head_bias:
         head = head._replace(dense=head.dense._replace(bias=None))
     out = _fc(
         config, head, h, codes, injected=config.head_injected, bn=False, ln=False, activation=False
